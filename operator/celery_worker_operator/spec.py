@@ -1,0 +1,419 @@
+"""The CeleryWorkerPool API: pydantic models of spec and status, the single source of truth.
+
+The CRD in deploy/crds/ is generated from these models (see crd.py), so a field, default or bound
+is declared once. Cross-field rules are declared once too, as `Rule`s that carry both their CEL
+text (checked by the API server) and a Python predicate (checked here, for local mode and for
+pools that reach the operator some other way); tests hold the two to the same verdicts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "celery-operator.dev"
+VERSION = "v1alpha1"
+KIND = "CeleryWorkerPool"
+PLURAL = "celeryworkerpools"
+SINGULAR = "celeryworkerpool"
+SHORT_NAMES = ("cwp",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+TASK_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+QUEUE_NAME = r"^[A-Za-z0-9_.:-]+$"
+RATE = r"^[0-9]+(\.[0-9]+)?/[smh]$"
+BROKER_SCHEME = r"^(redis|rediss|amqp|amqps|pyamqp)://"
+# Userinfo with a password, or a password query parameter (redis-py accepts `?password=`).
+INLINE_PASSWORD = r"^[^:/]+://[^/@]*:[^/@]*@|[?&]password="
+# Worker flags the operator sets itself; a second copy in extraArgs would silently win or clash.
+OWNED_FLAGS = r"^(-A|--app|-c|--concurrency|-P|--pool|-Q|--queues|-n|--hostname|-E|--events|--task-events)(=.*)?$"
+
+DnsLabel = Annotated[str, StringConstraints(pattern=DNS1123_LABEL, max_length=63)]
+DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS1123_SUBDOMAIN, max_length=253)]
+QueueName = Annotated[str, StringConstraints(pattern=QUEUE_NAME, max_length=200)]
+RateLimit = Annotated[str, StringConstraints(pattern=RATE, max_length=32)]
+
+
+STEP_PODS = "Change at most this many pods per poll, or maxStepPercent, whichever allows more."
+STEP_PERCENT = "Change at most this percent of current replicas per poll, or maxStepPods, whichever allows more."
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, stated once in CEL for the API server and once in Python for us."""
+
+    cel: str
+    message: str
+    field_path: str
+    holds: Callable[[Any], bool]
+
+    def as_k8s(self) -> dict[str, str]:
+        entry = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        return entry
+
+    def explain(self) -> str:
+        """`.field: message`, relative to the model, so callers can prefix where the model sits."""
+        return f"{self.field_path}: {self.message}" if self.field_path else self.message
+
+
+def _add_rules(schema: dict[str, Any], cls: type) -> None:
+    rules: tuple[Rule, ...] = getattr(cls, "RULES", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [rule.as_k8s() for rule in rules]
+
+
+class Model(BaseModel):
+    """camelCase on the wire, unknown fields rejected, immutable once parsed."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        json_schema_extra=_add_rules,
+    )
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Model:
+        broken = [rule.explain() for rule in self.RULES if not rule.holds(self)]
+        if broken:
+            raise ValueError("\n".join(broken))
+        return self
+
+
+def section(model: type[Model], description: str) -> Any:
+    """A nested object that is always present: `default: {}` lets the API server fill its defaults."""
+    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+
+
+class SecretKeyRef(Model):
+    name: DnsSubdomain = Field(description="Name of a Secret in the pool's namespace.")
+    key: Annotated[str, StringConstraints(pattern=SECRET_KEY, max_length=253)] = Field(
+        description="Key inside the Secret whose value is the URL."
+    )
+
+
+class ValueFrom(Model):
+    secret_key_ref: SecretKeyRef = Field(description="The Secret key holding the value.")
+
+
+class BrokerSpec(Model):
+    url: Annotated[str, StringConstraints(pattern=BROKER_SCHEME, max_length=2048)] | None = Field(
+        None, description="Broker URL without a password (redis://, rediss://, amqp://, amqps://)."
+    )
+    url_from: ValueFrom | None = Field(None, description="Broker URL read from a Secret; use this for credentials.")
+    management_url_from: ValueFrom | None = Field(
+        None, description="RabbitMQ management API URL (http[s]://user:pass@host:15672) read from a Secret."
+    )
+
+    RULES = (
+        Rule(
+            "has(self.url) != has(self.urlFrom)",
+            "set exactly one of url or urlFrom",
+            ".url",
+            lambda b: (b.url is None) != (b.url_from is None),
+        ),
+        Rule(
+            f"!has(self.url) || !self.url.matches(r'{INLINE_PASSWORD}')",
+            "url must not carry a password: put the URL in a Secret and use urlFrom.secretKeyRef",
+            ".url",
+            lambda b: b.url is None or re.search(INLINE_PASSWORD, b.url) is None,
+        ),
+    )
+
+
+class ScalingStep(Model):
+    stabilization_seconds: float = Field(
+        0, ge=0, le=3600, description="Window over which recommendations are smoothed (HPA semantics)."
+    )
+    max_step_pods: int = Field(10, ge=1, le=1000, description=STEP_PODS)
+    max_step_percent: int = Field(100, ge=1, le=1000, description=STEP_PERCENT)
+
+
+class ScaleUp(ScalingStep):
+    """Scale-up: react at once by default, since a waiting task is the cost we are here to cut."""
+
+
+class ScaleDown(ScalingStep):
+    """Scale-down: a short window is enough because only idle workers are removed."""
+
+    stabilization_seconds: float = Field(
+        60, ge=0, le=3600, description="The highest recommendation in this window wins (HPA semantics)."
+    )
+    max_step_pods: int = Field(5, ge=1, le=1000, description=STEP_PODS)
+    max_step_percent: int = Field(50, ge=1, le=1000, description=STEP_PERCENT)
+    mode: Literal["deletionCost", "drain"] = Field(
+        "deletionCost",
+        description="deletionCost: mark the least busy pods for removal; drain: cancel their consumers "
+        "and wait until they are idle first.",
+    )
+
+
+class AutoscalingSpec(Model):
+    enabled: bool = Field(True, description="When false, replicas stay at spec.replicas (or as they are).")
+    min_replicas: int = Field(1, ge=0, le=10000, description="Fewest workers; 0 allows scale to zero.")
+    max_replicas: int = Field(10, ge=1, le=10000, description="Most workers.")
+    target_wait_seconds: float = Field(
+        30, gt=0, le=86400, description="How long a task may wait in the queue before a worker picks it."
+    )
+    target_utilization: float = Field(
+        0.8, gt=0, le=1, description="Share of worker slots kept busy in steady state (Little's law headroom)."
+    )
+    poll_seconds: float = Field(10, ge=1, le=3600, description="How often the pool is measured and sized.")
+    scale_up: ScaleUp = section(ScaleUp, "Limits on growing.")
+    scale_down: ScaleDown = section(ScaleDown, "Limits on shrinking.")
+    fallback_replicas: int | None = Field(
+        None, ge=0, le=10000, description="Replicas to hold while the broker cannot be measured."
+    )
+    task_duration_seconds: float | None = Field(
+        None, gt=0, le=604800, description="Expected task duration, used until one is measured."
+    )
+
+    RULES = (
+        Rule(
+            "self.minReplicas <= self.maxReplicas",
+            "maxReplicas must be >= minReplicas",
+            ".maxReplicas",
+            lambda a: a.min_replicas <= a.max_replicas,
+        ),
+        Rule(
+            "!has(self.fallbackReplicas) || "
+            "(self.fallbackReplicas >= self.minReplicas && self.fallbackReplicas <= self.maxReplicas)",
+            "fallbackReplicas must lie between minReplicas and maxReplicas",
+            ".fallbackReplicas",
+            lambda a: a.fallback_replicas is None or a.min_replicas <= a.fallback_replicas <= a.max_replicas,
+        ),
+    )
+
+
+class TimeLimit(Model):
+    soft: float | None = Field(None, gt=0, le=604800, description="Soft limit in seconds (SoftTimeLimitExceeded).")
+    hard: float | None = Field(None, gt=0, le=604800, description="Hard limit in seconds (the child is killed).")
+
+    RULES = (
+        Rule(
+            "has(self.soft) || has(self.hard)",
+            "set soft, hard or both",
+            ".soft",
+            lambda t: t.soft is not None or t.hard is not None,
+        ),
+        Rule(
+            "!has(self.soft) || !has(self.hard) || self.soft < self.hard",
+            "soft must be less than hard",
+            ".soft",
+            lambda t: t.soft is None or t.hard is None or t.soft < t.hard,
+        ),
+    )
+
+
+def _task_names_valid(names: Any) -> bool:
+    return all(re.match(TASK_NAME, name) for name in names)
+
+
+class LimitsSpec(Model):
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description='Task name -> rate such as "200/m" (per worker, as Celery applies it).',
+        json_schema_extra={"maxProperties": 200, "default": {}},
+    )
+    time_limits: dict[str, TimeLimit] = Field(
+        default_factory=dict,
+        description="Task name -> soft/hard time limits in seconds.",
+        json_schema_extra={"maxProperties": 200, "default": {}},
+    )
+
+    RULES = (
+        Rule(
+            f"self.rateLimits.all(k, k.matches(r'{TASK_NAME}'))",
+            "rateLimits keys must be task names such as app.tasks.send_email",
+            ".rateLimits",
+            lambda lim: _task_names_valid(lim.rate_limits),
+        ),
+        Rule(
+            f"self.timeLimits.all(k, k.matches(r'{TASK_NAME}'))",
+            "timeLimits keys must be task names such as app.tasks.send_email",
+            ".timeLimits",
+            lambda lim: _task_names_valid(lim.time_limits),
+        ),
+    )
+
+
+class WorkerSpec(Model):
+    app: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:]*$", max_length=253)] = Field(
+        description="The Celery app, as given to `celery -A` (e.g. proj.celery:app)."
+    )
+    image: Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=512)] = Field(
+        description="Container image with the app and Celery installed."
+    )
+    concurrency: int = Field(4, ge=1, le=1000, description="Task slots per worker (-c).")
+    pool: Literal["prefork", "threads", "gevent", "eventlet", "solo"] = Field(
+        "prefork", description="Execution pool (-P)."
+    )
+    prefetch_multiplier: int = Field(
+        1, ge=1, le=1000, description="Messages reserved per slot; 1 gives the fairest spread for long tasks."
+    )
+    disable_prefetch: bool = Field(False, description="Reserve nothing ahead (Redis only).")
+    acks_late: bool = Field(True, description="Acknowledge after the task runs, so a stopped worker loses nothing.")
+    max_tasks_per_child: int | None = Field(None, ge=1, description="Recycle a child after this many tasks.")
+    max_memory_per_child: int | None = Field(None, ge=1, description="Recycle a child above this RSS, in KiB.")
+    events: bool = Field(True, description="Send task events (-E); the operator measures service times from them.")
+    extra_args: list[Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=list,
+        description="More `celery worker` arguments, including `key=value` settings.",
+        json_schema_extra={"maxItems": 64, "default": []},
+    )
+    soft_shutdown_seconds: float = Field(
+        0, ge=0, le=86400, description="worker_soft_shutdown_timeout: time for running tasks to finish on stop."
+    )
+    template: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pod template overrides (a PodTemplateSpec merged over the generated one).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "default": {}},
+    )
+
+    RULES = (
+        Rule(
+            "self.pool != 'solo' || self.concurrency == 1",
+            "the solo pool runs one task at a time: concurrency must be 1",
+            ".concurrency",
+            lambda w: w.pool != "solo" or w.concurrency == 1,
+        ),
+        Rule(
+            f"self.extraArgs.all(a, !a.matches(r'{OWNED_FLAGS}'))",
+            "extraArgs must not set -A, -c, -P, -Q, -n or -E: use the matching fields",
+            ".extraArgs",
+            lambda w: not any(re.match(OWNED_FLAGS, arg) for arg in w.extra_args),
+        ),
+    )
+
+
+class ScaleTargetRef(Model):
+    kind: Literal["Deployment"] = Field("Deployment", description="Kind of the adopted workload.")
+    name: DnsSubdomain = Field(description="An existing Deployment in the pool's namespace.")
+
+
+class CeleryWorkerPoolSpec(Model):
+    broker: BrokerSpec = Field(description="Where the pool's queues live.")
+    queues: list[QueueName] = Field(
+        min_length=1,
+        description="Queues the workers consume and the operator measures.",
+        json_schema_extra={"maxItems": 32, "x-kubernetes-list-type": "set"},
+    )
+    worker: WorkerSpec | None = Field(None, description="A Deployment the operator creates and owns.")
+    scale_target_ref: ScaleTargetRef | None = Field(None, description="An existing Deployment the operator scales.")
+    replicas: int | None = Field(
+        None, ge=0, le=10000, description="Replicas while autoscaling is disabled (`kubectl scale cwp` sets it)."
+    )
+    autoscaling: AutoscalingSpec = section(AutoscalingSpec, "How the pool is sized.")
+    limits: LimitsSpec = section(LimitsSpec, "Limits broadcast to every worker of the pool.")
+
+    RULES = (
+        Rule(
+            "has(self.worker) != has(self.scaleTargetRef)",
+            "set exactly one of worker (a managed Deployment) or scaleTargetRef (an existing one)",
+            ".worker",
+            lambda s: (s.worker is None) != (s.scale_target_ref is None),
+        ),
+        Rule(
+            "!has(self.worker) || !self.worker.disablePrefetch || !has(self.broker.url) || "
+            "!self.broker.url.startsWith('amqp')",
+            "disablePrefetch works on Redis only, and broker.url is AMQP",
+            ".worker.disablePrefetch",
+            lambda s: (
+                s.worker is None
+                or not s.worker.disable_prefetch
+                or s.broker.url is None
+                or not s.broker.url.startswith("amqp")
+            ),
+        ),
+        Rule(
+            "self.queues.all(q, self.queues.exists_one(r, r == q))",
+            "queues must not repeat a name",
+            ".queues",
+            lambda s: len(set(s.queues)) == len(s.queues),
+        ),
+    )
+
+
+class QueueStatus(Model):
+    name: str
+    depth: int = Field(0, ge=0, description="Messages waiting, across priority sub-queues.")
+    reserved: int = Field(0, ge=0, description="Messages delivered to a worker and not yet acknowledged.")
+    consumers: int | None = Field(None, ge=0)
+    oldest_age_seconds: float | None = Field(None, ge=0)
+
+
+class LastDecision(Model):
+    time: datetime
+    from_: int = Field(alias="from", ge=0)
+    to: int = Field(ge=0)
+    reason: str
+
+
+class Condition(Model):
+    """A status condition in the KEP-1623 (metav1.Condition) shape."""
+
+    type: Annotated[str, StringConstraints(pattern=r"^([a-z0-9.-]+/)?[A-Za-z][A-Za-z0-9_]*$", max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)]
+    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    last_transition_time: datetime
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class CeleryWorkerPoolStatus(Model):
+    observed_generation: int | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    desired_replicas: int | None = None
+    selector: str | None = Field(None, description="Label selector of the pool's pods (scale subresource).")
+    depth: int | None = Field(None, description="Messages waiting across all the pool's queues.")
+    wait_seconds: float | None = Field(None, description="Age of the oldest waiting message, when known.")
+    queues: list[QueueStatus] = Field(default_factory=list)
+    arrival_rate: float | None = Field(None, description="Tasks per second arriving.")
+    service_time_seconds: float | None = Field(None, description="Mean task run time.")
+    workers_online: int | None = None
+    last_decision: LastDecision | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; the rest is kept but not interpreted."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: DnsSubdomain
+    namespace: DnsLabel = "default"
+
+
+class CeleryWorkerPool(Model):
+    """A whole resource, as found in a YAML file or in a kopf event body."""
+
+    api_version: Literal["celery-operator.dev/v1alpha1"] = "celery-operator.dev/v1alpha1"
+    kind: Literal["CeleryWorkerPool"] = "CeleryWorkerPool"
+    metadata: ObjectMeta
+    spec: CeleryWorkerPoolSpec
+    status: CeleryWorkerPoolStatus | None = None
+
+    RULES = (
+        Rule(
+            f"self.metadata.name.matches(r'{DNS1123_LABEL}') && self.metadata.name.size() <= 63",
+            "metadata.name must be a DNS-1123 label of at most 63 characters: it names the Deployment and workers",
+            "",  # the API server allows fieldPath only into fields the schema spells out
+            lambda p: re.match(DNS1123_LABEL, p.metadata.name) is not None and len(p.metadata.name) <= 63,
+        ),
+    )

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs (when asked) and starts the brokers the tests talk to, on loopback only:
+# Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 with the management API on 15672.
+# A server that already answers is reused, never restarted.
+#   scripts/brokers.sh install   apt-get the Debian packages that are missing (needs root)
+#   scripts/brokers.sh start     start whatever does not answer yet, then wait for both
+set -euo pipefail
+
+state_dir=${CWO_BROKER_STATE:-/tmp/cwo-brokers}
+
+answers() { # host port
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+install_missing() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "brokers: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+start_redis() {
+  if answers 127.0.0.1 6379; then echo "brokers: reusing Redis on 127.0.0.1:6379"; return; fi
+  mkdir -p "$state_dir/redis"
+  redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no \
+    --dir "$state_dir/redis" --logfile "$state_dir/redis.log"
+}
+
+start_rabbitmq() {
+  if answers 127.0.0.1 5672; then echo "brokers: reusing RabbitMQ on 127.0.0.1:5672"; return; fi
+  mkdir -p "$state_dir/rabbitmq/mnesia" "$state_dir/rabbitmq/log"
+  cat > "$state_dir/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:5672
+management.tcp.ip = 127.0.0.1
+management.tcp.port = 15672
+loopback_users.guest = true
+CONF
+  echo '[rabbitmq_management].' > "$state_dir/enabled_plugins"
+  export RABBITMQ_CONFIG_FILE="$state_dir/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$state_dir/enabled_plugins" \
+    RABBITMQ_MNESIA_BASE="$state_dir/rabbitmq/mnesia" RABBITMQ_LOG_BASE="$state_dir/rabbitmq/log" \
+    RABBITMQ_NODENAME="cwo@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  # Debian's wrapper drops root to the rabbitmq user, which must own the node's directories.
+  if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1; then chown -R rabbitmq "$state_dir/rabbitmq"; fi
+  (cd "$state_dir/rabbitmq" && exec rabbitmq-server > "$state_dir/rabbitmq.out" 2>&1) &
+  rabbitmq_pid=$!
+}
+
+rabbitmq_pid=""
+
+wait_for() { # name host port seconds
+  local deadline=$((SECONDS + $4))
+  until answers "$2" "$3"; do
+    local died=""
+    [ -n "$rabbitmq_pid" ] && ! kill -0 "$rabbitmq_pid" 2>/dev/null && died=yes
+    if [ $SECONDS -ge $deadline ] || [ -n "$died" ]; then
+      echo "brokers: $1 did not answer on $2:$3 within $4 s; logs in $state_dir" >&2
+      tail -n 30 "$state_dir"/*.log "$state_dir"/*.out 2>/dev/null >&2 || true
+      return 1
+    fi
+    sleep 1
+  done
+  echo "brokers: $1 answers on $2:$3"
+}
+
+case "${1:-start}" in
+  install) install_missing ;;
+  start)
+    start_redis
+    start_rabbitmq
+    wait_for Redis 127.0.0.1 6379 30
+    wait_for RabbitMQ 127.0.0.1 5672 120
+    wait_for "RabbitMQ management" 127.0.0.1 15672 60
+    ;;
+  *) echo "usage: $0 install|start" >&2; exit 2 ;;
+esac

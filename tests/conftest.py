@@ -1,0 +1,46 @@
+"""Shared fixtures: the real brokers that `scripts/brokers.sh` starts.
+
+Tests find them through CWO_TEST_REDIS_URL / CWO_TEST_AMQP_URL. A missing broker fails the test
+with a clear message under CI=true (a skipped broker test in CI would be a silent hole); outside CI
+the test is skipped with the same message, so `pytest tests/unit` works on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+REDIS_URL = os.environ.get("CWO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+AMQP_URL = os.environ.get("CWO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+MANAGEMENT_URL = os.environ.get("CWO_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+
+
+def _require(url: str, default_port: int, what: str) -> str:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as error:
+        message = f"{what} is not reachable at {host}:{port} ({error}); start it with `bash scripts/brokers.sh start`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _require(REDIS_URL, 6379, "Redis")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    return _require(AMQP_URL, 5672, "RabbitMQ")
+
+
+@pytest.fixture(scope="session")
+def management_url() -> str:
+    return _require(MANAGEMENT_URL, 15672, "RabbitMQ management API")
