@@ -1,0 +1,115 @@
+"""Scaling policies the simulator can run: ours, a KEDA-style baseline and a fixed pool. Pure.
+
+The KEDA baseline is KEDA's Redis-list / RabbitMQ queue-length scaler behind the HPA, with their
+defaults: the HPA syncs every 15 s and wants ceil(queue length / target per replica) (ready
+messages only: prefetched ones are invisible to it) within a 10 % tolerance, grows by
+max(4 pods, 100 %) per sync, shrinks to the highest recommendation of the last 300 s, and the
+ReplicaSet removes the youngest pods, busy or not. KEDA itself polls every 30 s to activate a
+pool from zero and returns it to zero after a 300 s cooldown with an empty queue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from .policy import Decision, Observation, Recommendation, decide, remember
+from .simulate import Removal
+from .spec import AutoscalingSpec
+
+HPA_SYNC_SECONDS = 15.0
+HPA_TOLERANCE = 0.1
+HPA_DOWN_WINDOW = 300.0
+KEDA_POLLING_SECONDS = 30.0
+KEDA_COOLDOWN_SECONDS = 300.0
+
+
+@dataclass
+class OurScaler:
+    """The operator's policy, with its history, as the reconciler runs it."""
+
+    spec: AutoscalingSpec
+    concurrency: int
+    name: str = "ours"
+    removal: Removal = "idle_only"
+    history: tuple[Recommendation, ...] = ()
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def poll_seconds(self) -> float:
+        return self.spec.poll_seconds
+
+    def initial_replicas(self) -> int:
+        return self.spec.min_replicas
+
+    def desired(self, obs: Observation) -> int:
+        decision = decide(obs, self.spec, self.concurrency, self.history)
+        self.history = remember(self.history, decision, obs.time, self.spec)
+        self.decisions.append(decision)
+        return decision.replicas
+
+
+@dataclass
+class KedaScaler:
+    """KEDA's queue-length scaler with its and the HPA's default behaviour."""
+
+    min_replicas: int
+    max_replicas: int
+    target_per_replica: float
+    name: str = "keda"
+    removal: Removal = "youngest"
+    poll_seconds: float = HPA_SYNC_SECONDS
+    recent: deque[tuple[float, int]] = field(default_factory=deque)
+    last_active: float = 0.0
+    last_keda_poll: float = -math.inf
+
+    def initial_replicas(self) -> int:
+        return self.min_replicas
+
+    def desired(self, obs: Observation) -> int:
+        ready_messages = sum(q.depth or 0 for q in obs.queues)
+        current = obs.current_replicas
+        if ready_messages > 0:
+            self.last_active = obs.time
+        if current == 0:
+            return self._activate(obs.time, ready_messages)
+        if self.min_replicas == 0 and obs.time - self.last_active >= KEDA_COOLDOWN_SECONDS:
+            return 0
+        return self._hpa(obs.time, current, ready_messages)
+
+    def _activate(self, now: float, ready_messages: int) -> int:
+        if now - self.last_keda_poll < KEDA_POLLING_SECONDS:
+            return 0
+        self.last_keda_poll = now
+        return 1 if ready_messages > 0 else 0
+
+    def _hpa(self, now: float, current: int, metric: int) -> int:
+        ratio = metric / (self.target_per_replica * current)
+        wanted = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(metric / self.target_per_replica)
+        wanted = min(max(wanted, 1, self.min_replicas), self.max_replicas)
+        self.recent.append((now, wanted))
+        while self.recent and now - self.recent[0][0] >= HPA_DOWN_WINDOW:
+            self.recent.popleft()
+        if wanted < current:
+            return max(wanted, min(current, max(r for _, r in self.recent)))
+        return min(wanted, current + max(4, current))
+
+
+@dataclass
+class FixedScaler:
+    """A pool that never changes size: what people run without an autoscaler."""
+
+    replicas: int
+    removal: Removal = "youngest"
+    poll_seconds: float = 60.0
+
+    @property
+    def name(self) -> str:
+        return f"fixed:{self.replicas}"
+
+    def initial_replicas(self) -> int:
+        return self.replicas
+
+    def desired(self, obs: Observation) -> int:
+        return self.replicas

@@ -1,0 +1,362 @@
+"""A discrete-event simulator of a Celery queue feeding a pool of workers. Pure: no I/O.
+
+It models what decides waits and cost in a real pool: worker start-up delay, concurrency,
+prefetch with late acks (a worker holds at most concurrency x multiplier unacked messages),
+the polling interval of the scaler, and what a scale-down does to a worker: Kubernetes sends
+SIGTERM, Celery stops consuming, returns its prefetched messages and finishes running tasks
+within the grace period; a task still running then is killed and redelivered. Which workers go
+is the scaler's choice: ours removes only idle workers (marked with pod-deletion-cost; a smaller
+step now, the rest at a later poll); a ReplicaSet left alone removes the youngest pods, busy or not.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from .policy import Observation, QueueObservation
+
+RATE_WINDOW = 60.0  # seconds of arrivals behind the measured arrival rate
+SERVICE_WINDOW = 300.0  # seconds of completions behind the measured service time
+Removal = Literal["idle_only", "youngest"]
+
+
+@dataclass(frozen=True)
+class Task:
+    arrival: float
+    duration: float
+    name: str = "task"
+
+
+@dataclass(frozen=True)
+class PoolModel:
+    """The physical pool: what no scaling policy can change."""
+
+    concurrency: int
+    startup_seconds: float = 10.0
+    prefetch_multiplier: int = 1
+    grace_seconds: float = 30.0  # terminationGracePeriodSeconds
+    queue: str = "celery"
+
+
+class Scaler(Protocol):
+    """A scaling policy as the simulator drives it."""
+
+    name: str
+    poll_seconds: float
+    removal: Removal
+
+    def initial_replicas(self) -> int: ...
+
+    def desired(self, obs: Observation) -> int: ...
+
+
+@dataclass
+class Worker:
+    created: float
+    ready_at: float
+    running: dict[int, float] = field(default_factory=dict)  # task index -> finish time
+    reserved: deque[int] = field(default_factory=deque)
+    stopping_at: float | None = None
+    exited_at: float | None = None
+
+    def load(self) -> int:
+        return len(self.running) + len(self.reserved)
+
+
+@dataclass(frozen=True)
+class Result:
+    scaler: str
+    waits: tuple[float, ...]
+    worker_seconds: float
+    seconds_over_target: float
+    timeline: tuple[tuple[float, int], ...]
+    killed_tasks: int
+    end: float
+    target_wait: float
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.waits, 50)
+
+    @property
+    def p95(self) -> float:
+        return percentile(self.waits, 95)
+
+    @property
+    def max_wait(self) -> float:
+        return max(self.waits, default=0.0)
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(math.ceil(pct / 100 * len(ordered)) - 1, 0)
+    return ordered[rank]
+
+
+class Simulation:
+    """One run of one scaler over one trace."""
+
+    def __init__(
+        self, tasks: Sequence[Task], pool: PoolModel, scaler: Scaler, target_wait: float, horizon: float
+    ) -> None:
+        self.tasks = sorted(tasks, key=lambda t: t.arrival)
+        self.pool, self.scaler, self.target_wait = pool, scaler, target_wait
+        self.horizon = horizon
+        self.now = 0.0
+        self.events: list[tuple[float, int, str, int]] = []
+        self.seq = 0
+        self.queue: deque[int] = deque()
+        self.workers: list[Worker] = []
+        self.started: dict[int, float] = {}
+        self.arrivals: deque[float] = deque()
+        self.completions: deque[tuple[float, float]] = deque()
+        self.timeline: list[tuple[float, int]] = []
+        self.killed = 0
+
+    def run(self) -> Result:
+        for index, task in enumerate(self.tasks):
+            self._at(task.arrival, "arrive", index)
+        self._scale_to(self.scaler.initial_replicas())
+        self._at(0.0, "poll", 0)
+        give_up = self.horizon + 24 * 3600  # a scaler that never serves the queue must still end
+        while self.events and self.events[0][0] <= give_up:
+            self.now, _, kind, item = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(item)
+        return self._result()
+
+    def _work_left(self) -> bool:
+        return self.now < self.horizon or len(self.started) < len(self.tasks) or self._busy()
+
+    # events
+
+    def _on_arrive(self, index: int) -> None:
+        self.queue.append(index)
+        self.arrivals.append(self.now)
+        self._dispatch()
+
+    def _on_ready(self, worker_id: int) -> None:
+        self._dispatch()
+
+    def _on_finish(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        for index, finish in list(worker.running.items()):
+            if finish <= self.now:
+                del worker.running[index]
+                self.completions.append((self.now, self.tasks[index].duration))
+        self._dispatch()
+        if worker.stopping_at is not None and not worker.running:
+            self._exit(worker)
+
+    def _on_kill(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        if worker.exited_at is not None:
+            return
+        for index in sorted(worker.running, reverse=True):
+            self.killed += 1
+            del self.started[index]
+            self.queue.appendleft(index)  # acks_late: redelivered, and it is the oldest message
+        worker.running.clear()
+        self._exit(worker)
+        self._dispatch()
+
+    def _on_poll(self, _: int) -> None:
+        self._scale_to(self.scaler.desired(self._observe()))
+        if self._work_left():
+            self._at(self.now + self.scaler.poll_seconds, "poll", 0)
+
+    # mechanics
+
+    def _at(self, time: float, kind: str, item: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (time, self.seq, kind, item))
+
+    def _busy(self) -> bool:
+        return any(w.running for w in self.workers)
+
+    def _active(self) -> list[int]:
+        return [i for i, w in enumerate(self.workers) if w.stopping_at is None]
+
+    def _dispatch(self) -> None:
+        capacity = self.pool.concurrency * self.pool.prefetch_multiplier
+        ready = [i for i in self._active() if self.workers[i].ready_at <= self.now]
+        while self.queue:
+            free = [i for i in ready if self.workers[i].load() < capacity]
+            if not free:
+                break
+            worker_id = min(free, key=lambda i: self.workers[i].load())
+            self.workers[worker_id].reserved.append(self.queue.popleft())
+            self._start_reserved(worker_id)
+        for worker_id in ready:
+            self._start_reserved(worker_id)
+
+    def _start_reserved(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        while worker.reserved and len(worker.running) < self.pool.concurrency:
+            index = worker.reserved.popleft()
+            self.started[index] = self.now
+            finish = self.now + self.tasks[index].duration
+            worker.running[index] = finish
+            self._at(finish, "finish", worker_id)
+
+    def _scale_to(self, replicas: int) -> None:
+        active = self._active()
+        for _ in range(replicas - len(active)):
+            self.workers.append(Worker(created=self.now, ready_at=self.now + self.pool.startup_seconds))
+            self._at(self.now + self.pool.startup_seconds, "ready", len(self.workers) - 1)
+        for worker_id in self._victims(active, len(active) - replicas):
+            self._stop(worker_id)
+        replicas = len(self._active())
+        if not self.timeline or self.timeline[-1][1] != replicas:
+            self.timeline.append((self.now, replicas))
+        self._dispatch()
+
+    def _victims(self, active: list[int], count: int) -> list[int]:
+        """Which workers a scale-down removes: pods not ready yet always go first, as in a ReplicaSet."""
+        if count <= 0:
+            return []
+        order = sorted(active, key=lambda i: (self.workers[i].ready_at <= self.now, -self.workers[i].created))
+        if self.scaler.removal == "idle_only":
+            order = [i for i in order if self.workers[i].load() == 0]
+        return order[:count]
+
+    def _stop(self, worker_id: int) -> None:
+        """SIGTERM: stop consuming, give back prefetched messages, finish or be killed after the grace period."""
+        worker = self.workers[worker_id]
+        worker.stopping_at = self.now
+        while worker.reserved:
+            self.queue.appendleft(worker.reserved.pop())
+        if worker.running:
+            self._at(self.now + self.pool.grace_seconds, "kill", worker_id)
+        else:
+            self._exit(worker)
+
+    def _exit(self, worker: Worker) -> None:
+        worker.exited_at = self.now
+
+    def _observe(self) -> Observation:
+        while self.arrivals and self.arrivals[0] < self.now - RATE_WINDOW:
+            self.arrivals.popleft()
+        while self.completions and self.completions[0][0] < self.now - SERVICE_WINDOW:
+            self.completions.popleft()
+        window = min(RATE_WINDOW, self.now) or RATE_WINDOW
+        active = [self.workers[i] for i in self._active()]
+        oldest = self.now - self.tasks[self.queue[0]].arrival if self.queue else None
+        queue = QueueObservation(self.pool.queue, len(self.queue), sum(len(w.reserved) for w in active), oldest)
+        return Observation(
+            time=self.now,
+            current_replicas=len(active),
+            queues=(queue,),
+            measured_at=self.now,
+            arrival_rate=len(self.arrivals) / window,
+            service_time_mean=statistics.fmean(d for _, d in self.completions) if self.completions else None,
+            busy_slots=sum(len(w.running) for w in active),
+            live_workers=sum(1 for w in active if w.ready_at <= self.now),
+            ready_replicas=sum(1 for w in active if w.ready_at <= self.now),
+        )
+
+    def _result(self) -> Result:
+        end = max(self.now, self.horizon)
+        waits = tuple(self.started.get(i, end) - task.arrival for i, task in enumerate(self.tasks))
+        cost = sum((w.exited_at if w.exited_at is not None else end) - w.created for w in self.workers)
+        late = [
+            (task.arrival + self.target_wait, self.started.get(i, end))
+            for i, task in enumerate(self.tasks)
+            if self.started.get(i, end) - task.arrival > self.target_wait
+        ]
+        return Result(
+            self.scaler.name, waits, cost, union_length(late), tuple(self.timeline), self.killed, end, self.target_wait
+        )
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by a set of intervals: the seconds during which some task was over target."""
+    total, reach = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop <= reach:
+            continue
+        total += stop - max(start, reach)
+        reach = stop
+    return total
+
+
+def oracle_worker_seconds(tasks: Sequence[Task], pool: PoolModel, min_replicas: int, end: float) -> float:
+    """A lower bound on cost: clairvoyant workers that exist exactly while needed, no wait, no start-up.
+
+    Every task starts on arrival; at each instant the pool holds ceil(running / concurrency) workers
+    (never fewer than minReplicas). No real policy can run the same work for less while meeting
+    a wait target, short of making tasks wait on purpose.
+    """
+    changes: list[tuple[float, int]] = []
+    for task in tasks:
+        changes += [(task.arrival, 1), (task.arrival + task.duration, -1)]
+    changes.sort()
+    cost, running, last = 0.0, 0, 0.0
+    for time, delta in changes:
+        cost += max(min_replicas, math.ceil(running / pool.concurrency)) * (min(time, end) - last)
+        running, last = running + delta, min(time, end)
+    return cost + min_replicas * max(end - last, 0.0)
+
+
+def simulate(tasks: Sequence[Task], pool: PoolModel, scaler: Scaler, target_wait: float, horizon: float) -> Result:
+    """Run one scaler over one trace; cost is counted until `horizon` or the last task, whichever is later."""
+    return Simulation(tasks, pool, scaler, target_wait, horizon).run()
+
+
+# Arrival generators. Each takes a seeded random source so every run of a scenario is the same.
+
+RateFn = Callable[[float], float]
+DurationFn = Callable[["_Random"], tuple[str, float]]
+
+
+class _Random(Protocol):
+    def random(self) -> float: ...
+
+    def expovariate(self, lambd: float) -> float: ...
+
+
+def poisson_arrivals(rate: RateFn, peak: float, horizon: float, duration: DurationFn, rng: _Random) -> list[Task]:
+    """A (possibly time-varying) Poisson stream by thinning: rate(t) <= peak everywhere."""
+    tasks: list[Task] = []
+    now = 0.0
+    while True:
+        now += rng.expovariate(peak)
+        if now >= horizon:
+            return tasks
+        if rng.random() * peak <= rate(now):
+            name, seconds = duration(rng)
+            tasks.append(Task(now, seconds, name))
+
+
+def burst(at: float, count: int, duration: DurationFn, rng: _Random, spread: float = 1.0) -> list[Task]:
+    """`count` tasks sent within `spread` seconds: a cron job, a fan-out, a retry storm."""
+    tasks = []
+    for i in range(count):
+        name, seconds = duration(rng)
+        tasks.append(Task(at + spread * i / count, seconds, name))
+    return tasks
+
+
+def exponential(mean: float, name: str = "task") -> DurationFn:
+    return lambda rng: (name, rng.expovariate(1 / mean))
+
+
+def mixture(*parts: tuple[float, DurationFn]) -> DurationFn:
+    """Durations drawn from several task kinds with the given shares."""
+    shares = list(itertools.accumulate(share for share, _ in parts))
+
+    def draw(rng: _Random) -> tuple[str, float]:
+        pick = bisect.bisect_left(shares, rng.random() * shares[-1])
+        return parts[min(pick, len(parts) - 1)][1](rng)
+
+    return draw
