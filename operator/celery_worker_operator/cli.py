@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from .crd import build_crd
 from .manifests import InvalidPool, load_pools
+from .policy import Observation, QueueObservation, decide
+from .scenarios import SCENARIOS, Scenario, run_scenario
+from .simulate import PoolModel, Result, oracle_worker_seconds, parse_trace
+from .spec import AutoscalingSpec
+from .units import parse_duration, parse_rate
+
+
+class _Parsed(click.ParamType[float]):
+    """A click type from one of the parsers in units.py, so bad input gets click's usage error."""
+
+    def __init__(self, name: str, parse: Callable[[str], float]) -> None:
+        self.name, self.parse = name, parse
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return self.parse(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+RATE = _Parsed("rate", parse_rate)
+DURATION = _Parsed("duration", parse_duration)
 
 EXAMPLE_POOL = Path(__file__).parent / "examples" / "demo-pool.yaml"
 
@@ -50,3 +77,121 @@ def demo(pool_file: Path) -> None:
     for pool in load_pools(pool_file):
         document = pool.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
         click.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
+
+
+@main.command()
+@click.option("--arrival", type=RATE, required=True, help="Arrival rate: 5/s, 10/m, 200/h.")
+@click.option("--duration", type=DURATION, required=True, help="Mean task duration: 250ms, 30s, 10m.")
+@click.option("--concurrency", type=click.IntRange(min=1), required=True, help="Task slots per worker.")
+@click.option("--target-wait", type=DURATION, default="30s", show_default=True, help="Acceptable queue wait.")
+@click.option("--utilization", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
+@click.option("--backlog", type=click.IntRange(min=0), default=0, show_default=True, help="Tasks already waiting.")
+def plan(
+    arrival: float, duration: float, concurrency: int, target_wait: float, utilization: float, backlog: int
+) -> None:
+    """Size a pool with the capacity formula and show the working."""
+    spec = AutoscalingSpec(
+        min_replicas=0, max_replicas=10000, target_wait_seconds=target_wait, target_utilization=utilization
+    )
+    obs = Observation(
+        time=0.0,
+        current_replicas=0,
+        queues=(QueueObservation("queue", backlog),),
+        measured_at=0.0,
+        arrival_rate=arrival,
+        service_time_mean=duration,
+        busy_slots=0,
+    )
+    terms = decide(obs, spec, concurrency).terms
+    click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms['offered_load']:.4g} busy slots")
+    click.echo(
+        f"steady slots   {terms['offered_load']:.4g} / {utilization:.2g} utilization = {terms['steady_slots']:.4g}"
+    )
+    click.echo(
+        f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {terms['backlog_slots']:.4g}"
+    )
+    click.echo(f"slots          {terms['slots']:.4g}")
+    click.echo(f"replicas       ceil({terms['slots']:.4g} / {concurrency}) = {terms['recommendation']}")
+
+
+@main.command()
+@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), help="A bundled workload.")
+@click.option(
+    "--trace", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CSV: timestamp,task,duration."
+)
+@click.option(
+    "--pool",
+    "pool_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
+)
+@click.option("--startup", type=DURATION, default="10s", show_default=True, help="With --trace: worker start-up delay.")
+@click.option("--policy", "policies", default="ours,keda", show_default=True, help="Comma list: ours, keda, fixed:N.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
+def simulate(
+    scenario: str | None,
+    trace: Path | None,
+    pool_file: Path | None,
+    startup: float,
+    policies: str,
+    seed: int,
+    plot: Path | None,
+) -> None:
+    """Replay a workload through scaling policies and compare waits and cost."""
+    chosen = _scenario_from(scenario, trace, pool_file, startup)
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    try:
+        results = run_scenario(chosen, names, seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--policy") from None
+    oracle = oracle_worker_seconds(chosen.tasks(seed), chosen.pool, chosen.autoscaling.min_replicas, results[0].end)
+    Console(width=120).print(comparison_table(chosen, results, oracle))
+    if plot:
+        from .charts import plot_results
+
+        plot_results(results, plot)
+        click.echo(f"chart written to {plot}")
+
+
+def _scenario_from(scenario: str | None, trace: Path | None, pool_file: Path | None, startup: float) -> Scenario:
+    if (scenario is None) == (trace is None):
+        raise click.UsageError("give exactly one of --scenario or --trace")
+    if scenario is not None:
+        return SCENARIOS[scenario]
+    assert trace is not None
+    tasks = parse_trace(trace.read_text().splitlines())
+    if pool_file is None:
+        raise click.UsageError("--trace needs --pool, a CeleryWorkerPool whose autoscaling and worker to use")
+    pool = load_pools(pool_file)[0]
+    concurrency = pool.spec.worker.concurrency if pool.spec.worker else 1
+    horizon = max((t.arrival for t in tasks), default=0.0)
+    return Scenario(
+        trace.name,
+        f"{len(tasks)} tasks from {trace}",
+        lambda _: tasks,
+        PoolModel(concurrency=concurrency, startup_seconds=startup),
+        pool.spec.autoscaling,
+        horizon,
+    )
+
+
+def comparison_table(scenario: Scenario, results: list[Result], oracle: float) -> Table:
+    """One row per policy: waits against the target, seconds over it, cost against the oracle."""
+    target = scenario.autoscaling.target_wait_seconds
+    table = Table(title=f"{scenario.name}: {scenario.description} (target wait {target:g} s)")
+    for column in ("policy", "p50 wait", "p95 wait", "max wait", "s over target", "worker-s", "x oracle", "killed"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for result in results:
+        table.add_row(
+            result.scaler,
+            f"{result.p50:.1f}",
+            f"{result.p95:.1f}",
+            f"{result.max_wait:.1f}",
+            f"{result.seconds_over_target:.0f}",
+            f"{result.worker_seconds:.0f}",
+            f"{result.worker_seconds / oracle:.2f}" if oracle else "-",
+            str(result.killed_tasks),
+        )
+    table.add_row("oracle", "0.0", "0.0", "0.0", "0", f"{oracle:.0f}", "1.00", "0")
+    return table

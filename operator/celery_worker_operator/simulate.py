@@ -12,6 +12,7 @@ step now, the rest at a later poll); a ReplicaSet left alone removes the younges
 from __future__ import annotations
 
 import bisect
+import csv
 import heapq
 import itertools
 import math
@@ -49,9 +50,14 @@ class PoolModel:
 class Scaler(Protocol):
     """A scaling policy as the simulator drives it."""
 
-    name: str
-    poll_seconds: float
-    removal: Removal
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def poll_seconds(self) -> float: ...
+
+    @property
+    def removal(self) -> Removal: ...
 
     def initial_replicas(self) -> int: ...
 
@@ -72,12 +78,23 @@ class Worker:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """What the scaler saw at one poll, for charts."""
+
+    time: float
+    depth: int
+    oldest_age: float
+    replicas: int
+
+
+@dataclass(frozen=True)
 class Result:
     scaler: str
     waits: tuple[float, ...]
     worker_seconds: float
     seconds_over_target: float
     timeline: tuple[tuple[float, int], ...]
+    samples: tuple[Sample, ...]
     killed_tasks: int
     end: float
     target_wait: float
@@ -122,6 +139,7 @@ class Simulation:
         self.arrivals: deque[float] = deque()
         self.completions: deque[tuple[float, float]] = deque()
         self.timeline: list[tuple[float, int]] = []
+        self.samples: list[Sample] = []
         self.killed = 0
 
     def run(self) -> Result:
@@ -171,7 +189,9 @@ class Simulation:
         self._dispatch()
 
     def _on_poll(self, _: int) -> None:
-        self._scale_to(self.scaler.desired(self._observe()))
+        obs = self._observe()
+        self.samples.append(Sample(self.now, obs.backlog or 0, obs.oldest_age_seconds or 0.0, obs.current_replicas))
+        self._scale_to(self.scaler.desired(obs))
         if self._work_left():
             self._at(self.now + self.scaler.poll_seconds, "poll", 0)
 
@@ -275,7 +295,15 @@ class Simulation:
             if self.started.get(i, end) - task.arrival > self.target_wait
         ]
         return Result(
-            self.scaler.name, waits, cost, union_length(late), tuple(self.timeline), self.killed, end, self.target_wait
+            self.scaler.name,
+            waits,
+            cost,
+            union_length(late),
+            tuple(self.timeline),
+            tuple(self.samples),
+            self.killed,
+            end,
+            self.target_wait,
         )
 
 
@@ -360,3 +388,28 @@ def mixture(*parts: tuple[float, DurationFn]) -> DurationFn:
         return parts[min(pick, len(parts) - 1)][1](rng)
 
     return draw
+
+
+def parse_trace(lines: Iterable[str]) -> list[Task]:
+    """Tasks from CSV rows `timestamp,task,duration` (seconds; a header row is allowed).
+
+    Timestamps may be epoch seconds or relative; the trace is shifted to start at 0.
+    """
+    rows = [row for row in csv.reader(lines) if row and not row[0].lstrip().startswith("#")]
+    if rows and not _is_number(rows[0][0]):
+        rows = rows[1:]
+    tasks = []
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 3 or not _is_number(row[0]) or not _is_number(row[2]) or float(row[2]) < 0:
+            raise ValueError(f"trace row {number}: expected `timestamp,task,duration` in seconds, got {row}")
+        tasks.append(Task(float(row[0]), float(row[2]), row[1].strip()))
+    start = min((t.arrival for t in tasks), default=0.0)
+    return [Task(t.arrival - start, t.duration, t.name) for t in tasks]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
