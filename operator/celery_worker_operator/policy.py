@@ -113,15 +113,20 @@ def remember(
 
 
 def _hold(obs: Observation, spec: AutoscalingSpec) -> Decision:
-    """No trustworthy broker numbers: never shrink; move to fallbackReplicas if it is higher."""
+    """No trustworthy broker numbers: never shrink below current (maxReplicas still binds).
+
+    fallbackReplicas, when set and higher, is where the pool goes while it is blind.
+    """
     current = obs.current_replicas
     what = "broker numbers missing" if obs.measured_at is None or obs.backlog is None else "broker numbers stale"
-    if spec.fallback_replicas is None:
-        replicas = _clamp(current, spec) if current < spec.min_replicas else current
-        return Decision(replicas, f"{what}: holding {replicas} replicas", current, {"current": current})
-    replicas = max(current, spec.fallback_replicas)
-    reason = f"{what}: holding {replicas} replicas (fallbackReplicas {spec.fallback_replicas})"
-    return Decision(replicas, reason, current, {"current": current, "fallback_replicas": spec.fallback_replicas})
+    terms: dict[str, Number] = {"current": current}
+    replicas = current
+    if spec.fallback_replicas is not None:
+        replicas = max(current, spec.fallback_replicas)
+        terms["fallback_replicas"] = spec.fallback_replicas
+    replicas = _clamp(replicas, spec)
+    fallback = f" (fallbackReplicas {spec.fallback_replicas})" if spec.fallback_replicas is not None else ""
+    return Decision(replicas, f"{what}: holding {replicas} replicas{fallback}", current, terms)
 
 
 def _recommend(

@@ -1,0 +1,306 @@
+"""The capacity policy, rule by rule, as tables of cases (the HPA replica calculator's style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember
+from celery_worker_operator.spec import AutoscalingSpec, ScaleDown, ScaleUp
+
+NOW = 1000.0
+
+
+def observe(depth: int | None = 0, reserved: int = 0, current: int = 1, age: float = 0.0, **fields: Any) -> Observation:
+    """An observation at NOW whose broker numbers were measured `age` seconds ago."""
+    return Observation(
+        time=NOW,
+        current_replicas=current,
+        queues=(QueueObservation("q", depth, reserved),),
+        measured_at=NOW - age,
+        **fields,
+    )
+
+
+def scaling(**fields: Any) -> AutoscalingSpec:
+    return AutoscalingSpec(**{"min_replicas": 0, "max_replicas": 100, **fields})
+
+
+def past(*replicas: int, ago: float = 10.0) -> tuple[Recommendation, ...]:
+    return tuple(Recommendation(NOW - ago, r) for r in replicas)
+
+
+# (case, observation, spec, concurrency, history, expected replicas, words the reason must hold)
+CASES = [
+    (
+        "guide: 10/min of 10 min tasks = 100 busy slots = 25 workers of 4",
+        observe(current=25, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=100),
+        scaling(target_utilization=1.0),
+        4,
+        (),
+        25,
+        "hold 25",
+    ),
+    (
+        "utilization headroom: 100 / 0.8 = 125 slots = 32 workers",
+        observe(current=20, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=80),
+        scaling(),
+        4,
+        (),
+        32,
+        "scale up 20 -> 32",
+    ),
+    (
+        "backlog drains within the target wait: 100 x 3 s / 30 s = 10 slots",
+        observe(depth=90, reserved=10, current=5, arrival_rate=0.0, service_time_mean=3.0, busy_slots=0),
+        scaling(target_wait_seconds=30),
+        2,
+        (),
+        5,
+        "100 waiting",
+    ),
+    (
+        "taskDurationSeconds stands in for an unmeasured service time",
+        observe(depth=40, current=1, arrival_rate=0.0, busy_slots=0),
+        scaling(target_wait_seconds=10, task_duration_seconds=5.0),
+        4,
+        (),
+        5,
+        "taskDurationSeconds",
+    ),
+    (
+        "no duration at all: size by queue length and say so",
+        observe(depth=30, current=1, busy_slots=2),
+        scaling(target_utilization=1.0),
+        4,
+        (),
+        8,
+        "no task duration known",
+    ),
+    (
+        "clamped to maxReplicas",
+        observe(depth=10_000, current=3, service_time_mean=10.0),
+        scaling(max_replicas=7),
+        1,
+        (),
+        7,
+        "scale up 3 -> 7",
+    ),
+    (
+        "clamped to minReplicas",
+        observe(depth=0, current=3, busy_slots=0),
+        scaling(min_replicas=2),
+        4,
+        (),
+        2,
+        "scale down 3 -> 2",
+    ),
+    (
+        "tolerance band: 5.3 replicas' worth of work keeps 5",
+        observe(current=5, arrival_rate=1.0, service_time_mean=21.2, busy_slots=0),
+        scaling(target_utilization=1.0),
+        4,
+        (),
+        5,
+        "hold 5",
+    ),
+    (
+        "step up: at most max(4 pods, 100 % of 2) per poll",
+        observe(depth=1000, current=2, service_time_mean=10.0),
+        scaling(scale_up=ScaleUp(max_step_pods=4, max_step_percent=100)),
+        1,
+        (),
+        6,
+        "step limit",
+    ),
+    (
+        "step down: at most max(5 pods, 50 % of 20) per poll",
+        observe(current=20, busy_slots=0, service_time_mean=1.0),
+        scaling(min_replicas=1, scale_down=ScaleDown(stabilization_seconds=0)),
+        4,
+        (),
+        10,
+        "scale down 20 -> 10",
+    ),
+    (
+        "down window: the highest recent recommendation wins",
+        observe(current=8, busy_slots=0, service_time_mean=1.0),
+        scaling(min_replicas=1, scale_down=ScaleDown(stabilization_seconds=60)),
+        4,
+        past(8, 6),
+        8,
+        "stabilization window keeps 8",
+    ),
+    (
+        "up window: the lowest recent recommendation bounds growth",
+        observe(depth=1000, current=3, service_time_mean=10.0),
+        scaling(scale_up=ScaleUp(stabilization_seconds=60)),
+        1,
+        past(3),
+        3,
+        "stabilization window keeps 3",
+    ),
+    (
+        "from zero: one waiting task starts a worker at once, windows or not",
+        observe(depth=1, current=0),
+        scaling(scale_up=ScaleUp(stabilization_seconds=300)),
+        4,
+        past(0, 0),
+        1,
+        "scale up 0 -> 1",
+    ),
+    (
+        "not to zero while a task runs",
+        observe(depth=0, current=1, busy_slots=1, service_time_mean=1.0),
+        scaling(),
+        4,
+        (),
+        1,
+        "hold 1",
+    ),
+    (
+        "not to zero while busy slots are unknown",
+        observe(depth=0, current=1, service_time_mean=1.0),
+        scaling(),
+        4,
+        (),
+        1,
+        "hold 1",
+    ),
+    (
+        "not to zero before the down window has been empty throughout",
+        observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
+        scaling(),
+        4,
+        past(1, ago=30),
+        1,
+        "stabilization window keeps 1",
+    ),
+    (
+        "to zero after an idle down window",
+        observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
+        scaling(),
+        4,
+        past(0, ago=30) + past(1, ago=61),
+        0,
+        "scale down 1 -> 0",
+    ),
+    (
+        "missing broker numbers never shrink",
+        observe(depth=None, current=5),
+        scaling(),
+        4,
+        (),
+        5,
+        "broker numbers missing",
+    ),
+    (
+        "stale broker numbers never shrink",
+        observe(depth=0, current=5, age=31.0),
+        scaling(poll_seconds=10),
+        4,
+        (),
+        5,
+        "stale",
+    ),
+    (
+        "blind pools go up to fallbackReplicas",
+        observe(depth=None, current=2),
+        scaling(fallback_replicas=7),
+        4,
+        (),
+        7,
+        "fallbackReplicas 7",
+    ),
+    ("but never down to it", observe(depth=None, current=9), scaling(fallback_replicas=7), 4, (), 9, "holding 9"),
+    (
+        "maxReplicas binds even when blind",
+        observe(depth=None, current=9),
+        scaling(max_replicas=6),
+        4,
+        (),
+        6,
+        "holding 6",
+    ),
+    (
+        "disabled autoscaling leaves replicas alone",
+        observe(depth=500, current=3),
+        scaling(enabled=False),
+        4,
+        (),
+        3,
+        "disabled",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("obs", "spec", "concurrency", "history", "expected", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_policy_rule(
+    obs: Observation,
+    spec: AutoscalingSpec,
+    concurrency: int,
+    history: tuple[Recommendation, ...],
+    expected: int,
+    reason: str,
+) -> None:
+    decision = decide(obs, spec, concurrency, history)
+    assert decision.replicas == expected, decision.reason
+    assert reason in decision.reason
+
+
+def test_guide_example_terms_show_the_working() -> None:
+    obs = observe(current=0, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=0)
+    terms = decide(obs, scaling(target_utilization=1.0), 4).terms
+    assert terms["offered_load"] == pytest.approx(100.0)
+    assert terms["slots"] == pytest.approx(100.0)
+    assert terms["recommendation"] == 25
+    assert terms["service_time_source"] == "measured"
+
+
+def test_remember_keeps_only_the_windows() -> None:
+    spec = scaling(scale_down=ScaleDown(stabilization_seconds=60))
+    history = past(4, ago=100) + past(5, ago=30)
+    decision = decide(observe(current=5, busy_slots=0, service_time_mean=1.0), spec, 4, history)
+    kept = remember(history, decision, NOW, spec)
+    assert [r.replicas for r in kept] == [5, decision.recommendation]
+
+
+bounds = st.integers(min_value=0, max_value=50).flatmap(
+    lambda low: st.tuples(st.just(low), st.integers(min_value=max(low, 1), max_value=60))
+)
+maybe_depth = st.one_of(st.none(), st.integers(min_value=0, max_value=100_000))
+maybe_time = st.one_of(st.none(), st.floats(min_value=0.001, max_value=7200))
+
+
+@given(
+    bounds=bounds,
+    depth=maybe_depth,
+    current=st.integers(min_value=0, max_value=80),
+    service=maybe_time,
+    arrival=st.one_of(st.none(), st.floats(min_value=0, max_value=1000)),
+    busy=st.one_of(st.none(), st.integers(min_value=0, max_value=500)),
+    concurrency=st.integers(min_value=1, max_value=64),
+    history=st.lists(st.integers(min_value=0, max_value=80), max_size=6),
+)
+def test_replicas_always_within_bounds_and_never_shrink_blind(
+    bounds: tuple[int, int],
+    depth: int | None,
+    current: int,
+    service: float | None,
+    arrival: float | None,
+    busy: int | None,
+    concurrency: int,
+    history: list[int],
+) -> None:
+    low, high = bounds
+    spec = scaling(min_replicas=low, max_replicas=high)
+    obs = observe(depth=depth, current=current, service_time_mean=service, arrival_rate=arrival, busy_slots=busy)
+    decision = decide(obs, spec, concurrency, past(*history))
+    assert low <= decision.replicas <= high
+    if depth is None:
+        assert decision.replicas >= min(current, high)
