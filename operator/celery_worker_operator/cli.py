@@ -73,10 +73,33 @@ def validate(files: tuple[Path, ...]) -> None:
 @main.command()
 @click.option("--pool", "pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=EXAMPLE_POOL)
 def demo(pool_file: Path) -> None:
-    """Show the pool the demo runs (the bundled one unless --pool is given), with every default filled in."""
+    """Show the pool the demo runs (the bundled one unless --pool is given) and how it would be sized."""
     for pool in load_pools(pool_file):
         document = pool.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
         click.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
+        scaling = pool.spec.autoscaling
+        concurrency = pool.spec.worker.concurrency if pool.spec.worker else 1
+        duration = scaling.task_duration_seconds or 1.0
+        click.echo(
+            f"\n# sizing with {duration:g} s tasks, concurrency {concurrency}, "
+            f"target wait {scaling.target_wait_seconds:g} s"
+        )
+        for arrival in (0.0, 1.0, 5.0, 20.0):
+            for backlog in (0, 100):
+                obs = Observation(
+                    time=0.0,
+                    current_replicas=0,
+                    queues=(QueueObservation("q", backlog),),
+                    measured_at=0.0,
+                    arrival_rate=arrival,
+                    service_time_mean=duration,
+                    busy_slots=0,
+                )
+                decision = decide(obs, scaling, concurrency)
+                slots = decision.terms["slots"]
+                click.echo(
+                    f"#   {arrival:5g}/s, {backlog:3d} waiting: {slots:6.3g} slots -> {decision.recommendation} workers"
+                )
 
 
 @main.command()
