@@ -1,0 +1,237 @@
+"""Redis probe: Celery's queue numbers from kombu's Redis layout, in one pipelined round trip.
+
+kombu keeps a queue as up to four lists (`name`, `name\\x06\\x163`, `\\x06\\x166`, `\\x06\\x169`: priority
+buckets, 0 = served first), LPUSHes new messages and BRPOPs the oldest from the tail. A message a
+worker has prefetched leaves the lists for the `unacked` hash (tag -> JSON `[envelope, exchange,
+routing_key]`), indexed by the `unacked_index` zset. Counting one list, as most tools do, misses the
+priority buckets and every prefetched task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError
+from redis.retry import Retry
+
+from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueStats
+from celery_worker_operator.instrument import published_at
+from celery_worker_operator.redact import url_secrets
+
+PRIORITY_STEPS = (0, 3, 6, 9)
+SEP = "\x06\x16"
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+_CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
+
+
+def priority_keys(queue: str) -> dict[int, str]:
+    """The list key of each priority bucket of `queue`, as kombu names them."""
+    return {step: f"{queue}{SEP}{step}" if step else queue for step in PRIORITY_STEPS}
+
+
+def client_url(url: str) -> str:
+    """`url` as redis-py reads it: kombu also accepts `ssl_cert_reqs=CERT_REQUIRED`, redis-py only `required`."""
+    parts = urlsplit(url)
+    query = [(k, _CERT_REQS.get(v.lower(), v) if k == "ssl_cert_reqs" else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The oldest message of one list: who it is, and when it was published if it says so."""
+
+    identity: bytes
+    stamp: float | None
+
+
+def read_tail(raw: bytes) -> Tail:
+    """Identify a kombu envelope by its delivery tag (its bytes if it is not one) and find its stamp."""
+    envelope = _json_object(raw)
+    headers, properties = _object(envelope.get("headers")), _object(envelope.get("properties"))
+    tag = properties.get("delivery_tag")
+    identity = str(tag).encode() if tag else hashlib.blake2b(raw, digest_size=16).digest()
+    return Tail(identity, published_at(headers, properties))
+
+
+def routing_key_of(value: bytes | str) -> str:
+    """The routing key of an `unacked` hash value (`[envelope, exchange, routing_key]`), or ''."""
+    try:
+        entry = json.loads(value)
+    except ValueError:
+        return ""
+    return entry[2] if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str) else ""
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        return _object(json.loads(raw))
+    except ValueError:
+        return {}
+
+
+def _object(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+class FirstSeen:
+    """When each list's current tail message was first seen there: a lower bound of its age.
+
+    Used for messages without a publish stamp; the bound tightens the longer the probe watches.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[bytes, float]] = {}
+
+    def at(self, key: str, identity: bytes, now: float) -> float:
+        known = self._seen.get(key)
+        if known is None or known[0] != identity:
+            self._seen[key] = (identity, now)
+            return now
+        return known[1]
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+
+class UnackedTally:
+    """Which queue each prefetched message belongs to, learned once per delivery tag.
+
+    `unacked` values are whole messages, so they are fetched once per tag and cached; the tag index
+    is scanned in pages, and a scan cycle may span polls on a huge backlog. Tags not seen again by
+    the end of a cycle were acknowledged and are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._queue_of: dict[bytes, str] = {}
+        self._cycle: set[bytes] = set()
+
+    def seen(self, tags: Iterable[bytes]) -> None:
+        self._cycle.update(tags)
+
+    def unknown(self, limit: int) -> list[bytes]:
+        return [tag for tag in self._cycle if tag not in self._queue_of][:limit]
+
+    def learn(self, tag: bytes, routing_key: str | None) -> None:
+        """Record a tag's queue; None means the message was acknowledged before we read it."""
+        if routing_key is None:
+            self._cycle.discard(tag)
+        else:
+            self._queue_of[tag] = routing_key
+
+    def end_cycle(self) -> None:
+        self._queue_of = {tag: key for tag, key in self._queue_of.items() if tag in self._cycle}
+        self._cycle = set()
+
+    def counts(self) -> Counter[str]:
+        return Counter(self._queue_of.values())
+
+
+class RedisProbe:
+    """QueueProbe for Celery on Redis (`redis://`, `rediss://`, user/password, DB index)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        scan_page: int = 1000,
+        scan_pages_per_poll: int = 10,
+        learn_per_poll: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._url = url
+        self._secrets = url_secrets(url)
+        # One retry, at once: it replaces a pooled connection the server dropped; more would only
+        # delay the BrokerUnavailable the caller needs to hold its pools.
+        self._client = redis.Redis.from_url(
+            client_url(url), socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
+        )
+        self._scan_page, self._scan_pages, self._learn_limit = scan_page, scan_pages_per_poll, learn_per_poll
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cursor = 0
+        self._tally = UnackedTally()
+        self._first_seen = FirstSeen()
+
+    def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
+        names = list(dict.fromkeys(queues))
+        with self._lock:
+            try:
+                return self._measure(names)
+            except (RedisError, OSError) as error:
+                kind = BrokerAuthFailed if isinstance(error, AuthenticationError) else BrokerUnavailable
+                raise kind(self._url, f"{type(error).__name__}: {error}", self._secrets) from None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _measure(self, names: list[str]) -> dict[str, QueueStats]:
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            for key in priority_keys(name).values():
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+        pipe.zscan(UNACKED_INDEX, self._cursor, count=self._scan_page)
+        replies = pipe.execute()
+        now = self._clock()
+        self._follow_unacked(replies.pop())
+        reserved = self._tally.counts()
+        width = 2 * len(PRIORITY_STEPS)
+        return {
+            name: self._queue_stats(name, replies[i * width : (i + 1) * width], reserved[name], now)
+            for i, name in enumerate(names)
+        }
+
+    def _queue_stats(self, name: str, replies: Sequence[Any], reserved: int, now: float) -> QueueStats:
+        priorities: dict[int, int] = {}
+        ages: list[tuple[float, bool]] = []
+        for (step, key), depth, tail in zip(priority_keys(name).items(), replies[0::2], replies[1::2], strict=True):
+            priorities[step] = depth
+            if tail is None:
+                self._first_seen.forget(key)
+            else:
+                ages.append(self._tail_age(key, tail, now))
+        return QueueStats(
+            name=name,
+            depth=sum(priorities.values()),
+            reserved=reserved,
+            consumers=None,
+            oldest_age_seconds=max((age for age, _ in ages), default=0.0),
+            priorities=priorities,
+            oldest_age_is_lower_bound=any(bound for _, bound in ages),
+        )
+
+    def _tail_age(self, key: str, raw: bytes, now: float) -> tuple[float, bool]:
+        """(age, is_lower_bound) of a list's oldest message: exact when stamped, else first-seen."""
+        tail = read_tail(raw)
+        if tail.stamp is not None:
+            return max(0.0, now - tail.stamp), False
+        return now - self._first_seen.at(key, tail.identity, now), True
+
+    def _follow_unacked(self, first_page: tuple[int, Sequence[tuple[bytes, float]]]) -> None:
+        """Advance the scan of prefetched tags by a bounded number of pages and learn new tags."""
+        cursor, page = first_page
+        self._tally.seen(tag for tag, _ in page)
+        for _ in range(self._scan_pages - 1):
+            if not cursor:
+                break
+            cursor, page = self._client.zscan(UNACKED_INDEX, cursor, count=self._scan_page)  # type: ignore[assignment]
+            self._tally.seen(tag for tag, _ in page)
+        unknown = self._tally.unknown(self._learn_limit)
+        if unknown:
+            for tag, value in zip(unknown, self._client.hmget(UNACKED, unknown), strict=True):
+                self._tally.learn(tag, None if value is None else routing_key_of(value))
+        if not cursor:
+            self._tally.end_cycle()
+        self._cursor = cursor
