@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .crd import build_crd
 from .manifests import InvalidPool, load_pools
-from .policy import Observation, QueueObservation, decide
+from .policy import plan as plan_pool
 from .scenarios import SCENARIOS, Scenario, run_scenario
 from .simulate import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .spec import AutoscalingSpec
@@ -86,16 +86,7 @@ def demo(pool_file: Path) -> None:
         )
         for arrival in (0.0, 1.0, 5.0, 20.0):
             for backlog in (0, 100):
-                obs = Observation(
-                    time=0.0,
-                    current_replicas=0,
-                    queues=(QueueObservation("q", backlog),),
-                    measured_at=0.0,
-                    arrival_rate=arrival,
-                    service_time_mean=duration,
-                    busy_slots=0,
-                )
-                decision = decide(obs, scaling, concurrency)
+                decision = plan_pool(arrival, duration, backlog, scaling, concurrency)
                 slots = decision.terms["slots"]
                 click.echo(
                     f"#   {arrival:5g}/s, {backlog:3d} waiting: {slots:6.3g} slots -> {decision.recommendation} workers"
@@ -116,16 +107,7 @@ def plan(
     spec = AutoscalingSpec(
         min_replicas=0, max_replicas=10000, target_wait_seconds=target_wait, target_utilization=utilization
     )
-    obs = Observation(
-        time=0.0,
-        current_replicas=0,
-        queues=(QueueObservation("queue", backlog),),
-        measured_at=0.0,
-        arrival_rate=arrival,
-        service_time_mean=duration,
-        busy_slots=0,
-    )
-    terms = decide(obs, spec, concurrency).terms
+    terms = plan_pool(arrival, duration, backlog, spec, concurrency).terms
     click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms['offered_load']:.4g} busy slots")
     click.echo(
         f"steady slots   {terms['offered_load']:.4g} / {utilization:.2g} utilization = {terms['steady_slots']:.4g}"

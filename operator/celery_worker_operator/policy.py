@@ -103,6 +103,20 @@ def decide(
     return Decision(replicas, _explain(current, replicas, recommendation, stabilized, why), recommendation, terms)
 
 
+def plan(arrival_rate: float, service_time: float, backlog: int, spec: AutoscalingSpec, concurrency: int) -> Decision:
+    """What the formula asks for, from scratch, given these numbers: for `plan`, `demo` and docs."""
+    obs = Observation(
+        time=0.0,
+        current_replicas=0,
+        queues=(QueueObservation("planned", backlog),),
+        measured_at=0.0,
+        arrival_rate=arrival_rate,
+        service_time_mean=service_time,
+        busy_slots=0,
+    )
+    return decide(obs, spec, concurrency)
+
+
 def remember(
     history: Sequence[Recommendation], decision: Decision, now: float, spec: AutoscalingSpec
 ) -> tuple[Recommendation, ...]:
