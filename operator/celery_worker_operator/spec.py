@@ -150,7 +150,7 @@ class ScaleDown(ScalingStep):
     """Scale-down: a short window is enough because only idle workers are removed."""
 
     stabilization_seconds: float = Field(
-        60, ge=0, le=3600, description="The highest recommendation in this window wins (HPA semantics)."
+        30, ge=0, le=3600, description="The highest recommendation in this window wins (HPA semantics)."
     )
     max_step_pods: int = Field(5, ge=1, le=1000, description=STEP_PODS)
     max_step_percent: int = Field(50, ge=1, le=1000, description=STEP_PERCENT)
