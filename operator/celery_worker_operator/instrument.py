@@ -45,3 +45,8 @@ def published_at(headers: Mapping[str, Any], properties: Mapping[str, Any]) -> f
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
             return float(value)
     return None
+
+
+def uninstrument() -> None:
+    """Stop stamping (tests, or an app that wants its messages byte-for-byte unchanged again)."""
+    before_task_publish.disconnect(_stamp, dispatch_uid=_DISPATCH_UID)

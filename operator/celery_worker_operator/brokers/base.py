@@ -70,4 +70,4 @@ class BrokerUnavailable(Exception):
 
 
 class BrokerAuthFailed(BrokerUnavailable):
-    """The broker refused the credentials: retrying will not help until the Secret is fixed."""
+    """The broker refused the credentials or the vhost: retrying will not help until the Secret is fixed."""

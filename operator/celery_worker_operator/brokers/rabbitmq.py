@@ -243,7 +243,7 @@ class RabbitMQProbe:
                 connection.close()
 
     def _unavailable(self, error: BaseException) -> BrokerUnavailable:
-        reason = f"{type(error).__name__}: {error}"
+        reason = str(error) if isinstance(error, OSError) else repr(error)  # pika's str() is often empty
         secrets = [self._target.password]
         refused = isinstance(error, _AUTH_ERRORS) or (
             isinstance(error, ConnectionClosedByBroker | ChannelClosedByBroker) and error.reply_code == ACCESS_REFUSED
