@@ -585,9 +585,20 @@ class EventMonitor:
                 channel, queues=[queue], no_ack=True, accept=["json"], on_message=self._on_message
             )
             with consumer:
-                self._app.control.broadcast("heartbeat", connection=connection)  # wakeup=True: all announce now
+                self._wakeup(connection)
                 self._on_connected()
                 self._drain(connection)
+
+    def _wakeup(self, connection: Any) -> None:
+        """Ask every worker for a heartbeat now (celery's `wakeup=True`), once we can hear the answers.
+
+        kombu's Redis transport subscribes to the fanout channel only inside the first
+        `drain_events`; broadcasting before that (as celery's Receiver does) loses the replies
+        of the workers that answer first, and a worker with a long heartbeat interval stays unseen.
+        """
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=0.05)
+        self._app.control.broadcast("heartbeat", connection=connection)
 
     def _on_connected(self) -> None:
         with self._lock:
