@@ -7,12 +7,12 @@ import json
 import pytest
 
 from celery_worker_operator.brokers.redis import (
-    FirstSeen,
+    TailWatch,
     UnackedTally,
     client_url,
     priority_keys,
-    read_tail,
     routing_key_of,
+    stamp_of,
 )
 
 
@@ -46,16 +46,12 @@ def test_client_url_accepts_kombu_spellings(url: str, expected: str) -> None:
         (envelope(headers={"published_at": 1700000000.25}, timestamp=1700000000), 1700000000.25),
         (envelope(), None),
         (envelope(headers={"published_at": "yesterday"}), None),
+        (b"not json", None),
+        (b"[1, 2]", None),
     ],
 )
-def test_read_tail_finds_the_stamp(raw: bytes, stamp: float | None) -> None:
-    assert read_tail(raw).stamp == stamp
-    assert read_tail(raw).identity == b"t1"
-
-
-def test_read_tail_survives_foreign_values() -> None:
-    tail = read_tail(b"not json")
-    assert tail.stamp is None and tail.identity == read_tail(b"not json").identity != read_tail(b"other").identity
+def test_stamp_of_envelopes(raw: bytes, stamp: float | None) -> None:
+    assert stamp_of(raw) == stamp
 
 
 @pytest.mark.parametrize(
@@ -66,13 +62,22 @@ def test_routing_key_of_unacked_values(value: bytes, key: str) -> None:
     assert routing_key_of(value) == key
 
 
-def test_first_seen_is_kept_until_the_tail_changes() -> None:
-    seen = FirstSeen()
-    assert seen.at("q", b"m1", 10.0) == 10.0
-    assert seen.at("q", b"m1", 15.0) == 10.0
-    assert seen.at("q", b"m2", 16.0) == 16.0  # m1 was consumed: m2 is only known since now
-    seen.forget("q")
-    assert seen.at("q", b"m2", 20.0) == 20.0
+def test_unstamped_tails_are_aged_from_first_sight_until_they_change() -> None:
+    watch = TailWatch()
+    assert watch.age("q", envelope("m1"), 10.0) == (0.0, True)
+    assert watch.age("q", envelope("m1"), 15.0) == (5.0, True)
+    assert watch.age("q", envelope("m2"), 16.0) == (0.0, True)  # m1 was consumed: m2 is known since now
+    assert watch.age("other", envelope("m1"), 16.0) == (0.0, True)  # lists are watched apart
+    watch.forget("q")
+    assert watch.age("q", envelope("m2"), 20.0) == (0.0, True)
+
+
+def test_stamped_tails_have_exact_ages() -> None:
+    watch = TailWatch()
+    stamped = envelope(headers={"published_at": 100.0})
+    assert watch.age("q", stamped, 104.5) == (4.5, False)
+    assert watch.age("q", stamped, 106.0) == (6.0, False)
+    assert watch.age("q", stamped, 99.0) == (0.0, False)  # clock skew never makes a negative age
 
 
 def test_unacked_tally_learns_each_tag_once_and_drops_acked_ones() -> None:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -47,21 +46,10 @@ def client_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-@dataclass(frozen=True)
-class Tail:
-    """The oldest message of one list: who it is, and when it was published if it says so."""
-
-    identity: bytes
-    stamp: float | None
-
-
-def read_tail(raw: bytes) -> Tail:
-    """Identify a kombu envelope by its delivery tag (its bytes if it is not one) and find its stamp."""
+def stamp_of(raw: bytes) -> float | None:
+    """The publish stamp of a kombu envelope (see instrument.py), or None."""
     envelope = _json_object(raw)
-    headers, properties = _object(envelope.get("headers")), _object(envelope.get("properties"))
-    tag = properties.get("delivery_tag")
-    identity = str(tag).encode() if tag else hashlib.blake2b(raw, digest_size=16).digest()
-    return Tail(identity, published_at(headers, properties))
+    return published_at(_object(envelope.get("headers")), _object(envelope.get("properties")))
 
 
 def routing_key_of(value: bytes | str) -> str:
@@ -84,24 +72,32 @@ def _object(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-class FirstSeen:
-    """When each list's current tail message was first seen there: a lower bound of its age.
+class TailWatch:
+    """Each list's tail message as last seen: parsed once, and timed from when it reached the tail.
 
-    Used for messages without a publish stamp; the bound tightens the longer the probe watches.
+    A backlog's tail stays put across polls, so its envelope is decoded once, not every poll. For a
+    message without a publish stamp, "first seen at the tail" is all we know: a lower bound of its
+    age that tightens the longer the probe watches. Messages are kept as digests, so memory stays
+    small whatever their size.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[bytes, float]] = {}
+        self._tails: dict[str, tuple[bytes, float | None, float]] = {}
 
-    def at(self, key: str, identity: bytes, now: float) -> float:
-        known = self._seen.get(key)
-        if known is None or known[0] != identity:
-            self._seen[key] = (identity, now)
-            return now
-        return known[1]
+    def age(self, key: str, raw: bytes, now: float) -> tuple[float, bool]:
+        """(age in seconds, is_lower_bound) of the message `raw` now at the tail of list `key`."""
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        known = self._tails.get(key)
+        if known is None or known[0] != digest:
+            known = (digest, stamp_of(raw), now)
+            self._tails[key] = known
+        _, stamp, since = known
+        if stamp is not None:
+            return max(0.0, now - stamp), False
+        return now - since, True
 
     def forget(self, key: str) -> None:
-        self._seen.pop(key, None)
+        self._tails.pop(key, None)
 
 
 class UnackedTally:
@@ -162,7 +158,7 @@ class RedisProbe:
         self._lock = threading.Lock()
         self._cursor = 0
         self._tally = UnackedTally()
-        self._first_seen = FirstSeen()
+        self._tails = TailWatch()
 
     def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
         names = list(dict.fromkeys(queues))
@@ -199,9 +195,9 @@ class RedisProbe:
         for (step, key), depth, tail in zip(priority_keys(name).items(), replies[0::2], replies[1::2], strict=True):
             priorities[step] = depth
             if tail is None:
-                self._first_seen.forget(key)
+                self._tails.forget(key)
             else:
-                ages.append(self._tail_age(key, tail, now))
+                ages.append(self._tails.age(key, tail, now))
         return QueueStats(
             name=name,
             depth=sum(priorities.values()),
@@ -211,13 +207,6 @@ class RedisProbe:
             priorities=priorities,
             oldest_age_is_lower_bound=any(bound for _, bound in ages),
         )
-
-    def _tail_age(self, key: str, raw: bytes, now: float) -> tuple[float, bool]:
-        """(age, is_lower_bound) of a list's oldest message: exact when stamped, else first-seen."""
-        tail = read_tail(raw)
-        if tail.stamp is not None:
-            return max(0.0, now - tail.stamp), False
-        return now - self._first_seen.at(key, tail.identity, now), True
 
     def _follow_unacked(self, first_page: tuple[int, Sequence[tuple[bytes, float]]]) -> None:
         """Advance the scan of prefetched tags by a bounded number of pages and learn new tags."""
