@@ -138,3 +138,16 @@ def test_wrong_password_is_an_auth_failure(tmp_path: Path) -> None:
             probe.stats(["q"])
         probe.close()
     assert "not-the-password" not in str(caught.value)
+
+
+def test_tls_with_password_and_db_index(tmp_path: Path) -> None:
+    with PrivateRedis(tmp_path, f"tls-{uuid.uuid4().hex}", tls=True) as server:
+        url = server.url.replace("/0?", "/3?").replace("ssl_cert_reqs=required", "ssl_cert_reqs=CERT_REQUIRED")
+        app = make_app(url)
+        for priority in (0, 9):
+            app.send_task(HOLD, args=[0], queue="q", priority=priority)
+        app.close()
+        probe = open_probe(url)
+        stats = probe.stats(["q"])["q"]
+        probe.close()
+    assert (stats.depth, stats.priorities[9]) == (2, 1)
