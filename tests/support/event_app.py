@@ -25,7 +25,8 @@ def make_app(broker_url: str, *, sent_events: bool = False) -> Celery:
     return app
 
 
-app = make_app(os.environ.get("CWO_EVENTS_BROKER", "redis://127.0.0.1:6379/15"))
+BROKER_ENV = "CWO_EVENTS_BROKER"
+app = make_app(os.environ.get(BROKER_ENV, "redis://127.0.0.1:6379/15"))
 
 
 @app.task(name=SLEEP)
