@@ -16,6 +16,7 @@ install_missing() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+  command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test makes its own certificate
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "brokers: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
