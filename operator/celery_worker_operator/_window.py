@@ -84,30 +84,33 @@ class Series:
 
 
 class SeriesGroup:
-    """One series for a whole pool (or queue) and one per task name, so both are exact, not summed."""
+    """One series per task name of a pool (or queue). A total is the merge of its tasks' buckets, so
+    an event touches one bucket only; percentiles stay right because reservoirs merge by weight."""
 
-    __slots__ = ("_count", "_width", "tasks", "total")
+    __slots__ = ("_count", "_width", "tasks")
 
     def __init__(self, width: float, count: int) -> None:
         self._width, self._count = width, count
-        self.total = Series(width, count)
         self.tasks: dict[str, Series] = {}
 
-    def at(self, name: str | None, now: float) -> tuple[Bucket, ...]:
-        """The total's bucket and, when the task name is known, the task's bucket: count into each."""
-        if name is None:
-            return (self.total.at(now),)
+    def at(self, name: str, now: float) -> Bucket:
         series = self.tasks.get(name)
         if series is None:
             series = self.tasks[name] = Series(self._width, self._count)
-        return self.total.at(now), series.at(now)
+        return series.at(now)
 
-    def idle(self, now: float) -> bool:
-        return not self.total.live(now)
+    def live(self, now: float, name: str | None = None) -> list[Bucket]:
+        """Live buckets of one task, or of all of them (the total) when `name` is None."""
+        if name is None:
+            return [bucket for series in self.tasks.values() for bucket in series.live(now)]
+        series = self.tasks.get(name)
+        return series.live(now) if series else []
 
-    def drop_idle_tasks(self, now: float) -> None:
+    def drop_idle(self, now: float) -> bool:
+        """Forget tasks with nothing in the window; True when none is left."""
         for name in [name for name, series in self.tasks.items() if not series.live(now)]:
             del self.tasks[name]
+        return not self.tasks
 
 
 @dataclass(frozen=True)

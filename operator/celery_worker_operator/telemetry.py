@@ -33,7 +33,7 @@ from celery.events.event import get_exchange
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
-from ._window import Bucket, Series, SeriesGroup, summarize
+from ._window import Bucket, SeriesGroup, summarize
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ EXPIRE_BEATS = 2.0  # Celery's HEARTBEAT_EXPIRE_WINDOW (200 %): offline after tw
 DEFAULT_FREQ = 2.0  # Celery's default worker heartbeat interval, for workers not yet heard from
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # reconnect backoff: quick after a blip, never hammering a dead broker
 AMQP_HEARTBEAT = 10.0  # notices a silently dead RabbitMQ connection within ~20 s
+UNNAMED = ""  # the series of tasks whose name was lost (record expired): in the totals, not in `tasks`
 DRAIN_TIMEOUT = 1.0  # how often the consumer looks at the stop flag when no event arrives
 QUEUE_EXPIRES = 60.0  # an orphaned event queue (operator killed) vanishes from RabbitMQ after this
 
@@ -228,14 +229,29 @@ class EventAggregator:
             self._since = now
 
     def feed(self, event: Event, now: float) -> None:
-        """Fold one event in; raises KeyError or TypeError on an event that lacks what its type needs."""
+        """Fold one event in; raises KeyError on an event that lacks what its type needs."""
+        if self.feed_many((event,), now):
+            raise KeyError(f"event lacks what a {event.get('type')!r} event needs: {event!r}")
+
+    def feed_many(self, events: Iterable[Event], now: float) -> int:
+        """Fold in the events of one message (all arrived at `now`); returns how many were unreadable.
+
+        The hot path: per event one handler call, one dict lookup of the worker and of the task,
+        one bucket; clock upkeep happens once per message.
+        """
         if self._since is None:
             self._since = now
         if now >= self._next_sweep:
             self._sweep(now)
-        handler = self._handlers.get(event["type"])
-        if handler is not None:
-            handler(event, now)
+        handlers, unreadable = self._handlers, 0
+        for event in events:
+            try:
+                handler = handlers.get(event["type"])
+                if handler is not None:
+                    handler(event, now)
+            except (KeyError, TypeError, ValueError, AttributeError):  # a foreign or corrupt event
+                unreadable += 1
+        return unreadable
 
     def pools(self) -> list[str]:
         return sorted(self._pools)
@@ -296,16 +312,14 @@ class EventAggregator:
         group = self._queues.get(queue)
         if group is None:
             group = self._queues[queue] = SeriesGroup(self._width, self._count)
-        for bucket in group.at(task.name, now):
-            bucket.arrived += 1
+        group.at(task.name or UNNAMED, now).arrived += 1
 
     def _received(self, event: Event, now: float) -> None:
         worker = self._task_worker(event, now)
         task = self._task(event["uuid"], now)
         task.name = event.get("name") or task.name
         task.received = event["timestamp"]
-        for bucket in worker.pool.series.at(task.name, now):
-            bucket.arrived += 1
+        worker.pool.series.at(task.name or UNNAMED, now).arrived += 1
 
     def _started(self, event: Event, now: float) -> None:
         worker = self._task_worker(event, now)
@@ -313,31 +327,30 @@ class EventAggregator:
         if task is None:  # received before we watched: nothing to measure the wait from
             return
         started = task.started = event["timestamp"]
-        rng = self._rng
-        for bucket in worker.pool.series.at(task.name, now):
-            if task.received is not None:
-                bucket.wait.add(started - task.received, rng)
-            if task.sent is not None:  # client clock vs worker clock: never report a negative wait
-                bucket.sent_wait.add(max(0.0, started - task.sent), rng)
+        bucket = worker.pool.series.at(task.name or UNNAMED, now)
+        if task.received is not None:
+            bucket.wait.add(started - task.received, self._rng)
+        if task.sent is not None:  # client clock vs worker clock: never report a negative wait
+            bucket.sent_wait.add(max(0.0, started - task.sent), self._rng)
 
     def _succeeded(self, event: Event, now: float) -> None:
         worker = self._task_worker(event, now)
         task = self._tasks.pop(event["uuid"], None)
         runtime = event.get("runtime")
-        for bucket in self._outcome(worker, task, now):
-            bucket.succeeded += 1
-            if runtime is not None:
-                bucket.runtime.add(float(runtime), self._rng)
+        bucket = self._outcome(worker, task, now)
+        bucket.succeeded += 1
+        if runtime is not None:
+            bucket.runtime.add(float(runtime), self._rng)
 
     def _failed(self, event: Event, now: float) -> None:
         """A failure held a slot too: its run time (not in the event) counts towards service time."""
         worker = self._task_worker(event, now)
         task = self._tasks.pop(event["uuid"], None)
         runtime = None if task is None or task.started is None else event["timestamp"] - task.started
-        for bucket in self._outcome(worker, task, now):
-            bucket.failed += 1
-            if runtime is not None:
-                bucket.runtime.add(max(0.0, runtime), self._rng)
+        bucket = self._outcome(worker, task, now)
+        bucket.failed += 1
+        if runtime is not None:
+            bucket.runtime.add(max(0.0, runtime), self._rng)
 
     def _ended(self, event: Event, now: float) -> None:
         self._task_worker(event, now)
@@ -348,8 +361,8 @@ class EventAggregator:
         worker.task_events = True
         return worker
 
-    def _outcome(self, worker: _Worker, task: _Task | None, now: float) -> tuple[Bucket, ...]:
-        return worker.pool.series.at(None if task is None else task.name, now)
+    def _outcome(self, worker: _Worker, task: _Task | None, now: float) -> Bucket:
+        return worker.pool.series.at(task.name or UNNAMED if task else UNNAMED, now)
 
     def _heartbeat(self, event: Event, now: float) -> None:
         worker = self._worker(event, now)
@@ -380,12 +393,10 @@ class EventAggregator:
         for worker in gone:
             del self._workers[worker.hostname], worker.pool.workers[worker.hostname]
         for name, pool in list(self._pools.items()):
-            pool.series.drop_idle_tasks(now)
-            if not pool.workers and pool.series.idle(now):
+            if pool.series.drop_idle(now) and not pool.workers:
                 del self._pools[name]
         for queue, group in list(self._queues.items()):
-            group.drop_idle_tasks(now)
-            if group.idle(now):
+            if group.drop_idle(now):
                 del self._queues[queue]
 
     def _expire_tasks(self, now: float) -> None:
@@ -410,19 +421,13 @@ class EventAggregator:
         self, state: _Pool | None, groups: list[SeriesGroup], now: float
     ) -> tuple[TaskStats, dict[str, TaskStats]]:
         span = self._span(now)
-        received = state.series if state else None
-        totals = _stats(received.total if received else None, [g.total for g in groups], span, now)
-        names = set(received.tasks if received else ()).union(*(g.tasks for g in groups))
-        tasks = {
-            name: _stats(
-                received.tasks.get(name) if received else None,
-                [g.tasks[name] for g in groups if name in g.tasks],
-                span,
-                now,
-            )
-            for name in sorted(names)
-        }
-        return totals, tasks
+        received = state.series if state else SeriesGroup(self._width, self._count)
+
+        def stats(name: str | None) -> TaskStats:
+            return _stats(received.live(now, name), [b for g in groups for b in g.live(now, name)], span)
+
+        names = set(received.tasks).union(*(g.tasks for g in groups)) - {UNNAMED}
+        return stats(None), {name: stats(name) for name in sorted(names)}
 
     def _heartbeat_stats(self, workers: Iterable[_Worker], now: float) -> TaskStats:
         """Without task events: throughput from `processed` deltas, service time by Little's law
@@ -437,22 +442,20 @@ class EventAggregator:
         return TaskStats(completion_rate=rate, service_time_mean=busy / rate if rate > 0 else None)
 
 
-def _stats(received: Series | None, sent: list[Series], span: float, now: float) -> TaskStats:
-    """Rates and durations of one pool or task over the live buckets.
+def _stats(received: list[Bucket], sent: list[Bucket], span: float) -> TaskStats:
+    """Rates and durations of one pool or task over its live buckets.
 
     Arrivals are the larger of task-received (always there with -E) and task-sent (only from
     clients that enable it, but counts tasks still queued): either alone undercounts sometimes.
     """
     if span <= 0:
         return TaskStats()
-    buckets = received.live(now) if received else []
-    sent_count = sum(b.arrived for series in sent for b in series.live(now))
-    succeeded, failed = sum(b.succeeded for b in buckets), sum(b.failed for b in buckets)
-    runtime = summarize(b.runtime for b in buckets)
-    wait = summarize(b.wait for b in buckets)
-    sent_wait = summarize(b.sent_wait for b in buckets)
+    succeeded, failed = sum(b.succeeded for b in received), sum(b.failed for b in received)
+    runtime = summarize(b.runtime for b in received)
+    wait = summarize(b.wait for b in received)
+    sent_wait = summarize(b.sent_wait for b in received)
     return TaskStats(
-        arrival_rate=max(sum(b.arrived for b in buckets), sent_count) / span,
+        arrival_rate=max(sum(b.arrived for b in received), sum(b.arrived for b in sent)) / span,
         completion_rate=(succeeded + failed) / span,
         failure_rate=failed / span,
         completed=succeeded + failed,
@@ -627,13 +630,8 @@ class EventMonitor:
             log.debug("unreadable event message on %s: %s", self.name, error)
             return
         now = self._clock()
-        feed = self._aggregator.feed
         with self._lock:
-            for event in events:
-                try:
-                    feed(event, now)
-                except (KeyError, TypeError, ValueError):
-                    self.dropped += 1
+            self.dropped += self._aggregator.feed_many(events, now)
             self.events += len(events)
 
 

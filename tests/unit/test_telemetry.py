@@ -248,3 +248,13 @@ def test_a_worker_belongs_to_the_pool_before_the_first_at(hostname: str, pool: s
 )
 def test_broker_passwords_never_show(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_an_unreadable_event_is_counted_and_the_rest_of_its_message_still_counts() -> None:
+    aggregator = EventAggregator(window=10.0)
+    broken = {"type": "task-succeeded", "hostname": "p@w"}  # no uuid
+    events = [broken, *(event for _, event in lifecycle("p@w", T0))]
+    assert aggregator.feed_many(events, T0) == 1
+    assert aggregator.snapshot("p", T0 + 1).completed == 1
+    with pytest.raises(KeyError):
+        aggregator.feed(broken, T0)
