@@ -1,0 +1,248 @@
+"""One pass of the control loop for one pool: observe -> decide -> act -> report.
+
+It knows nothing of kopf or of where replicas live: the broker probe, the event telemetry, the
+workload and the reporter come in through small protocols, so the same pass runs the operator
+on Kubernetes and `celery-worker-operator local` on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .brokers import BrokerUnavailable, QueueProbe, QueueStats
+from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
+from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, LastDecision, QueueStatus
+from .telemetry import PoolTelemetry
+from .workloads import Workload, WorkloadMissing, WorkloadState
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class Telemetry(Protocol):
+    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry: ...
+
+
+class Reporter(Protocol):
+    """Where a pass's results go: Kubernetes status and Events, or the local terminal."""
+
+    def event(self, type_: str, reason: str, message: str) -> None: ...
+
+    def status(self, status: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class PoolMemory:
+    """What one pool's loop carries from pass to pass (rebuilt from status after a restart)."""
+
+    history: tuple[Recommendation, ...] = ()
+    last_status: dict[str, Any] | None = None
+    conditions: dict[str, Condition] = field(default_factory=dict)
+    last_decision: LastDecision | None = None
+
+    @classmethod
+    def resume(cls, status: Mapping[str, Any] | None) -> PoolMemory:
+        """After an operator restart: the last desired count seeds the stabilization windows, so a
+        new process with no event history yet does not undo what the old one decided."""
+        memory = cls()
+        if not status:
+            return memory
+        parsed = CeleryWorkerPoolStatus.model_validate(dict(status))
+        memory.conditions = {c.type: c for c in parsed.conditions}
+        memory.last_decision = parsed.last_decision
+        if parsed.desired_replicas is not None and parsed.last_decision is not None:
+            memory.history = (Recommendation(parsed.last_decision.time.timestamp(), parsed.desired_replicas),)
+        return memory
+
+
+@dataclass(frozen=True)
+class Measurements:
+    stats: dict[str, QueueStats] | None
+    broker_error: str | None
+    telemetry: PoolTelemetry | None
+    workload: WorkloadState
+
+
+class Reconciler:
+    """Runs passes for one pool. Not thread-safe: one loop per pool."""
+
+    def __init__(
+        self,
+        probe: QueueProbe,
+        telemetry: Telemetry,
+        workload: Workload,
+        reporter: Reporter,
+        memory: PoolMemory | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.probe, self.telemetry, self.workload, self.reporter = probe, telemetry, workload, reporter
+        self.memory = memory or PoolMemory()
+        self.clock = clock
+
+    def reconcile(self, pool: CeleryWorkerPool, generation: int | None = None) -> Decision | None:
+        """One pass. Returns the decision, or None when there was no workload to size."""
+        now = self.clock()
+        try:
+            measured = self._measure(pool)
+        except WorkloadMissing as missing:
+            self._set_condition("Ready", False, "WorkloadMissing", str(missing), now, generation)
+            self.reporter.event("Warning", "WorkloadMissing", str(missing))
+            self._report(pool, None, None, now, generation)
+            return None
+        concurrency = measured.workload.concurrency or 1
+        obs = observation(now, measured)
+        decision = decide(obs, pool.spec.autoscaling, concurrency, self.memory.history)
+        self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
+        self._act(measured, decision, now)
+        self._conditions(pool, measured, now, generation)
+        self._report(pool, measured, decision, now, generation)
+        return decision
+
+    def _measure(self, pool: CeleryWorkerPool) -> Measurements:
+        workload = self.workload.observe()
+        stats, error = None, None
+        try:
+            stats = self.probe.stats(pool.spec.queues)
+        except BrokerUnavailable as unavailable:
+            error = str(unavailable)
+            log.warning("pool %s: %s", pool.metadata.name, error)
+        telemetry = self.telemetry.snapshot(pool.metadata.name, pool.spec.queues)
+        return Measurements(stats, error, telemetry, workload)
+
+    def _act(self, measured: Measurements, decision: Decision, now: float) -> None:
+        current = measured.workload.replicas
+        if decision.replicas == current:
+            return
+        self.workload.scale(decision.replicas, member_load(measured.telemetry))
+        reason = "ScaledUp" if decision.replicas > current else "ScaledDown"
+        self.reporter.event("Normal", reason, decision.reason)
+        self.memory.last_decision = LastDecision(
+            time=_utc(now), from_=current, to=decision.replicas, reason=decision.reason
+        )
+
+    def _conditions(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
+        if measured.broker_error is None:
+            self._set_condition("MetricsAvailable", True, "BrokerMeasured", "queues measured", now, generation)
+        else:
+            self._set_condition("MetricsAvailable", False, "BrokerUnavailable", measured.broker_error, now, generation)
+        ready = measured.workload.ready_replicas
+        message = f"{ready} of {measured.workload.replicas} workers ready"
+        self._set_condition("Ready", True, "WorkloadFound", message, now, generation)
+
+    def _set_condition(
+        self, type_: str, ok: bool, reason: str, message: str, now: float, generation: int | None
+    ) -> None:
+        """KEP-1623: lastTransitionTime moves only when the status does."""
+        status = "True" if ok else "False"
+        old = self.memory.conditions.get(type_)
+        since = old.last_transition_time if old is not None and old.status == status else _utc(now)
+        self.memory.conditions[type_] = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=generation,
+        )
+
+    def _report(
+        self,
+        pool: CeleryWorkerPool,
+        measured: Measurements | None,
+        decision: Decision | None,
+        now: float,
+        generation: int | None,
+    ) -> None:
+        status = build_status(measured, decision, self.memory, generation)
+        if status != self.memory.last_status:  # write only on change: every write wakes watchers
+            self.reporter.status(status)
+            self.memory.last_status = status
+
+
+def observation(now: float, measured: Measurements) -> Observation:
+    """The policy's view of one pass; missing parts stay None so the policy can hold."""
+    workload, telemetry = measured.workload, measured.telemetry
+    queues: tuple[QueueObservation, ...] = ()
+    if measured.stats is not None:
+        queues = tuple(
+            QueueObservation(s.name, s.depth, s.reserved or 0, s.oldest_age_seconds) for s in measured.stats.values()
+        )
+    return Observation(
+        time=now,
+        current_replicas=workload.replicas,
+        queues=queues,
+        measured_at=now if measured.stats is not None else None,
+        arrival_rate=telemetry.arrival_rate if telemetry else None,
+        service_time_mean=telemetry.service_time_mean if telemetry else None,
+        service_time_p95=telemetry.service_time_p95 if telemetry else None,
+        busy_slots=telemetry.busy_slots if telemetry and telemetry.live_workers else None,
+        live_workers=telemetry.live_workers if telemetry else None,
+        ready_replicas=workload.ready_replicas,
+    )
+
+
+def member_load(telemetry: PoolTelemetry | None) -> dict[str, int]:
+    """Busy slots per member (pod or process name), from the workers' heartbeats."""
+    if telemetry is None:
+        return {}
+    return {
+        hostname.partition("@")[2]: worker.active for hostname, worker in telemetry.workers.items() if worker.online
+    }
+
+
+def build_status(
+    measured: Measurements | None, decision: Decision | None, memory: PoolMemory, generation: int | None
+) -> dict[str, Any]:
+    """The status subresource, rounded so that noise in rates does not cause a write per poll."""
+    status = CeleryWorkerPoolStatus(
+        observed_generation=generation,
+        conditions=sorted(memory.conditions.values(), key=lambda c: c.type),
+        last_decision=memory.last_decision,
+    )
+    if measured is not None:
+        status = status.model_copy(update=_measured_fields(measured, decision))
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _measured_fields(measured: Measurements, decision: Decision | None) -> dict[str, Any]:
+    workload, telemetry, stats = measured.workload, measured.telemetry, measured.stats
+    fields: dict[str, Any] = {
+        "replicas": workload.replicas,
+        "ready_replicas": workload.ready_replicas,
+        "desired_replicas": decision.replicas if decision else None,
+        "selector": workload.selector,
+    }
+    if stats is not None:
+        fields["queues"] = [
+            QueueStatus(
+                name=s.name,
+                depth=s.depth,
+                reserved=s.reserved or 0,
+                consumers=s.consumers,
+                oldest_age_seconds=_round(s.oldest_age_seconds),
+            )
+            for s in stats.values()
+        ]
+        fields["depth"] = sum(s.depth for s in stats.values())
+        ages = [s.oldest_age_seconds for s in stats.values() if s.oldest_age_seconds is not None]
+        fields["wait_seconds"] = _round(max(ages)) if ages else None
+    if telemetry is not None:
+        fields["arrival_rate"] = _round(telemetry.arrival_rate)
+        fields["service_time_seconds"] = _round(telemetry.service_time_mean)
+        fields["workers_online"] = telemetry.live_workers
+    return fields
+
+
+def _round(value: float | None) -> float | None:
+    """Two significant digits: enough for people and for `kubectl get`, stable enough to not churn."""
+    return None if value is None else float(f"{value:.2g}")
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC).replace(microsecond=0)

@@ -1,0 +1,41 @@
+"""Where a pool's replicas live: a Kubernetes Deployment, or local `celery worker` processes.
+
+Both answer the same small protocol, so the reconciler cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class WorkloadState:
+    """The workload as it is now.
+
+    replicas: the count the workload is set to (a Deployment's spec.replicas).
+    members: the names that follow `<pool>@` in the workers' hostnames (pod or process names).
+    concurrency: task slots per worker, when the workload can tell (managed spec or `-c` argument).
+    """
+
+    replicas: int
+    ready_replicas: int
+    members: tuple[str, ...] = ()
+    concurrency: int | None = None
+    selector: str | None = None
+
+
+class WorkloadMissing(Exception):
+    """The workload does not exist (yet): an adopted Deployment that is not there, say."""
+
+
+class Workload(Protocol):
+    def observe(self) -> WorkloadState:
+        """The current state; raises WorkloadMissing when there is nothing to scale."""
+        ...
+
+    def scale(self, replicas: int, load: Mapping[str, int]) -> None:
+        """Set the replica count. On the way down, members with the lowest `load` (busy + reserved
+        tasks, by member name) must be the ones removed; members missing from `load` are unknown."""
+        ...

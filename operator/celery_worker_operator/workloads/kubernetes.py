@@ -1,0 +1,191 @@
+"""Pools on Kubernetes: the worker Deployment (built by pure functions, compared as dicts in tests)
+and the adapter that reads and scales it with the `kubernetes` client.
+
+Scale-down never picks a busy worker on purpose: before lowering replicas, each pod gets
+`controller.kubernetes.io/pod-deletion-cost` = its busy + reserved tasks, and the ReplicaSet
+removes the cheapest ready pods first.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from ..spec import API_VERSION, KIND, CeleryWorkerPool
+from . import WorkloadMissing, WorkloadState
+from .command import concurrency_from_args, grace_seconds, worker_args
+
+POOL_LABEL = "celery-operator.dev/pool"
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+BROKER_ENV = "CELERY_BROKER_URL"
+CONTAINER = "worker"
+
+
+def pool_labels(pool: CeleryWorkerPool) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "celery-worker",
+        "app.kubernetes.io/instance": pool.metadata.name,
+        "app.kubernetes.io/managed-by": "celery-worker-operator",
+        POOL_LABEL: pool.metadata.name,
+    }
+
+
+def broker_env(pool: CeleryWorkerPool) -> dict[str, Any]:
+    """The broker URL for the workers: from the Secret when given, so it never sits in the manifest."""
+    broker = pool.spec.broker
+    if broker.url_from is not None:
+        ref = broker.url_from.secret_key_ref
+        return {"name": BROKER_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    return {"name": BROKER_ENV, "value": broker.url}
+
+
+def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[str, Any]:
+    """The managed worker Deployment for a pool with `spec.worker`."""
+    worker = pool.spec.worker
+    if worker is None:
+        raise ValueError(f"pool {pool.metadata.name} adopts a Deployment; it has no managed one")
+    labels = pool_labels(pool)
+    container = {
+        "name": CONTAINER,
+        "image": worker.image,
+        "command": ["celery"],
+        "args": worker_args(pool.metadata.name, "$(POD_NAME)", pool.spec, worker),
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            broker_env(pool),
+        ],
+    }
+    template = {
+        "metadata": {"labels": labels},
+        "spec": {"terminationGracePeriodSeconds": grace_seconds(pool.spec), "containers": [container]},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": pool.metadata.name,
+            "namespace": pool.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": pool.metadata.name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {POOL_LABEL: pool.metadata.name}},
+            "template": merge_template(template, worker.template),
+        },
+    }
+
+
+def merge_template(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: maps merge deeply, lists of named items merge by name, others replace."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge_template(merged[key], value)
+        elif isinstance(value, list) and isinstance(merged.get(key), list) and _named(value + merged[key]):
+            by_name = {item["name"]: item for item in merged[key]}
+            for item in value:
+                by_name[item["name"]] = merge_template(by_name.get(item["name"], {}), item)
+            merged[key] = list(by_name.values())
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(item, Mapping) and "name" in item for item in items)
+
+
+class KubernetesWorkload:
+    """One pool's Deployment: the managed one (named after the pool) or the adopted one."""
+
+    def __init__(self, api: client.ApiClient, pool: CeleryWorkerPool) -> None:
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.pool = pool
+        self.namespace = pool.metadata.namespace
+        ref = pool.spec.scale_target_ref
+        self.name = ref.name if ref is not None else pool.metadata.name
+
+    def ensure(self, uid: str) -> None:
+        """Create the managed Deployment, or roll it to the current spec; replicas stay the operator's."""
+        if self.pool.spec.worker is None:
+            return
+        spec = self.pool.spec
+        replicas = spec.replicas if spec.replicas is not None else spec.autoscaling.min_replicas
+        wanted: Any = build_deployment(self.pool, uid, replicas)  # the client takes plain dicts as bodies
+        try:
+            self.apps.read_namespaced_deployment(self.name, self.namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            self.apps.create_namespaced_deployment(self.namespace, wanted)
+            return
+        del wanted["spec"]["replicas"]
+        self.apps.patch_namespaced_deployment(self.name, self.namespace, wanted)
+
+    def observe(self) -> WorkloadState:
+        deployment = self._read()
+        spec, status = deployment.spec, deployment.status
+        match = dict(spec.selector.match_labels or {})
+        containers = spec.template.spec.containers or []
+        pods = self._pods(match)
+        return WorkloadState(
+            replicas=spec.replicas or 0,
+            ready_replicas=(status.ready_replicas if status else None) or 0,
+            members=tuple(sorted(p.metadata.name for p in pods)),
+            concurrency=self._concurrency(containers),
+            selector=",".join(f"{k}={v}" for k, v in sorted(match.items())),
+        )
+
+    def scale(self, replicas: int, load: Mapping[str, int]) -> None:
+        current = self._read().spec.replicas or 0
+        if replicas < current:
+            self._mark_deletion_costs(load)
+        self.apps.patch_namespaced_deployment_scale(self.name, self.namespace, {"spec": {"replicas": replicas}})
+
+    def _mark_deletion_costs(self, load: Mapping[str, int]) -> None:
+        """Cheap pods go first: the cost of a pod is the work it would lose (busy + reserved tasks)."""
+        for member, tasks in load.items():
+            body = {"metadata": {"annotations": {DELETION_COST: str(tasks)}}}
+            try:
+                self.core.patch_namespaced_pod(member, self.namespace, body)
+            except ApiException as error:
+                if error.status != 404:  # a pod that went away on its own needs no mark
+                    raise
+
+    def _read(self) -> Any:
+        try:
+            return self.apps.read_namespaced_deployment(self.name, self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise WorkloadMissing(f"Deployment {self.namespace}/{self.name} not found") from None
+            raise
+
+    def _pods(self, match: Mapping[str, str]) -> list[Any]:
+        selector = ",".join(f"{k}={v}" for k, v in match.items())
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        # Filtered here too: a selector the server ignored must not make us mark other pods.
+        return [p for p in pods if p.metadata and all((p.metadata.labels or {}).get(k) == v for k, v in match.items())]
+
+    def _concurrency(self, containers: list[Any]) -> int | None:
+        if self.pool.spec.worker is not None:
+            return self.pool.spec.worker.concurrency
+        for container in containers:
+            found = concurrency_from_args([*(container.command or []), *(container.args or [])])
+            if found is not None:
+                return found
+        return None
