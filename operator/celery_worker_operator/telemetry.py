@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 from celery.events.event import get_exchange
@@ -34,6 +33,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer
 
 from ._window import Bucket, SeriesGroup, summarize
+from .redact import redact, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -485,21 +485,6 @@ def unbatch(body: object) -> Sequence[Event]:
     raise TypeError(f"an event message body is a dict or a list, not {type(body).__name__}")
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced, fit for logs, thread names and status."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-def _scrub(text: str, url: str) -> str:
-    """An error text with the broker password removed, should a library have quoted the URL."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
-
-
 class EventMonitor:
     """Watches one broker's Celery event stream in a daemon thread; `snapshot` never blocks on I/O.
 
@@ -518,7 +503,7 @@ class EventMonitor:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.broker_url = broker_url
-        self.name = redact_url(broker_url)
+        self.name = redact(broker_url)  # for logs, the thread name and status: never the password
         self._aggregator = EventAggregator(window=window)
         self._app = Celery(set_as_current=False, broker=broker_url)
         self._app.conf.event_exchange = exchange
@@ -565,7 +550,7 @@ class EventMonitor:
                 self._consume()
             except Exception as error:  # whatever broke the connection, the answer is to reconnect
                 self._connected.clear()
-                self.last_error = _scrub(f"{type(error).__name__}: {error}", self.broker_url)
+                self.last_error = redact(f"{type(error).__name__}: {error}", url_secrets(self.broker_url))
                 log.warning(
                     "celery events from %s lost: %s; retrying in %.1f s", self.name, self.last_error, self._retry
                 )

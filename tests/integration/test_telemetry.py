@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from celery_worker_operator.telemetry import EventMonitor, PoolTelemetry
+from celery_worker_operator.telemetry import EventMonitor, PoolTelemetry, TelemetryMonitors
 from tests.support.celery_procs import CeleryWorkers
 from tests.support.event_app import BROKER_ENV, FAIL, SLEEP, make_app
 from tests.support.redis_server import PrivateRedis
@@ -131,3 +131,15 @@ def test_the_monitor_resumes_by_itself_after_a_broker_restart(tmp_path: Path) ->
             assert password not in monitor.name
         finally:
             monitor.stop()
+
+
+def test_pools_on_one_broker_share_one_monitor(redis_url: str) -> None:
+    monitors = TelemetryMonitors(window=4.0)
+    try:
+        shared = monitors.monitor(redis_url)
+        assert monitors.monitor(redis_url) is shared
+        assert shared.wait_connected(10), shared.last_error
+        assert monitors.snapshot(redis_url, unique("nobody")).live_workers == 0
+    finally:
+        monitors.stop()
+    assert not shared.connected
