@@ -540,10 +540,6 @@ class EventMonitor:
         with self._lock:
             return self._aggregator.snapshot(pool, self._clock(), queues)
 
-    def pools(self) -> list[str]:
-        with self._lock:
-            return self._aggregator.pools()
-
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
