@@ -1,0 +1,115 @@
+"""`celery-worker-operator local`: the operator's loop on this machine, scaling real workers.
+
+The same Reconciler as on Kubernetes, with the LocalWorkload for replicas and a reporter that
+keeps the latest status and decisions for a live terminal view instead of the API server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Group
+from rich.table import Table
+
+from .brokers import open_probe
+from .reconciler import Reconciler
+from .spec import CeleryWorkerPool
+from .telemetry import EventMonitor
+from .workloads.local import LocalWorkload
+
+log = logging.getLogger(__name__)
+
+EVENTS_SHOWN = 8
+
+
+@dataclass
+class LocalReporter:
+    """Keeps what a Kubernetes API server would have been told, for the terminal view and summaries."""
+
+    status_now: dict[str, Any] = field(default_factory=dict)
+    events: deque[tuple[float, str, str, str]] = field(default_factory=lambda: deque(maxlen=200))
+    scale_events: int = 0
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((time.time(), type_, reason, message))
+        self.scale_events += reason in ("ScaledUp", "ScaledDown")
+        log.info("%s %s: %s", type_, reason, message)
+
+    def status(self, status: dict[str, Any]) -> None:
+        self.status_now = status
+
+
+@dataclass
+class LocalRun:
+    """One pool running locally; `step()` is one pass, `close()` stops every worker."""
+
+    pool: CeleryWorkerPool
+    broker_url: str
+    cwd: Path = field(default_factory=Path.cwd)
+    worker_output: IO[bytes] | None = None
+    reporter: LocalReporter = field(default_factory=LocalReporter)
+    telemetry_window: float = 60.0  # seconds of events behind each rate: shorter reacts faster, noisier
+
+    def __post_init__(self) -> None:
+        self.probe = open_probe(self.broker_url)
+        self.monitor = EventMonitor(self.broker_url, window=self.telemetry_window).start()
+        self.workload = LocalWorkload(
+            self.pool, self.broker_url, cwd=self.cwd, log_stream=self.worker_output, on_restart=self._restarted
+        )
+        self.reconciler = Reconciler(self.probe, self.monitor, self.workload, self.reporter)
+        self.monitor.wait_connected(10.0)
+
+    def step(self) -> None:
+        self.reconciler.reconcile(self.pool)
+
+    def run(self, stop: threading.Event, on_pass: Callable[[LocalRun], None] = lambda run: None) -> None:
+        """Pass after pass every pollSeconds until `stop` is set."""
+        while not stop.is_set():
+            started = time.monotonic()
+            self.step()
+            on_pass(self)
+            stop.wait(max(self.pool.spec.autoscaling.poll_seconds - (time.monotonic() - started), 0.0))
+
+    def close(self) -> None:
+        self.workload.close()
+        self.monitor.stop()
+        self.probe.close()
+
+    def _restarted(self, member: str, code: int) -> None:
+        self.reporter.event("Warning", "WorkerRestarted", f"worker {member} exited with {code}; replaced")
+
+    def view(self) -> Group:
+        """The live terminal view: queues, rates, slots, replicas and the latest decisions."""
+        status = self.reporter.status_now
+        queues = Table("queue", "depth", "reserved", "oldest (s)", title=f"pool {self.pool.metadata.name}")
+        for queue in status.get("queues", []):
+            queues.add_row(
+                queue["name"], str(queue["depth"]), str(queue["reserved"]), str(queue.get("oldestAgeSeconds", "-"))
+            )
+        concurrency = self.pool.spec.worker.concurrency if self.pool.spec.worker else 1
+        telemetry = self.monitor.snapshot(self.pool.metadata.name, self.pool.spec.queues)
+        numbers = Table.grid(padding=(0, 2))
+        numbers.add_row(
+            "arrival", f"{telemetry.arrival_rate or 0:.2f}/s", "service", _seconds(telemetry.service_time_mean)
+        )
+        numbers.add_row(
+            "busy slots",
+            f"{telemetry.busy_slots}/{status.get('replicas', 0) * concurrency}",
+            "replicas",
+            f"{status.get('replicas', 0)} (desired {status.get('desiredReplicas', '-')})",
+        )
+        decisions = Table("time", "event", "reason", title="last decisions")
+        for at, _, reason, message in list(self.reporter.events)[-EVENTS_SHOWN:]:
+            decisions.add_row(time.strftime("%H:%M:%S", time.localtime(at)), reason, message)
+        return Group(queues, numbers, decisions)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"

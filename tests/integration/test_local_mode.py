@@ -1,0 +1,106 @@
+"""Local mode end to end: real Redis, real `celery worker` processes, real events and probes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_worker_operator.localmode import LocalRun
+from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.reconciler import member_load
+from tests.support.local_app import app, record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRun]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
+    name = f"lm-{uuid.uuid4().hex[:8]}"
+    pool = parse_pool(
+        {
+            "apiVersion": "celery-operator.dev/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": name},
+            "spec": {
+                "broker": {"url": redis_url},
+                "queues": [name],
+                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": 4},
+                "autoscaling": {
+                    "minReplicas": 0, "maxReplicas": 4, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": 3},
+                },
+            },
+        }
+    )  # fmt: skip
+    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
+    yield run
+    run.close()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(name, f"{name}:started", f"{name}:ended")
+
+
+def send(run: LocalRun, count: int, seconds: float) -> None:
+    name = run.pool.metadata.name
+    app.conf.broker_url = os.environ["CELERY_BROKER_URL"]
+    with app.producer_or_acquire() as producer:
+        for number in range(count):
+            record.apply_async((name, number, seconds), queue=name, producer=producer)
+
+
+def ran(run: LocalRun, which: str) -> Counter[int]:
+    client = redis.Redis.from_url(run.broker_url)
+    return Counter(int(n) for n in client.lrange(f"{run.pool.metadata.name}:{which}", 0, -1))
+
+
+def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) -> int:
+    """Run passes every `every` seconds until `done()` holds; returns how many passes it took."""
+    deadline, passes = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        run.step()
+        passes += 1
+        if done():  # type: ignore[operator]
+            return passes
+        time.sleep(every)
+    raise AssertionError(f"not done after {timeout} s; last status {run.reporter.status_now}")
+
+
+def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: LocalRun) -> None:
+    local_run.step()
+    assert local_run.workload.observe().replicas == 0
+    send(local_run, 200, 0.5)
+    passes = step_until(local_run, lambda: local_run.workload.observe().replicas > 0, timeout=10)
+    assert passes <= 2, "a pool at zero must wake within two polls of a backlog"
+    step_until(local_run, lambda: sum(ran(local_run, "ended").values()) == 200, timeout=90)
+    started, ended = ran(local_run, "started"), ran(local_run, "ended")
+    assert set(ended) == set(range(200)) and max(ended.values()) == 1, "every task completes exactly once"
+    assert started == ended, "no task started twice or left without an end"
+    step_until(local_run, lambda: local_run.workload.observe().replicas == 0, timeout=40)
+    assert local_run.reporter.scale_events >= 2
+    assert ran(local_run, "started") == ran(local_run, "ended"), "scale-down interrupted a running task"
+
+
+def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:
+    send(local_run, 12, 4.0)
+    name = local_run.pool.metadata.name
+
+    def busiest() -> str | None:
+        load = member_load(local_run.monitor.snapshot(name, local_run.pool.spec.queues))
+        return max(load, key=load.__getitem__) if load and max(load.values()) > 0 else None
+
+    step_until(local_run, lambda: busiest() is not None, timeout=30)
+    victim = local_run.workload._running[busiest() or ""]
+    os.killpg(victim.popen.pid, signal.SIGKILL)
+    step_until(local_run, lambda: victim.member not in local_run.workload.observe().members, timeout=10)
+    assert any(reason == "WorkerRestarted" for _, _, reason, _ in local_run.reporter.events)
+    step_until(local_run, lambda: set(ran(local_run, "ended")) == set(range(12)), timeout=90)
+    assert max(ran(local_run, "started").values()) == 2, "the killed worker's tasks ran again elsewhere"
