@@ -7,7 +7,7 @@ operator's handlers, so they prove the harness alone.
 from __future__ import annotations
 
 import asyncio
-import json
+import threading
 import time
 from typing import Any
 
@@ -158,6 +158,23 @@ def test_patch_flavours_and_optimistic_concurrency(k8s_api: client.ApiClient) ->
         apps.patch_namespaced_deployment("w", NS, ops)
     assert stale.value.status == 422
 
+    # Custom objects: merge-patch; a list of ops only with the json-patch Content-Type, as in a cluster.
+    custom = client.CustomObjectsApi(k8s_api)
+    apply_pool(k8s_api, pool_manifest())
+    ops = [{"op": "replace", "path": "/spec/replicas", "value": 3}]
+    with pytest.raises(client.ApiException) as wrong_type:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "emails", ops)
+    assert wrong_type.value.status == 400
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURAL, "emails", ops, _content_type="application/json-patch+json"
+    )
+    assert read_pool(k8s_api, "emails")["spec"]["replicas"] == 3
+    with pytest.raises(client.ApiException) as strategic:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, NS, PLURAL, "emails", {"spec": {}}, _content_type="application/strategic-merge-patch+json"
+        )
+    assert strategic.value.status == 415
+
     # replace (PUT) with a stale resourceVersion is a 409; with the current one it replaces.
     body = apps.read_namespaced_deployment("w", NS)
     body.spec.replicas = 7
@@ -170,15 +187,34 @@ def test_patch_flavours_and_optimistic_concurrency(k8s_api: client.ApiClient) ->
 
 def test_watch_streams_changes_made_through_the_api(k8s_api: client.ApiClient) -> None:
     custom = client.CustomObjectsApi(k8s_api)
-    apply_pool(k8s_api, pool_manifest("first"))
-    custom.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, "first", {"status": {"replicas": 2}})
-    seen = [
-        (event["type"], event["object"]["metadata"]["name"])
-        for event in watch.Watch().stream(
-            custom.list_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, timeout_seconds=1
-        )
-    ]
-    assert seen == [("ADDED", "first")]  # the replay of what exists; the stream ends at timeoutSeconds
+    apply_pool(k8s_api, pool_manifest("old"))  # exists before the watch: replayed as ADDED
+    stream = watch.Watch()
+    seen: list[tuple[str, str, Any]] = []
+    watching = threading.Event()
+
+    def consume() -> None:
+        for event in stream.stream(custom.list_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, timeout_seconds=5):
+            obj = event["object"]
+            seen.append((event["type"], obj["metadata"]["name"], obj.get("status", {}).get("replicas")))
+            watching.set()
+            if event["type"] == "DELETED":
+                stream.stop()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert watching.wait(5)
+    apply_pool(k8s_api, pool_manifest("new"))
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, "new", {"status": {"replicas": 2}})
+    custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "new")
+    consumer.join(5)
+    assert not consumer.is_alive()
+    assert seen == [("ADDED", "old", None), ("ADDED", "new", None), ("MODIFIED", "new", 2), ("DELETED", "new", 2)]
+
+
+def test_watch_ends_at_its_timeout_seconds(k8s_api: client.ApiClient) -> None:
+    started = time.monotonic()
+    events = list(watch.Watch().stream(client.CoreV1Api(k8s_api).list_namespaced_pod, NS, timeout_seconds=1))
+    assert events == [] and 0.9 < time.monotonic() - started < 3
 
 
 # ------------------------------------------------------------------ (b) kopf handlers, (d) Events
@@ -193,6 +229,8 @@ async def test_kopf_create_handler_patches_status_and_posts_an_event(
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     async def created(name: str, spec: kopf.Spec, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         calls.append(name)
+        # Blocking client calls in an async handler do not deadlock: the emulator has its own thread.
+        client.AppsV1Api(k8s_api).create_namespaced_deployment(NS, deployment(f"{name}-workers"))
         patch.status["observedQueues"] = list(spec["queues"])
         kopf.event(body, type="Normal", reason="Sized", message=f"{name}: 1 replica")
 
@@ -206,6 +244,7 @@ async def test_kopf_create_handler_patches_status_and_posts_an_event(
         assert operator.running
 
     assert calls == ["emails"]  # once: kopf's own bookkeeping patches did not re-trigger it
+    assert client.AppsV1Api(k8s_api).read_namespaced_deployment("emails-workers", NS).spec.replicas == 1
     assert [(e["type"], e["reason"], e["message"]) for e in events] == [("Normal", "Sized", "emails: 1 replica")]
     assert events[0]["involvedObject"]["uid"] == pool["metadata"]["uid"]
     # kopf stored its bookkeeping on the object, which it could only do through working patches.
@@ -274,15 +313,22 @@ async def test_timer_and_daemon_run_repeatedly_and_stop_with_the_operator(
     assert leftovers == [], leftovers
 
 
-async def test_running_operator_surfaces_emulator_requests(k8s_emulator: Emulator) -> None:
+async def test_operator_restricted_to_a_namespace_ignores_others(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient
+) -> None:
     registry = kopf.OperatorRegistry()
+    handled: list[tuple[str, str]] = []
 
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    def noop(**_: Any) -> None:
-        pass
+    def created(namespace: str, name: str, **_: Any) -> None:
+        handled.append((namespace, name))
 
     async with running_operator(k8s_emulator, registry, namespaces=[NS]):
-        pass
-    watched = {(str(r.url.path), r.params.get("watch")) for r in k8s_emulator.requests}
-    assert (f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", "true") in watched
-    json.dumps([r.params for r in k8s_emulator.requests])  # the request log is plain data
+        apply_pool(k8s_api, pool_manifest("elsewhere"), namespace="other")
+        apply_pool(k8s_api, pool_manifest("here"))
+        await wait_for(lambda: handled, timeout=5)
+        await asyncio.sleep(0.2)  # time enough for a wrong-namespace event to be handled too
+
+    assert handled == [(NS, "here")]
+    watches = {r.url.path for r in k8s_emulator.requests if r.params.get("watch") == "true"}
+    assert watches == {f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"}

@@ -61,7 +61,10 @@ kmock as shipped (0.8), checked here, and what `ClusterEmulator` does about it:
   kubernetes client's strategic-merge-patch (its default for built-ins) is applied as a merge
   patch: list fields (containers, env, ...) are REPLACED, not merged by key, and ``$patch``
   directives are not understood. Send whole lists. A failed JSON-patch ``test`` op was a 500;
-  here it is a 422, which is what kopf expects in order to retry on the next cycle.
+  here it is a 422, which is what kopf expects in order to retry on the next cycle. As on a real
+  server, here a body that does not fit its Content-Type is a 400 (NB: ``CustomObjectsApi.patch_*``
+  sends a list of ops as merge-patch unless given ``_content_type="application/json-patch+json"``),
+  strategic-merge-patch on a custom resource is a 415, and server-side apply is a 415 (not emulated).
 - PUT (the client's ``replace_*``) is not routed by kmock (404); here it replaces the object
   (or only its status / replicas on ``/status`` / ``/scale``), with optimistic concurrency.
 - metadata: kmock stores the body as sent. Here a create gets ``uid``, ``creationTimestamp``,
@@ -166,6 +169,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.scale_paths: dict[kmock.resource, ScalePaths] = dict(BUILTIN_SCALE)
         self._versions = itertools.count(1)
         self.watchers: dict[kmock.resource, int] = {}
+        self.custom_resources: set[kmock.resource] = set()
 
     # ------------------------------------------------------------------ writes
 
@@ -212,6 +216,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         target = self._target(request)
         if target is None:
             return  # kmock answers 404
+        self._check_patch_type(request)
         if isinstance(data, dict):
             new = self._restrict_merge(request, target, data)
             data.clear()
@@ -220,6 +225,28 @@ class ClusterEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             data[:] = self._restrict_ops(request, target, data)
         else:
             raise ApiError(status=400, reason="BadRequest", message="the patch must be a JSON object or array")
+
+    def _check_patch_type(self, request: rendering.Request) -> None:
+        """Refuse what a real server refuses; kmock picks the patch type from the body's shape."""
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        is_list = isinstance(request.data, list)
+        if content_type == "application/json-patch+json" and not is_list:
+            raise ApiError(status=400, reason="BadRequest", message="a JSON patch must be an array of operations")
+        if content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json") and is_list:
+            # e.g. CustomObjectsApi.patch_* sends a list of ops as merge-patch unless given
+            # _content_type="application/json-patch+json".
+            raise ApiError(
+                status=400, reason="BadRequest", message=f"{content_type}: cannot unmarshal an array into an object"
+            )
+        if content_type == "application/strategic-merge-patch+json" and request.resource in self.custom_resources:
+            raise ApiError(
+                status=415,
+                reason="UnsupportedMediaType",
+                message="strategic merge patch is not supported for custom resources",
+            )
+        if content_type == "application/apply-patch+yaml":
+            raise ApiError(status=415, reason="UnsupportedMediaType", message="server-side apply is not emulated")
 
     def _target(self, request: rendering.Request) -> _Target | None:
         assert request.resource is not None and request.name is not None
@@ -589,6 +616,7 @@ class Emulator:
                 continue
             resource = kmock.resource(spec["group"], version["name"], names["plural"])
             subresources = version.get("subresources") or {}
+            self.kmock.custom_resources.add(resource)
             self.kmock.resources[resource] = kmock.ResourceInfo(
                 kind=names["kind"],
                 singular=names.get("singular") or names["kind"].lower(),
