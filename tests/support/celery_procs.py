@@ -71,6 +71,14 @@ class CeleryWorkers:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
 
+    def pause(self, hostname: str) -> None:
+        """SIGSTOP the worker's process group: alive and connected, but answering nothing (a frozen node)."""
+        os.killpg(self.processes[hostname].pid, signal.SIGSTOP)
+
+    def resume(self, hostname: str) -> None:
+        """SIGCONT a paused worker; it then handles what it was sent meanwhile."""
+        os.killpg(self.processes[hostname].pid, signal.SIGCONT)
+
     def log(self, hostname: str) -> str:
         return self._log_path(hostname).read_text(errors="replace")
 

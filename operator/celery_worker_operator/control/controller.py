@@ -1,0 +1,190 @@
+"""The I/O edge of control: Celery's own `app.control`, one app per broker URL, shared by its pools.
+
+One `converge` pass: ping to find the pool's workers (`<pool>@...`), inspect what each has
+(`active_queues`, `registered` with its limits), plan the difference (pure, `plan.py`), send it,
+and read every reply. Discovery is the only broadcast without `destination=`, and it is a ping;
+every other command names exactly the pool's workers, so other pools on the broker are never
+touched. All commands sent are idempotent, so a worker that stays silent is asked again with a
+doubled reply timeout, and reported as unreachable if it never answers.
+
+Calls block for up to a few reply timeouts: run `converge` in a worker thread from asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import KombuError
+
+from ..redact import redact, url_secrets
+from .plan import (
+    Command,
+    Condition,
+    Defaults,
+    Outcome,
+    PoolSettings,
+    WorkerSettings,
+    limits_condition,
+    plan_convergence,
+    validate,
+)
+from .wire import TASK_INFO, reply_error, worker_settings
+
+log = logging.getLogger(__name__)
+
+# The only commands this module ever sends: discovery, two inspections, and the four it manages.
+COMMANDS = frozenset(
+    {"ping", "active_queues", "registered", "rate_limit", "time_limit", "add_consumer", "cancel_consumer"}
+)
+CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a pass in seconds; the next poll tries again
+
+
+@dataclass(frozen=True)
+class ConvergeResult:
+    """What one pass found and did; `condition` is the pool's `LimitsApplied` condition."""
+
+    workers: tuple[str, ...]
+    applied: tuple[Outcome, ...]  # (worker, command) the worker confirmed
+    errors: tuple[Outcome, ...]  # (worker, message); worker None for a spec entry not sent
+    unreachable: tuple[str, ...]
+    condition: Condition
+
+
+class PoolController:
+    """Keeps the workers of every pool converged to its `PoolSettings`, one `converge` per poll.
+
+    Remembers, per pool, the limits tasks had before it changed them (`Defaults`), so that taking a
+    limit out of the spec restores the code's own. Call `forget` when a pool is deleted, `close` at
+    shutdown.
+    """
+
+    def __init__(self, *, reply_timeout: float = 1.0, attempts: int = 3) -> None:
+        self.reply_timeout, self.attempts = reply_timeout, attempts
+        self._apps: dict[str, Celery] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._defaults: dict[tuple[str, str], Defaults] = {}
+        self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
+        self._guard = threading.Lock()
+
+    def converge(self, broker_url: str, pool: str, desired: PoolSettings) -> ConvergeResult:
+        """One pass for `pool` on `broker_url`: never raises for broker or worker trouble, reports it."""
+        app, lock = self._app(broker_url)
+        try:
+            with lock:  # one conversation at a time per app: replies are matched per mailbox
+                return self._converge(app, (broker_url, pool), desired)
+        except (KombuError, OSError) as error:
+            message = redact(f"broker {broker_url}: {type(error).__name__}: {error}", url_secrets(broker_url))
+            log.warning("limits of pool %s not converged: %s", pool, message)
+            return ConvergeResult((), (), (), (), Condition("Unknown", "BrokerUnavailable", message))
+
+    def forget(self, broker_url: str, pool: str) -> None:
+        """Drop what was learned about a pool's defaults (the pool is gone)."""
+        with self._guard:
+            self._defaults.pop((broker_url, pool), None)
+            self._restart_pending.pop((broker_url, pool), None)
+
+    def close(self) -> None:
+        """Release every broker connection."""
+        with self._guard:
+            apps, self._apps, self._locks = list(self._apps.values()), {}, {}
+        for app in apps:
+            app.close()
+
+    def _app(self, broker_url: str) -> tuple[Celery, threading.Lock]:
+        with self._guard:
+            if broker_url not in self._apps:
+                app = Celery("celery-worker-operator", broker=broker_url, set_as_current=False)
+                app.conf.update(
+                    broker_connection_retry_on_startup=True,
+                    broker_connection_timeout=CONNECT_TIMEOUT,
+                    broker_transport_options={"max_retries": 1},  # reconnect once per call, not forever
+                )
+                self._apps[broker_url], self._locks[broker_url] = app, threading.Lock()
+            return self._apps[broker_url], self._locks[broker_url]
+
+    def _converge(self, app: Celery, key: tuple[str, str], desired: PoolSettings) -> ConvergeResult:
+        valid, invalid = validate(desired)
+        workers = self._discover(app, key[1])
+        observed, errors, silent = self._observe(app, workers)
+        plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()))
+        self._defaults[key] = plan.defaults
+        confirmed, refused, unanswered = self._send(app, plan.commands)
+        applied = [Outcome(worker, str(command)) for worker, command in confirmed]
+        errors = [*invalid, *errors, *plan.unknown, *refused]
+        unreachable = sorted({*silent, *unanswered})
+        for worker in unreachable:
+            log.warning("worker %s of pool %s did not reply to control commands", worker, key[1])
+        pending = self._restart_pending.setdefault(key, set())
+        pending.intersection_update(workers)  # a worker gone (or restarted under a new name) is done
+        pending.update(worker for worker, command in confirmed if command.name == "time_limit")
+        condition = limits_condition(workers, errors, unreachable, pending)
+        return ConvergeResult(tuple(workers), tuple(applied), tuple(errors), tuple(unreachable), condition)
+
+    def _discover(self, app: Celery, pool: str) -> list[str]:
+        """The pool's workers that answer a ping: the one broadcast without a destination.
+
+        Its full reply timeout is waited for, since the number of workers is what we ask.
+        """
+        replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
+        hostnames = {hostname for reply in replies for hostname in reply}
+        return sorted(h for h in hostnames if h.partition("@")[0] == pool)
+
+    def _observe(
+        self, app: Celery, workers: Sequence[str]
+    ) -> tuple[dict[str, WorkerSettings], list[Outcome], list[str]]:
+        """Each worker's queues and task limits; workers that stay silent are listed apart."""
+        queues = self._ask(app, "active_queues", {}, workers)
+        tasks = self._ask(app, "registered", {"taskinfoitems": list(TASK_INFO)}, list(queues))
+        observed: dict[str, WorkerSettings] = {}
+        errors: list[Outcome] = []
+        for worker in tasks:
+            try:
+                observed[worker] = worker_settings(queues[worker], tasks[worker])
+            except ValueError as error:
+                errors.append(Outcome(worker, str(error)))
+        return observed, errors, [w for w in workers if w not in tasks]
+
+    def _send(
+        self, app: Celery, commands: Iterable[Command]
+    ) -> tuple[list[tuple[str, Command]], list[Outcome], set[str]]:
+        """Send each command to its workers; a worker silent once is not waited for again this pass."""
+        applied: list[tuple[str, Command]] = []
+        refused: list[Outcome] = []
+        silent: set[str] = set()
+        for command in commands:
+            destination = [w for w in command.destination if w not in silent]
+            replies = self._ask(app, command.name, command.arguments, destination)
+            for worker in destination:
+                if worker not in replies:
+                    silent.add(worker)
+                elif (error := reply_error(replies[worker])) is not None:
+                    refused.append(Outcome(worker, f"{command}: {error}"))
+                else:
+                    applied.append((worker, command))
+        return applied, refused, silent
+
+    def _ask(self, app: Celery, name: str, arguments: Mapping[str, Any], workers: Sequence[str]) -> dict[str, Any]:
+        """Replies by worker to `name`, sent only to `workers`; the silent are asked again, waiting longer."""
+        if name not in COMMANDS:
+            raise ValueError(f"control command {name!r} is not one the operator sends")
+        replies: dict[str, Any] = {}
+        missing = list(workers)
+        for attempt in range(self.attempts):
+            if not missing:
+                break
+            answers = app.control.broadcast(
+                name,
+                arguments=dict(arguments),
+                destination=missing,
+                reply=True,
+                timeout=self.reply_timeout * 2**attempt,
+                limit=len(missing),
+            )
+            replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
+            missing = [w for w in missing if w not in replies]
+        return replies
