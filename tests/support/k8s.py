@@ -27,7 +27,11 @@ Helpers:
     open at the emulator (so an object created next is seen by a watch, deterministically). On
     exit it raises kopf's stop flag, awaits the task (bounded by ``timeout``), then cancels
     anything still running; an operator that crashed makes the test fail with its exception.
-    ``fast_settings()`` gives the short timeouts it uses by default.
+    ``fast_settings()`` gives the short timeouts it uses by default (and ``scanning.disabled``:
+    resources are discovered once at start-up, so register extra CRDs before starting kopf).
+    The login handler's ConnectionInfo has priority 10**6, so it outranks any login handler the
+    product's registry may carry. Blocking `kubernetes` client calls are fine in tests and in
+    async handlers: the emulator answers from its own thread, not the test's loop.
 ``wait_for(measure, ok=bool, timeout=5.0, interval=0.05)``
     Async polling (`tests.support.waiting.wait_for_async`): ``measure`` may be sync or async.
 ``apply_pool(api, manifest)`` / ``read_pool(api, name, namespace)`` / ``events_for(api, name,
@@ -51,10 +55,15 @@ Usage::
 kmock as shipped (0.8), checked here, and what `ClusterEmulator` does about it:
 
 - Watches: yes, kmock streams ADDED/MODIFIED/DELETED for every change made through its HTTP API
-  (not for direct writes to ``kmock.objects``). A new watch first replays every stored object as
-  ADDED (a real server replays from a resourceVersion). Shipped kmock subscribes to changes only
-  after that replay, so a change made meanwhile was lost; `ClusterEmulator` subscribes first.
-  ``timeoutSeconds`` was ignored (a watch never ended); it is honoured here.
+  (not for direct writes to ``kmock.objects``), so kopf's create/update/delete handlers fire.
+  Shipped kmock replays EVERY stored object as ADDED to each new watch, whatever its
+  ``resourceVersion``: kopf (list, then watch from the list's version) then processed stale bodies
+  it had already patched, and its next JSON patch failed its resourceVersion ``test`` op, so the
+  creation never finished. Here a watch from a version replays only objects changed after it
+  (a watch without one, or from "0", replays all), and subscribes to changes BEFORE the replay
+  (shipped kmock subscribed after it, so a change made meanwhile was lost). ``timeoutSeconds``
+  was ignored (a watch never ended); it is honoured here. Not emulated: a DELETED event for an
+  object deleted between a listing and the watch that follows it; bookmarks; 410 Gone.
 - Patch types: kmock parses any JSON body whatever the Content-Type. A JSON object is applied as
   a JSON merge patch (RFC 7386: dicts merge, ``null`` deletes, lists are replaced), a JSON array as
   a JSON patch (RFC 6902, via ``jsonpatch``). So kopf's merge-patch and json-patch work, and the
