@@ -29,6 +29,7 @@ crd: $(STAMP)
 	$(BIN)/celery-worker-operator crd > deploy/crds/celeryworkerpools.celery-operator.dev.yaml
 
 demo: $(STAMP)
+	@bash scripts/brokers.sh start redis >/dev/null 2>&1 || { bash scripts/brokers.sh install redis && bash scripts/brokers.sh start redis; }
 	$(BIN)/celery-worker-operator demo
 
 clean:

@@ -2,8 +2,9 @@
 # Installs (when asked) and starts the brokers the tests talk to, on loopback only:
 # Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 with the management API on 15672.
 # A server that already answers is reused, never restarted.
-#   scripts/brokers.sh install   apt-get the Debian packages that are missing (needs root)
-#   scripts/brokers.sh start     start whatever does not answer yet, then wait for both
+#   scripts/brokers.sh install [redis]   apt-get the Debian packages that are missing (needs root)
+#   scripts/brokers.sh start [redis]     start whatever does not answer yet, then wait for it
+# With `redis`, only Redis (what `make demo` needs).
 set -euo pipefail
 
 state_dir=${CWO_BROKER_STATE:-/tmp/cwo-brokers}
@@ -12,12 +13,21 @@ answers() { # host port
   (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
 }
 
+only_redis=""
+[ "${2:-}" = redis ] && only_redis=yes
+
 install_missing() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
-  command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
-  command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test makes its own certificate
+  if [ -z "$only_redis" ]; then
+    command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+    command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test makes its own certificate
+  fi
   [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "brokers: ${missing[*]} missing; install them (as root: bash scripts/brokers.sh install)" >&2
+    return 1
+  fi
   echo "brokers: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -71,8 +81,9 @@ case "${1:-start}" in
   install) install_missing ;;
   start)
     start_redis
-    start_rabbitmq
     wait_for Redis 127.0.0.1 6379 30
+    [ -n "$only_redis" ] && exit 0
+    start_rabbitmq
     wait_for RabbitMQ 127.0.0.1 5672 120
     wait_for "RabbitMQ management" 127.0.0.1 15672 60
     ;;

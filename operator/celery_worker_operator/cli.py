@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 import yaml
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from .crd import build_crd
+from .demo import DEMO_POOL, run_demo
+from .localmode import LocalRun
 from .manifests import InvalidPool, load_pools
 from .policy import plan as plan_pool
+from .redact import redact
 from .scenarios import SCENARIOS, Scenario, run_scenario
 from .simulate import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .spec import AutoscalingSpec
@@ -37,8 +43,6 @@ class _Parsed(click.ParamType[float]):
 
 RATE = _Parsed("rate", parse_rate)
 DURATION = _Parsed("duration", parse_duration)
-
-EXAMPLE_POOL = Path(__file__).parent / "examples" / "demo-pool.yaml"
 
 
 @click.group()
@@ -71,26 +75,44 @@ def validate(files: tuple[Path, ...]) -> None:
 
 
 @main.command()
-@click.option("--pool", "pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=EXAMPLE_POOL)
-def demo(pool_file: Path) -> None:
-    """Show the pool the demo runs (the bundled one unless --pool is given) and how it would be sized."""
-    for pool in load_pools(pool_file):
-        document = pool.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
-        click.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
-        scaling = pool.spec.autoscaling
-        concurrency = pool.spec.worker.concurrency if pool.spec.worker else 1
-        duration = scaling.task_duration_seconds or 1.0
-        click.echo(
-            f"\n# sizing with {duration:g} s tasks, concurrency {concurrency}, "
-            f"target wait {scaling.target_wait_seconds:g} s"
-        )
-        for arrival in (0.0, 1.0, 5.0, 20.0):
-            for backlog in (0, 100):
-                decision = plan_pool(arrival, duration, backlog, scaling, concurrency)
-                slots = decision.terms["slots"]
-                click.echo(
-                    f"#   {arrival:5g}/s, {backlog:3d} waiting: {slots:6.3g} slots -> {decision.recommendation} workers"
-                )
+@click.option("--broker", help="Broker URL (default: the bundled pool's, a Redis on 127.0.0.1:6379/0).")
+def demo(broker: str | None) -> None:
+    """Scale the bundled demo pool live through a burst, a steady and a quiet phase, then summarize."""
+    pool = load_pools(DEMO_POOL)[0]
+    url = broker or pool.spec.broker.url or ""
+    console = Console()
+    console.print(f"demo: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops it cleanly")
+    with Live(console=console, refresh_per_second=2, transient=True) as live:
+        summary = run_demo(url, lambda run: live.update(run.view()), console.print)
+    console.print("\n".join(summary.lines()))
+
+
+@main.command()
+@click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--broker", help="Broker URL; needed when the pool reads it from a Secret (urlFrom).")
+@click.option("--name", help="Which pool of the file, when it holds several.")
+@click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
+def local(pool_file: Path, broker: str | None, name: str | None, worker_log: Path | None) -> None:
+    """Run a pool's control loop on this machine, scaling real `celery worker` processes."""
+    pools = [p for p in load_pools(pool_file) if name is None or p.metadata.name == name]
+    if len(pools) != 1:
+        raise click.UsageError(f"{pool_file} holds {len(pools)} matching pools: choose one with --name")
+    pool = pools[0]
+    url = broker or pool.spec.broker.url
+    if not url:
+        raise click.UsageError("this pool reads its broker URL from a Secret: give it with --broker")
+    console = Console()
+    stop = threading.Event()
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(worker_log.open("ab")) if worker_log else None
+        run = LocalRun(pool, url, worker_output=output)
+        stack.callback(run.close)
+        console.print(f"local: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops every worker")
+        live = stack.enter_context(Live(console=console, refresh_per_second=2))
+        try:
+            run.run(stop, lambda r: live.update(r.view()))
+        except KeyboardInterrupt:
+            console.print("stopping workers...")
 
 
 @main.command()
@@ -200,3 +222,7 @@ def comparison_table(scenario: Scenario, results: list[Result], oracle: float) -
         )
     table.add_row("oracle", "0.0", "0.0", "0.0", "0", f"{oracle:.0f}", "1.00", "0")
     return table
+
+
+if __name__ == "__main__":
+    main()

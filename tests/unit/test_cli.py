@@ -81,10 +81,3 @@ def test_validate_names_the_bad_field(tmp_path: Path) -> None:
     code, output = run("validate", str(bad))
     assert code == 1
     assert "spec.autoscaling.maxReplicas" in output
-
-
-def test_demo_prints_the_bundled_pool_and_its_sizing() -> None:
-    code, output = run("demo")
-    assert code == 0
-    assert "name: demo" in output
-    assert "workers" in output.split("# sizing", 1)[1]

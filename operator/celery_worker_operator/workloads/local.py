@@ -51,6 +51,7 @@ class LocalWorkload:
     _running: dict[str, _Process] = field(default_factory=dict)
     _stopping: dict[str, _Process] = field(default_factory=dict)
     _numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _finished_seconds: float = 0.0  # worker-seconds of processes that have exited
 
     def __post_init__(self) -> None:
         if self.pool.spec.worker is None:
@@ -66,6 +67,12 @@ class LocalWorkload:
             members=tuple(sorted(self._running)),
             concurrency=worker.concurrency if worker else None,
         )
+
+    def worker_seconds(self) -> float:
+        """What this pool has cost so far: seconds each worker process has existed, summed."""
+        now = time.monotonic()
+        alive = [*self._running.values(), *self._stopping.values()]
+        return self._finished_seconds + sum(now - p.started for p in alive)
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         while len(self._running) < replicas:
@@ -88,6 +95,7 @@ class LocalWorkload:
                 log.warning("worker %s did not stop in time: killing it", process.member)
                 _kill_group(process.popen, signal.SIGKILL)
                 process.popen.wait()
+            self._retire(process)
         self._stopping.clear()
 
     def _start(self) -> None:
@@ -111,7 +119,7 @@ class LocalWorkload:
         limit = grace_seconds(self.pool.spec)
         for member, process in list(self._stopping.items()):
             if process.popen.poll() is not None:
-                del self._stopping[member]
+                self._retire(self._stopping.pop(member))
             elif process.stopping_since is not None and time.monotonic() - process.stopping_since > limit:
                 _kill_group(process.popen, signal.SIGKILL)  # the grace period, as the kubelet enforces it
 
@@ -120,16 +128,14 @@ class LocalWorkload:
             code = process.popen.poll()
             if code is None:
                 continue
-            del self._running[member]
-            self._kill_children(process)
+            self._retire(self._running.pop(member))
+            _kill_group(process.popen, signal.SIGKILL)  # prefork children outlive a killed parent
             log.warning("worker %s exited with %s: starting a replacement", member, code)
             self.on_restart(member, code)
             self._start()
 
-    @staticmethod
-    def _kill_children(process: _Process) -> None:
-        """A killed main process can leave prefork children behind: they share its process group."""
-        _kill_group(process.popen, signal.SIGKILL)
+    def _retire(self, process: _Process) -> None:
+        self._finished_seconds += time.monotonic() - process.started
 
 
 def _kill_group(popen: subprocess.Popen[bytes], sig: signal.Signals, leader_only: bool = False) -> None:
