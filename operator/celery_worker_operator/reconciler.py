@@ -16,13 +16,16 @@ from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
-from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, LastDecision, QueueStatus
+from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadMissing, WorkloadState
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+LimitsConverger = Callable[
+    [CeleryWorkerPool], tuple[ConditionStatus, str, str]
+]  # -> LimitsApplied (status, reason, message)
 
 
 class Telemetry(Protocol):
@@ -80,8 +83,10 @@ class Reconciler:
         reporter: Reporter,
         memory: PoolMemory | None = None,
         clock: Clock = time.time,
+        limits: LimitsConverger | None = None,
     ) -> None:
         self.probe, self.telemetry, self.workload, self.reporter = probe, telemetry, workload, reporter
+        self.limits = limits
         self.memory = memory or PoolMemory()
         self.clock = clock
 
@@ -91,7 +96,7 @@ class Reconciler:
         try:
             measured = self._measure(pool)
         except WorkloadMissing as missing:
-            self._set_condition("Ready", False, "WorkloadMissing", str(missing), now, generation)
+            self._set_condition("Ready", "False", "WorkloadMissing", str(missing), now, generation)
             self.reporter.event("Warning", "WorkloadMissing", str(missing))
             self._report(pool, None, None, now, generation)
             return None
@@ -101,6 +106,9 @@ class Reconciler:
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
         self._act(measured, decision, now)
         self._conditions(pool, measured, now, generation)
+        if self.limits is not None:
+            status, reason, message = self.limits(pool)
+            self._set_condition("LimitsApplied", status, reason, message, now, generation)
         self._report(pool, measured, decision, now, generation)
         return decision
 
@@ -128,18 +136,18 @@ class Reconciler:
 
     def _conditions(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
         if measured.broker_error is None:
-            self._set_condition("MetricsAvailable", True, "BrokerMeasured", "queues measured", now, generation)
+            self._set_condition("MetricsAvailable", "True", "BrokerMeasured", "queues measured", now, generation)
         else:
-            self._set_condition("MetricsAvailable", False, "BrokerUnavailable", measured.broker_error, now, generation)
+            error = measured.broker_error
+            self._set_condition("MetricsAvailable", "False", "BrokerUnavailable", error, now, generation)
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
-        self._set_condition("Ready", True, "WorkloadFound", message, now, generation)
+        self._set_condition("Ready", "True", "WorkloadFound", message, now, generation)
 
     def _set_condition(
-        self, type_: str, ok: bool, reason: str, message: str, now: float, generation: int | None
+        self, type_: str, status: ConditionStatus, reason: str, message: str, now: float, generation: int | None
     ) -> None:
         """KEP-1623: lastTransitionTime moves only when the status does."""
-        status = "True" if ok else "False"
         old = self.memory.conditions.get(type_)
         since = old.last_transition_time if old is not None and old.status == status else _utc(now)
         self.memory.conditions[type_] = Condition(

@@ -362,11 +362,14 @@ class LastDecision(Model):
     reason: str
 
 
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
 class Condition(Model):
     """A status condition in the KEP-1623 (metav1.Condition) shape."""
 
     type: Annotated[str, StringConstraints(pattern=r"^([a-z0-9.-]+/)?[A-Za-z][A-Za-z0-9_]*$", max_length=316)]
-    status: Literal["True", "False", "Unknown"]
+    status: ConditionStatus
     reason: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)]
     message: Annotated[str, StringConstraints(max_length=32768)] = ""
     last_transition_time: datetime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from ..control import PoolSettings, worker_start_settings
 from ..spec import CeleryWorkerPoolSpec, WorkerSpec
 
 GRACE_MARGIN_SECONDS = 15
@@ -29,6 +30,8 @@ def worker_args(pool_name: str, member: str, spec: CeleryWorkerPoolSpec, worker:
     args.append(f"task_acks_late={'true' if worker.acks_late else 'false'}")
     if worker.soft_shutdown_seconds:
         args.append(f"worker_soft_shutdown_timeout={worker.soft_shutdown_seconds:g}")
+    # Celery enforces time limits only as a worker starts with them: a change rolls the pods.
+    args += [f"{key}={value}" for key, value in worker_start_settings(PoolSettings.from_spec(spec)).items()]
     return args
 
 
