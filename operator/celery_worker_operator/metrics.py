@@ -1,0 +1,208 @@
+"""Prometheus metrics of the operator: what each pool's last pass saw and decided.
+
+Pool and queue gauges come from the same status dict the reconciler writes to the API server, so
+a dashboard and `kubectl get cwp` never disagree. They are kept as one snapshot per pool and
+turned into samples at scrape time (a custom collector): a pool or queue that goes away, or a
+measurement that goes missing, disappears from `/metrics` instead of lingering at its last value.
+
+Labels stay low in cardinality: namespace, pool, queue, broker (redacted), scale direction and
+a small fixed set of reason kinds — never the free-text reason of a decision.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Histogram, Info, start_http_server
+from prometheus_client import Counter as CounterMetric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .policy import Decision
+from .redact import redact
+
+PREFIX = "celery_worker_operator"
+METRICS_PORT = 9090
+Direction = Literal["up", "down"]
+REASON_KINDS = ("from_zero", "to_zero", "backlog", "steady", "fallback", "hold")
+
+# (metric suffix, status key, help): one gauge per pool from the status subresource.
+POOL_GAUGES = (
+    ("pool_depth_messages", "depth", "Messages waiting in all of the pool's queues."),
+    ("pool_wait_seconds", "waitSeconds", "Age of the oldest waiting message of the pool."),
+    ("pool_arrival_rate_tasks_per_second", "arrivalRate", "Tasks received per second by the pool's workers."),
+    ("pool_service_time_seconds", "serviceTimeSeconds", "Mean task run time on the pool's workers."),
+    ("pool_workers_online", "workersOnline", "Workers of the pool sending heartbeats."),
+    ("pool_replicas", "replicas", "Current replicas of the pool's workload."),
+    ("pool_ready_replicas", "readyReplicas", "Ready replicas of the pool's workload."),
+    ("pool_desired_replicas", "desiredReplicas", "Replicas the last decision asked for."),
+)
+# (metric suffix, key of one status.queues entry, help)
+QUEUE_GAUGES = (
+    ("queue_depth_messages", "depth", "Messages waiting in the queue (all priorities)."),
+    ("queue_reserved_messages", "reserved", "Messages prefetched by workers and not yet acknowledged."),
+    ("queue_consumers", "consumers", "Consumers of the queue, as the broker counts them."),
+    ("queue_oldest_message_age_seconds", "oldestAgeSeconds", "Age of the oldest waiting message."),
+)
+POOL_LABELS = ("namespace", "pool")
+
+
+def reason_kind(decision: Decision, current: int) -> str:
+    """A scale decision folded into one of REASON_KINDS, from its terms rather than its prose."""
+    terms = decision.terms
+    if current == 0 and decision.replicas > 0:
+        return "from_zero"
+    if decision.replicas == 0:
+        return "to_zero"
+    if "slots" not in terms:  # the policy held: no trustworthy broker numbers
+        return "fallback" if "fallback_replicas" in terms else "hold"
+    if float(terms.get("backlog_slots", 0)) > float(terms.get("steady_slots", 0)):
+        return "backlog"
+    if "service_time" not in terms and int(terms.get("backlog", 0)) > 0:
+        return "backlog"
+    return "steady"
+
+
+@dataclass
+class _Pool:
+    """What the collector knows of one pool between scrapes."""
+
+    status: Mapping[str, Any] = field(default_factory=dict)
+    busy_slots: int | None = None
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    broadcast_errors: int = 0
+
+
+class PoolMetrics(Collector):
+    """The operator's metrics on their own registry; one instance per operator process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._lock = threading.Lock()
+        self._server: WSGIServer | None = None
+        self.registry.register(self)
+        Info(PREFIX, "The running operator.", registry=self.registry).info({"version": __version__})
+        self._probe_seconds = Histogram(
+            f"{PREFIX}_probe_duration_seconds",
+            "Time of one broker probe (all queues of all pools on that broker).",
+            ["broker"],
+            registry=self.registry,
+        )
+        self._probe_errors = CounterMetric(
+            f"{PREFIX}_probe_errors", "Broker probes that failed.", ["broker"], registry=self.registry
+        )
+
+    def record_pass(
+        self,
+        namespace: str,
+        pool: str,
+        status: Mapping[str, Any],
+        decision: Decision | None,
+        busy_slots: int | None = None,
+    ) -> None:
+        """Keep one pass's status (as `reconciler.build_status` shapes it); count its scale, if any."""
+        with self._lock:
+            state = self._pools.setdefault((namespace, pool), _Pool())
+            state.status, state.busy_slots = dict(status), busy_slots
+        current = status.get("replicas")
+        if decision is not None and current is not None and decision.replicas != current:
+            direction: Direction = "up" if decision.replicas > current else "down"
+            self.record_scale(namespace, pool, direction, reason_kind(decision, current))
+
+    def record_scale(self, namespace: str, pool: str, direction: Direction, reason_kind: str) -> None:
+        """Count one scale of a pool; `record_pass` calls it for the reconciler's own decisions."""
+        if reason_kind not in REASON_KINDS:
+            raise ValueError(f"reason kind {reason_kind!r} is not one of {REASON_KINDS}")
+        with self._lock:
+            self._pools.setdefault((namespace, pool), _Pool()).decisions[direction, reason_kind] += 1
+
+    def record_broadcast_error(self, namespace: str, pool: str, count: int = 1) -> None:
+        """Count control broadcasts (rate/time limits, consumers) that workers of a pool did not confirm."""
+        with self._lock:
+            self._pools.setdefault((namespace, pool), _Pool()).broadcast_errors += count
+
+    def record_probe(self, broker: str, seconds: float, error: bool) -> None:
+        """Time one broker probe; the URL is redacted again here, as a label is printed everywhere."""
+        label = redact(broker)
+        self._probe_seconds.labels(label).observe(seconds)
+        if error:
+            self._probe_errors.labels(label).inc()
+
+    def forget(self, namespace: str, pool: str) -> None:
+        """Drop every series of a deleted pool."""
+        with self._lock:
+            self._pools.pop((namespace, pool), None)
+
+    def serve(self, port: int = METRICS_PORT, addr: str = "0.0.0.0") -> int:
+        """Serve `/metrics` from a daemon thread on all addresses (Prometheus scrapes the pod IP).
+
+        Returns the bound port, which tests need when they ask for port 0.
+        """
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._server = server
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop the server started by `serve`."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def collect(self) -> Iterator[Metric]:
+        """Samples for every pool known now (called by the registry at scrape time)."""
+        with self._lock:
+            pools = {key: replace(p, decisions=Counter(p.decisions)) for key, p in self._pools.items()}
+        yield from _pool_gauges(pools)
+        yield from _queue_gauges(pools)
+        yield from _pool_counters(pools)
+
+
+Pools = Mapping[tuple[str, str], _Pool]
+
+
+def _pool_gauges(pools: Pools) -> Iterator[Metric]:
+    for suffix, key, help_ in POOL_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=POOL_LABELS)
+        for labels, pool in pools.items():
+            if pool.status.get(key) is not None:
+                family.add_metric(labels, float(pool.status[key]))
+        yield family
+    busy = GaugeMetricFamily(f"{PREFIX}_pool_busy_slots", "Task slots running a task.", labels=POOL_LABELS)
+    for labels, pool in pools.items():
+        if pool.busy_slots is not None:
+            busy.add_metric(labels, pool.busy_slots)
+    yield busy
+
+
+def _queue_gauges(pools: Pools) -> Iterator[Metric]:
+    for suffix, key, help_ in QUEUE_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=(*POOL_LABELS, "queue"))
+        for labels, pool in pools.items():
+            for queue in pool.status.get("queues", []):
+                if queue.get(key) is not None:
+                    family.add_metric((*labels, queue["name"]), float(queue[key]))
+        yield family
+
+
+def _pool_counters(pools: Pools) -> Iterator[Metric]:
+    decisions = CounterMetricFamily(
+        f"{PREFIX}_scale_decisions",
+        "Scale decisions carried out, by direction and kind of reason.",
+        labels=(*POOL_LABELS, "direction", "reason"),
+    )
+    errors = CounterMetricFamily(
+        f"{PREFIX}_broadcast_errors", "Control broadcasts that workers did not confirm.", labels=POOL_LABELS
+    )
+    for labels, pool in pools.items():
+        for (direction, kind), count in pool.decisions.items():
+            decisions.add_metric((*labels, direction, kind), count)
+        errors.add_metric(labels, pool.broadcast_errors)
+    yield from (decisions, errors)
