@@ -52,6 +52,30 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable).")
+@click.option("--all-namespaces", is_flag=True, help="Watch every namespace (needs the ClusterRole).")
+@click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True, help="kopf's liveness URL.")
+@click.option("--peering", help="Peering name, to run several replicas with one active; default: standalone.")
+def run(namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peering: str | None) -> None:
+    """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
+    import kopf
+
+    from .handlers import OperatorState, kubernetes_client, registry
+
+    if bool(namespaces) == all_namespaces:
+        raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
+    kopf.run(
+        registry=registry,
+        memo=OperatorState(kubernetes_client()),
+        clusterwide=all_namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+        standalone=peering is None,
+        peering_name=peering,
+    )
+
+
+@main.command()
 def crd() -> None:
     """Print the CeleryWorkerPool CustomResourceDefinition (generated from the pydantic models)."""
     click.echo(yaml.safe_dump(build_crd(), sort_keys=False, width=120), nl=False)

@@ -96,9 +96,7 @@ class Reconciler:
         try:
             measured = self._measure(pool)
         except WorkloadMissing as missing:
-            self._set_condition("Ready", "False", "WorkloadMissing", str(missing), now, generation)
-            self.reporter.event("Warning", "WorkloadMissing", str(missing))
-            self._report(pool, None, None, now, generation)
+            report_blocked(self.memory, self.reporter, "WorkloadMissing", str(missing), generation, now)
             return None
         concurrency = measured.workload.concurrency or 1
         obs = observation(now, measured)
@@ -108,8 +106,8 @@ class Reconciler:
         self._conditions(pool, measured, now, generation)
         if self.limits is not None:
             status, reason, message = self.limits(pool)
-            self._set_condition("LimitsApplied", status, reason, message, now, generation)
-        self._report(pool, measured, decision, now, generation)
+            set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
+        report(self.memory, self.reporter, measured, decision, generation)
         return decision
 
     def _measure(self, pool: CeleryWorkerPool) -> Measurements:
@@ -136,41 +134,60 @@ class Reconciler:
 
     def _conditions(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
         if measured.broker_error is None:
-            self._set_condition("MetricsAvailable", "True", "BrokerMeasured", "queues measured", now, generation)
+            set_condition(self.memory, "MetricsAvailable", "True", "BrokerMeasured", "queues measured", now, generation)
         else:
             error = measured.broker_error
-            self._set_condition("MetricsAvailable", "False", "BrokerUnavailable", error, now, generation)
+            set_condition(self.memory, "MetricsAvailable", "False", "BrokerUnavailable", error, now, generation)
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
-        self._set_condition("Ready", "True", "WorkloadFound", message, now, generation)
+        set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
 
-    def _set_condition(
-        self, type_: str, status: ConditionStatus, reason: str, message: str, now: float, generation: int | None
-    ) -> None:
-        """KEP-1623: lastTransitionTime moves only when the status does."""
-        old = self.memory.conditions.get(type_)
-        since = old.last_transition_time if old is not None and old.status == status else _utc(now)
-        self.memory.conditions[type_] = Condition(
-            type=type_,
-            status=status,
-            reason=reason,
-            message=message,
-            last_transition_time=since,
-            observed_generation=generation,
-        )
 
-    def _report(
-        self,
-        pool: CeleryWorkerPool,
-        measured: Measurements | None,
-        decision: Decision | None,
-        now: float,
-        generation: int | None,
-    ) -> None:
-        status = build_status(measured, decision, self.memory, generation)
-        if status != self.memory.last_status:  # write only on change: every write wakes watchers
-            self.reporter.status(status)
-            self.memory.last_status = status
+def set_condition(
+    memory: PoolMemory,
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: float,
+    generation: int | None,
+) -> None:
+    """KEP-1623: lastTransitionTime moves only when the status does."""
+    old = memory.conditions.get(type_)
+    since = old.last_transition_time if old is not None and old.status == status else _utc(now)
+    memory.conditions[type_] = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def report(
+    memory: PoolMemory,
+    reporter: Reporter,
+    measured: Measurements | None,
+    decision: Decision | None,
+    generation: int | None,
+) -> None:
+    """Write status only when it changed: every write wakes every watcher of the pool."""
+    status = build_status(measured, decision, memory, generation)
+    if status != memory.last_status:
+        reporter.status(status)
+        memory.last_status = status
+
+
+def report_blocked(
+    memory: PoolMemory, reporter: Reporter, reason: str, message: str, generation: int | None, now: float
+) -> None:
+    """The pool cannot be sized (no workload, no Secret): an Event when this starts, and status."""
+    old = memory.conditions.get("Ready")
+    if old is None or old.status != "False" or old.reason != reason:
+        reporter.event("Warning", reason, message)
+    set_condition(memory, "Ready", "False", reason, message, now, generation)
+    report(memory, reporter, None, None, generation)
 
 
 def observation(now: float, measured: Measurements) -> Observation:

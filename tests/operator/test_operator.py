@@ -1,0 +1,99 @@
+"""The operator as users run it: kopf with our handlers against the kmock API, real Redis, real workers."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from celery_worker_operator.handlers import OperatorState, registry
+from tests.support.k8s import Emulator, api_client_for, apply_pool, read_pool, running_operator, wait_for
+
+pytest_plugins = ["tests.support.k8s"]
+pytestmark = pytest.mark.timeout(120)
+
+NS = "default"
+
+
+def pool_manifest(name: str, queue: str, **autoscaling: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "celery-operator.dev/v1alpha1",
+        "kind": "CeleryWorkerPool",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "broker": {"urlFrom": {"secretKeyRef": {"name": f"{name}-broker", "key": "url"}}},
+            "queues": [queue],
+            "worker": {"app": "tests.support.celery_app:app", "image": "registry.example/app:1", "concurrency": 2},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 6, "pollSeconds": 1, "targetWaitSeconds": 5,
+                            "taskDurationSeconds": 1, **autoscaling},
+        },
+    }  # fmt: skip
+
+
+def create_secret(api: client.ApiClient, name: str, url: str) -> None:
+    body = {"metadata": {"name": name, "namespace": NS}, "data": {"url": base64.b64encode(url.encode()).decode()}}
+    client.CoreV1Api(api).create_namespaced_secret(NS, body)
+
+
+def deployment(api: client.ApiClient, name: str) -> Any:
+    return client.AppsV1Api(api).read_namespaced_deployment(name, NS)
+
+
+def condition(pool: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in pool.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+@asynccontextmanager
+async def operator(emulator: Emulator) -> AsyncIterator[OperatorState]:
+    state = OperatorState(api_client_for(emulator))
+    async with running_operator(emulator, registry, memo=state, timeout=20):
+        yield state
+
+
+@pytest.fixture
+def names() -> Iterator[tuple[str, str]]:
+    suffix = uuid.uuid4().hex[:6]
+    yield f"pool-{suffix}", f"q-{suffix}"
+
+
+async def test_managed_pool_gets_its_deployment_and_status(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    create_secret(k8s_api, f"{name}-broker", redis_url)
+    async with operator(k8s_emulator):
+        apply_pool(k8s_api, pool_manifest(name, queue))
+        made = await wait_for(lambda: _exists(k8s_api, name), timeout=15)
+        assert made
+        dep = deployment(k8s_api, name)
+        owner = dep.metadata.owner_references[0]
+        assert (owner.kind, owner.name, owner.controller) == ("CeleryWorkerPool", name, True)
+        container = dep.spec.template.spec.containers[0]
+        assert container.command == ["celery"]
+        assert ["-Q", queue, "-c", "2"] == container.args[3:7]
+        assert f"{name}@$(POD_NAME)" in container.args
+        broker_env = next(e for e in container.env if e.name == "CELERY_BROKER_URL")
+        assert broker_env.value_from.secret_key_ref.name == f"{name}-broker"
+        assert dep.spec.template.spec.termination_grace_period_seconds == 30
+        status = await wait_for(lambda: read_pool(k8s_api, name).get("status", {}).get("queues"), timeout=15)
+        assert status[0]["name"] == queue
+        assert condition(read_pool(k8s_api, name), "MetricsAvailable")["status"] == "True"  # type: ignore[index]
+
+        changed = copy.deepcopy(pool_manifest(name, queue))
+        changed["spec"]["worker"]["concurrency"] = 5
+        apply_pool(k8s_api, changed)
+        await wait_for(lambda: "5" in deployment(k8s_api, name).spec.template.spec.containers[0].args, timeout=15)
+
+
+def _exists(api: client.ApiClient, name: str) -> bool:
+    try:
+        deployment(api, name)
+    except client.ApiException:
+        return False
+    return True
