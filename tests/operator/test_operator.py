@@ -10,10 +10,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis
 from kubernetes import client
 
 from celery_worker_operator.handlers import OperatorState, registry
-from tests.support.k8s import Emulator, api_client_for, apply_pool, read_pool, running_operator, wait_for
+from celery_worker_operator.workloads.kubernetes import DELETION_COST, POOL_LABEL
+from tests.support.celery_app import HOLD, make_app
+from tests.support.celery_procs import CeleryWorkers
+from tests.support.k8s import (
+    Emulator,
+    api_client_for,
+    apply_pool,
+    events_for,
+    read_pool,
+    running_operator,
+    wait_for,
+)
 
 pytest_plugins = ["tests.support.k8s"]
 pytestmark = pytest.mark.timeout(120)
@@ -97,3 +109,57 @@ def _exists(api: client.ApiClient, name: str) -> bool:
     except client.ApiException:
         return False
     return True
+
+
+def create_pod(api: client.ApiClient, pool: str, pod: str) -> None:
+    """What the ReplicaSet would do (kmock runs no controllers): a Pod with the pool's labels."""
+    body = {
+        "metadata": {"name": pod, "namespace": NS, "labels": {POOL_LABEL: pool}},
+        "spec": {"containers": [{"name": "worker", "image": "registry.example/app:1"}]},
+    }
+    client.CoreV1Api(api).create_namespaced_pod(NS, body)
+
+
+def deletion_cost(api: client.ApiClient, pod: str) -> str | None:
+    annotations = client.CoreV1Api(api).read_namespaced_pod(pod, NS).metadata.annotations or {}
+    return annotations.get(DELETION_COST)
+
+
+async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    create_secret(k8s_api, f"{name}-broker", redis_url)
+    sender = make_app(redis_url)
+    pods = [f"{name}-a", f"{name}-b"]
+    with CeleryWorkers("tests.support.celery_app", redis_url) as workers:
+        for pod in pods:
+            create_pod(k8s_api, name, pod)
+            workers.start(f"{name}@{pod}", [queue], concurrency=2, prefetch_multiplier=1)
+        for pod in pods:
+            workers.wait_ready(sender, f"{name}@{pod}")
+        async with operator(k8s_emulator):
+            apply_pool(k8s_api, pool_manifest(name, queue, maxReplicas=4, scaleDown={"stabilizationSeconds": 2}))
+            await wait_for(lambda: _exists(k8s_api, name), timeout=15)
+            for _ in range(24):
+                sender.send_task(HOLD, (1.0,), queue=queue)
+            await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 4, timeout=20)
+            up = [e for e in events_for(k8s_api, name) if e["reason"] == "ScaledUp"]
+            assert up and "waiting" in up[0]["message"] and "slots" in up[0]["message"], up
+
+            busy = sender.send_task(HOLD, (40.0,), queue=queue)
+
+            def holder() -> str | None:
+                active = sender.control.inspect(destination=[f"{name}@{p}" for p in pods], timeout=1).active() or {}
+                return next((h for h, tasks in active.items() if any(t["id"] == busy.id for t in tasks)), None)
+
+            worker = await wait_for(holder, timeout=30)
+            busy_pod = worker.partition("@")[2]
+            idle_pod = next(p for p in pods if p != busy_pod)
+            # Once the burst is done, the next scale-down marks the idle pod as the cheaper one to remove.
+            await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 1, timeout=60)
+            assert deletion_cost(k8s_api, idle_pod) == "0"
+            assert int(deletion_cost(k8s_api, busy_pod) or 0) >= 1
+            assert any(e["reason"] == "ScaledDown" for e in events_for(k8s_api, name))
+            busy.revoke(terminate=True)
+    redis.Redis.from_url(redis_url).delete(queue)
