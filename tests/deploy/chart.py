@@ -25,7 +25,6 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "dashboard": {"enabled": False},
         "fullnameOverride": "celery-ops",
         "serviceAccount": {"name": "celery-ops-sa", "annotations": {"team": "platform"}},
-        "extraArgs": ["--verbose"],
         "image": {"repository": "registry.example/cwo", "tag": "1.2.3", "pullPolicy": "Always"},
     },
     "no-rbac": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}},

@@ -87,7 +87,7 @@ deletion cost; urlFrom reads the broker URL from a Secret.
   verbs: [list, watch, patch, get]
 {{- end }}
 
-{{/* `celery-worker-operator run` arguments: kopf's own `run` flags plus the metrics port. */}}
+{{/* `celery-worker-operator run` arguments (tests/deploy/test_chart.py parses them with the real CLI). */}}
 {{- define "cwo.args" -}}
 {{- if .Values.watch.clusterWide }}
 - --all-namespaces
@@ -98,8 +98,6 @@ deletion cost; urlFrom reads the broker URL from a Secret.
 {{- end }}
 {{- if .Values.peering.enabled }}
 - --peering={{ .Values.peering.name }}
-{{- else }}
-- --standalone
 {{- end }}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --metrics-port={{ .Values.metrics.port }}
