@@ -111,11 +111,11 @@ def ensure_workload(body: kopf.Body, memo: OperatorState, **_: Any) -> None:
     KubernetesWorkload(memo.api, pool).ensure(body["metadata"]["uid"])
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10)
+@kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10, backoff=10)
 def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: OperatorState, **_: Any) -> None:
     """Every pollSeconds, one reconciler pass; `body` is kopf's live view, so spec edits apply."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    memory = memo.memories.setdefault(key, PoolMemory.resume(body.get("status")))
+    memory = memo.memories.setdefault(key, PoolMemory.resume(body.get("status"), time.time()))
     reporter = KubernetesReporter(memo.api, body, dict(body.get("status") or {}))
     while not stopped:
         try:

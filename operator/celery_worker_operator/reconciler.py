@@ -50,17 +50,18 @@ class PoolMemory:
     last_decision: LastDecision | None = None
 
     @classmethod
-    def resume(cls, status: Mapping[str, Any] | None) -> PoolMemory:
-        """After an operator restart: the last desired count seeds the stabilization windows, so a
-        new process with no event history yet does not undo what the old one decided."""
+    def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
+        """After an operator restart: the last desired count enters the windows as if decided now,
+        so a new process whose event history is still empty holds it for a down window instead of
+        shrinking on its first pass."""
         memory = cls()
         if not status:
             return memory
         parsed = CeleryWorkerPoolStatus.model_validate(dict(status))
         memory.conditions = {c.type: c for c in parsed.conditions}
         memory.last_decision = parsed.last_decision
-        if parsed.desired_replicas is not None and parsed.last_decision is not None:
-            memory.history = (Recommendation(parsed.last_decision.time.timestamp(), parsed.desired_replicas),)
+        if parsed.desired_replicas is not None:
+            memory.history = (Recommendation(now, parsed.desired_replicas),)
         return memory
 
 

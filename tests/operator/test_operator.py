@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from tests.support.k8s import (
     running_operator,
     wait_for,
 )
+from tests.support.redis_server import PrivateRedis
 
 pytest_plugins = ["tests.support.k8s"]
 pytestmark = pytest.mark.timeout(120)
@@ -163,3 +166,107 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
             assert any(e["reason"] == "ScaledDown" for e in events_for(k8s_api, name))
             busy.revoke(terminate=True)
     redis.Redis.from_url(redis_url).delete(queue)
+
+
+def adopted_deployment(name: str) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "metadata": {"name": name, "namespace": NS, "labels": labels, "annotations": {"owner": "team-chart"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "w", "image": "team/app:3", "args": ["celery", "worker", "-c", "3"]}]},
+            },
+        },
+    }
+
+
+async def test_adopted_deployment_only_changes_replicas(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    apps = client.AppsV1Api(k8s_api)
+    apps.create_namespaced_deployment(NS, adopted_deployment(f"{name}-app"))
+    before = apps.read_namespaced_deployment(f"{name}-app", NS).to_dict()
+    manifest = pool_manifest(name, queue, minReplicas=3, maxReplicas=5)
+    del manifest["spec"]["worker"]
+    manifest["spec"]["scaleTargetRef"] = {"name": f"{name}-app"}
+    manifest["spec"]["broker"] = {"url": redis_url}
+    async with operator(k8s_emulator):
+        apply_pool(k8s_api, manifest)
+        await wait_for(lambda: apps.read_namespaced_deployment(f"{name}-app", NS).spec.replicas == 3, timeout=15)
+    after = apps.read_namespaced_deployment(f"{name}-app", NS).to_dict()
+    for volatile in ("resource_version", "generation", "managed_fields"):
+        before["metadata"].pop(volatile), after["metadata"].pop(volatile)
+    before["spec"].pop("replicas"), after["spec"].pop("replicas")
+    assert after == before, "the operator touched more than the replica count of an adopted Deployment"
+    assert not _exists(k8s_api, name), "an adopted pool must not get a managed Deployment"
+
+
+async def test_missing_secret_is_a_condition_and_an_event_and_other_pools_go_on(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    create_secret(k8s_api, f"{name}-ok-broker", redis_url)
+    async with operator(k8s_emulator):
+        apply_pool(k8s_api, pool_manifest(name, queue))  # its Secret was never made
+        apply_pool(k8s_api, pool_manifest(f"{name}-ok", queue))
+        blocked = await wait_for(lambda: condition(read_pool(k8s_api, name), "Ready"), timeout=15)
+        assert (blocked["status"], blocked["reason"]) == ("False", "SecretMissing")
+        assert f"{name}-broker" in blocked["message"]
+        warnings = [e for e in events_for(k8s_api, name) if e["reason"] == "SecretMissing"]
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+        fine = await wait_for(lambda: condition(read_pool(k8s_api, f"{name}-ok"), "MetricsAvailable"), timeout=15)
+        assert fine["status"] == "True"
+        create_secret(k8s_api, f"{name}-broker", redis_url)
+        await wait_for(lambda: (condition(read_pool(k8s_api, name), "Ready") or {}).get("status") == "True", timeout=15)
+
+
+async def test_broker_outage_holds_replicas_and_recovers(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, tmp_path: Path, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    with PrivateRedis(tmp_path, password="outage-s3cret") as private:
+        create_secret(k8s_api, f"{name}-broker", private.url)
+        async with operator(k8s_emulator):
+            apply_pool(k8s_api, pool_manifest(name, queue, minReplicas=2))
+            await wait_for(lambda: metrics_status(k8s_api, name) == "True", timeout=15)
+            private.stop()
+            down = await wait_for(lambda: condition(read_pool(k8s_api, name), "MetricsAvailable"), timeout=20,
+                                  ok=lambda c: c["status"] == "False")  # fmt: skip
+            assert down["reason"] == "BrokerUnavailable"
+            assert "outage-s3cret" not in str(read_pool(k8s_api, name)), "a password reached the status"
+            assert deployment(k8s_api, name).spec.replicas == 2, "blind, the pool must hold its replicas"
+            private.start()
+            await wait_for(lambda: metrics_status(k8s_api, name) == "True", timeout=30)
+    assert all("outage-s3cret" not in e["message"] for e in events_for(k8s_api, name))
+
+
+def metrics_status(api: client.ApiClient, name: str) -> str | None:
+    return (condition(read_pool(api, name), "MetricsAvailable") or {}).get("status")
+
+
+async def test_restarted_operator_resumes_without_flapping(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    create_secret(k8s_api, f"{name}-broker", redis_url)
+    sender = make_app(redis_url)
+    manifest = pool_manifest(name, queue, maxReplicas=4, scaleDown={"stabilizationSeconds": 8})
+    async with operator(k8s_emulator):
+        apply_pool(k8s_api, manifest)
+        await wait_for(lambda: _exists(k8s_api, name), timeout=15)
+        for _ in range(40):
+            sender.send_task(HOLD, (1.0,), queue=queue)
+        await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 4, timeout=20)
+    # While the operator is away the backlog is worked off; the new one starts with no event history.
+    redis.Redis.from_url(redis_url).delete(queue)
+    async with operator(k8s_emulator):
+        seen = []
+        for _ in range(20):  # 5 s, well inside the 8 s down window
+            seen.append(deployment(k8s_api, name).spec.replicas)
+            await asyncio.sleep(0.25)
+        assert set(seen) == {4}, f"the restarted operator changed replicas at once: {seen}"
+        await wait_for(lambda: deployment(k8s_api, name).spec.replicas < 4, timeout=30)

@@ -77,7 +77,7 @@ class PoolController:
         try:
             with lock:  # one conversation at a time per app: replies are matched per mailbox
                 return self._converge(app, (broker_url, pool), desired)
-        except (KombuError, OSError) as error:
+        except _broker_errors(app) as error:
             message = redact(f"broker {broker_url}: {type(error).__name__}: {error}", url_secrets(broker_url))
             log.warning("limits of pool %s not converged: %s", pool, message)
             return ConvergeResult((), (), (), (), Condition("Unknown", "BrokerUnavailable", message))
@@ -188,3 +188,10 @@ class PoolController:
             replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
             missing = [w for w in missing if w not in replies]
         return replies
+
+
+def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:
+    """What a broker that went away raises: kombu's own errors, and the client library's (redis-py's
+    ConnectionError is neither a KombuError nor an OSError). Reading them does not connect."""
+    with app.connection_for_write() as connection:
+        return (KombuError, OSError, *connection.connection_errors, *connection.channel_errors)
