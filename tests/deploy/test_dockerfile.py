@@ -111,4 +111,3 @@ def test_build_stage_install_steps_work_in_a_fresh_virtualenv(tmp_path: Path) ->
         [str(venv / "bin" / "celery-worker-operator"), "run", "--help"], capture_output=True, env=clean_env()
     )
     assert help_.returncode == 0, help_.stderr
-    assert shlex.split(args_of(stages()[-1], "ENTRYPOINT")[0].strip("[]").replace(",", " ").replace('"', ""))
