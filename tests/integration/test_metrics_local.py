@@ -1,0 +1,112 @@
+"""`/metrics` during a real run: real Redis, real `celery worker` processes, scraped over HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from celery_worker_operator.localmode import LocalRun
+from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.metrics import PoolMetrics
+from tests.support.local_app import app, record
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "local"
+TASKS = 24
+
+
+@pytest.fixture
+def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRun]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    name = f"mx-{uuid.uuid4().hex[:8]}"
+    pool = parse_pool(
+        {
+            "apiVersion": "celery-operator.dev/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": name},
+            "spec": {
+                "broker": {"url": redis_url},
+                "queues": [name],
+                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": 2},
+                "autoscaling": {
+                    "minReplicas": 0, "maxReplicas": 2, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": 2},
+                },
+            },
+        }
+    )  # fmt: skip
+    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
+    yield run
+    run.close()
+    redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+
+
+@pytest.fixture
+def metrics() -> Iterator[tuple[PoolMetrics, int]]:
+    exporter = PoolMetrics()
+    port = exporter.serve(0, addr="127.0.0.1")
+    yield exporter, port
+    exporter.stop()
+
+
+def scrape(port: int, pool: str) -> dict[str, float]:
+    """This pool's pool-level series (and its scale decisions, keyed by direction/reason), over HTTP."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("pool") == pool:
+                extra = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("namespace", "pool"))
+                found[f"{s.name}{{{extra}}}" if extra else s.name] = s.value
+    return found
+
+
+def one_pass(run: LocalRun, exporter: PoolMetrics) -> None:
+    """What the operator's daemon does per pass: reconcile, then export the status it reported."""
+    decision = run.reconciler.reconcile(run.pool)
+    exporter.record_pass(NAMESPACE, run.pool.metadata.name, run.reporter.status_now, decision)
+
+
+def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
+    local_run: LocalRun, metrics: tuple[PoolMetrics, int]
+) -> None:
+    exporter, port = metrics
+    name = local_run.pool.metadata.name
+    app.conf.broker_url = os.environ["CELERY_BROKER_URL"]
+    with app.producer_or_acquire() as producer:
+        for number in range(TASKS):
+            record.apply_async((name, number, 0.5), queue=name, producer=producer)
+    broker = redis.Redis.from_url(local_run.broker_url)
+    assert broker.llen(name) == TASKS
+
+    one_pass(local_run, exporter)  # no worker yet: the queue holds every task
+    first = scrape(port, name)
+    assert first["celery_worker_operator_pool_depth_messages"] == TASKS
+    assert first[f"celery_worker_operator_queue_depth_messages{{queue={name}}}"] == TASKS
+    assert first["celery_worker_operator_pool_replicas"] == 0
+    desired = first["celery_worker_operator_pool_desired_replicas"]
+    assert desired == local_run.workload.observe().replicas > 0, "desired is what was started"
+    assert first["celery_worker_operator_scale_decisions_total{direction=up,reason=from_zero}"] == 1
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and int(broker.llen(f"{name}:ended")) < TASKS:
+        time.sleep(1)
+        one_pass(local_run, exporter)
+        now = scrape(port, name)
+        assert now["celery_worker_operator_pool_replicas"] == local_run.reporter.status_now["replicas"]
+        assert now["celery_worker_operator_pool_depth_messages"] == local_run.reporter.status_now["depth"]
+    assert int(broker.llen(f"{name}:ended")) == TASKS, "every task ran"
+
+    one_pass(local_run, exporter)
+    last = scrape(port, name)
+    assert last["celery_worker_operator_pool_depth_messages"] == 0 == broker.llen(name)
