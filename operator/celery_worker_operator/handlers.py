@@ -17,11 +17,11 @@ import kopf
 from kubernetes import client, config
 
 from .brokers import ProbeRegistry
-from .control import PoolController, PoolSettings
+from .control import PoolController
 from .manifests import InvalidPool, parse_pool
-from .reconciler import PoolMemory, Reconciler, report_blocked
+from .reconciler import PoolMemory, Reconciler, controller_hooks, report_blocked
 from .secrets import SecretMissing, broker_urls
-from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool, ConditionStatus
+from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
 from .telemetry import TelemetryMonitors
 from .workloads.kubernetes import KubernetesWorkload
 
@@ -138,11 +138,10 @@ def one_pass(
         report_blocked(memory, reporter, "SecretMissing", str(missing), generation, time.time())
         return
 
-    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        return memo.controller.converge(url, pool.metadata.name, PoolSettings.from_spec(pool.spec)).condition
-
     probe = memo.probes.probe(url, management)
-    reconciler = Reconciler(probe, memo.telemetry.monitor(url), workload, reporter, memory, limits=limits)
+    telemetry = memo.telemetry.monitor(url)
+    limits, drain = controller_hooks(memo.controller, url)
+    reconciler = Reconciler(probe, telemetry, workload, reporter, memory, limits=limits, drain=drain)
     reconciler.reconcile(pool, generation)
 
 

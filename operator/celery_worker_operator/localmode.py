@@ -19,9 +19,9 @@ from rich.console import Group
 from rich.table import Table
 
 from .brokers import open_probe
-from .control import PoolController, PoolSettings
-from .reconciler import Reconciler
-from .spec import CeleryWorkerPool, ConditionStatus
+from .control import PoolController
+from .reconciler import Reconciler, controller_hooks
+from .spec import CeleryWorkerPool
 from .telemetry import EventMonitor
 from .workloads.local import LocalWorkload
 
@@ -65,9 +65,8 @@ class LocalRun:
             self.pool, self.broker_url, cwd=self.cwd, log_stream=self.worker_output, on_restart=self._restarted
         )
         self.controller = PoolController()
-        self.reconciler = Reconciler(
-            self.probe, self.monitor, self.workload, self.reporter, limits=self._converge_limits
-        )
+        limits, drain = controller_hooks(self.controller, self.broker_url)
+        self.reconciler = Reconciler(self.probe, self.monitor, self.workload, self.reporter, limits=limits, drain=drain)
         self.monitor.wait_connected(10.0)
 
     def step(self) -> None:
@@ -86,11 +85,6 @@ class LocalRun:
         self.controller.close()
         self.monitor.stop()
         self.probe.close()
-
-    def _converge_limits(self, pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        return self.controller.converge(
-            self.broker_url, pool.metadata.name, PoolSettings.from_spec(pool.spec)
-        ).condition
 
     def _restarted(self, member: str, code: int) -> None:
         self.reporter.event("Warning", "WorkerRestarted", f"worker {member} exited with {code}; replaced")

@@ -15,14 +15,19 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
+from .control import PoolController, PoolSettings
 from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
-from .workloads import Workload, WorkloadMissing, WorkloadState
+from .workloads import Workload, WorkloadMissing, WorkloadState, removal_order
+from .workloads.command import grace_seconds
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+DRAINED = -1  # the load a drained member is marked with: below any idle one
+MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
+Drainer = Callable[[CeleryWorkerPool, list[str]], list[str]]  # members -> those still busy at the deadline
 LimitsConverger = Callable[
     [CeleryWorkerPool], tuple[ConditionStatus, str, str]
 ]  # -> LimitsApplied (status, reason, message)
@@ -85,9 +90,10 @@ class Reconciler:
         memory: PoolMemory | None = None,
         clock: Clock = time.time,
         limits: LimitsConverger | None = None,
+        drain: Drainer | None = None,
     ) -> None:
         self.probe, self.telemetry, self.workload, self.reporter = probe, telemetry, workload, reporter
-        self.limits = limits
+        self.limits, self.drain = limits, drain
         self.memory = memory or PoolMemory()
         self.clock = clock
 
@@ -103,7 +109,7 @@ class Reconciler:
         obs = observation(now, measured)
         decision = decide(obs, pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
-        self._act(measured, decision, now)
+        self._act(pool, measured, decision, now)
         self._conditions(pool, measured, now, generation)
         if self.limits is not None:
             status, reason, message = self.limits(pool)
@@ -122,16 +128,32 @@ class Reconciler:
         telemetry = self.telemetry.snapshot(pool.metadata.name, pool.spec.queues)
         return Measurements(stats, error, telemetry, workload)
 
-    def _act(self, measured: Measurements, decision: Decision, now: float) -> None:
+    def _act(self, pool: CeleryWorkerPool, measured: Measurements, decision: Decision, now: float) -> None:
         current = measured.workload.replicas
         if decision.replicas == current:
             return
-        self.workload.scale(decision.replicas, member_load(measured.telemetry))
+        load = member_load(measured.telemetry)
+        if decision.replicas < current and pool.spec.autoscaling.scale_down.mode == "drain" and self.drain:
+            load = self._drain(pool, measured.workload, load, current - decision.replicas)
+        self.workload.scale(decision.replicas, load)
         reason = "ScaledUp" if decision.replicas > current else "ScaledDown"
         self.reporter.event("Normal", reason, decision.reason)
         self.memory.last_decision = LastDecision(
             time=_utc(now), from_=current, to=decision.replicas, reason=decision.reason
         )
+
+    def _drain(
+        self, pool: CeleryWorkerPool, workload: WorkloadState, load: dict[str, int], count: int
+    ) -> dict[str, int]:
+        """Drain mode: the workers about to go stop consuming and finish what they run first; they
+        are then marked cheapest of all, so they are the ones removed."""
+        assert self.drain is not None
+        victims = removal_order(workload.members, load)[:count]
+        still_busy = self.drain(pool, victims)
+        if still_busy:
+            message = f"{', '.join(still_busy)} still busy when the drain timed out; acks_late redelivers their tasks"
+            self.reporter.event("Warning", "DrainTimeout", message)
+        return {**load, **dict.fromkeys(victims, DRAINED)}
 
     def _conditions(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
         if measured.broker_error is None:
@@ -142,6 +164,21 @@ class Reconciler:
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
+
+
+def controller_hooks(controller: PoolController, broker_url: str) -> tuple[LimitsConverger, Drainer]:
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller`."""
+
+    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
+        return controller.converge(broker_url, pool.metadata.name, PoolSettings.from_spec(pool.spec)).condition
+
+    def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
+        hostnames = [f"{pool.metadata.name}@{member}" for member in members]
+        timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
+        busy = controller.drain(broker_url, pool.metadata.name, hostnames, pool.spec.queues, timeout)
+        return [hostname.partition("@")[2] for hostname in busy]
+
+    return limits, drain
 
 
 def set_condition(

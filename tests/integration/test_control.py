@@ -284,3 +284,16 @@ def test_an_unreachable_broker_is_a_condition_without_the_password() -> None:
     assert result.condition[:2] == ("Unknown", "BrokerUnavailable")
     assert "s3cret-pw" not in result.condition.message and "127.0.0.1:1" in result.condition.message
     assert time.monotonic() - started < 5
+
+
+def test_drain_lets_a_busy_worker_finish_and_keeps_it_unsubscribed(scene: Scene) -> None:
+    pool, queue = unique("drain"), scene.queue("drain")
+    hostname = scene.start(f"{pool}@w1", [queue])
+    scene.converge(pool, PoolSettings(frozenset({queue})))
+    scene.send(queue, "long", 3.0)
+    scene.records(lambda done: ("start", "long") in done)
+    assert scene.controller.drain(scene.broker_url, pool, [hostname], [queue], timeout=15) == []
+    assert ("end", "long") in {r[:2] for r in read_records(scene.log)}, "drain returned before the task ended"
+    assert scene.settle(hostname, lambda s: not s.queues).queues == frozenset()
+    scene.converge(pool, PoolSettings(frozenset({queue})))  # a later pass must not subscribe it again
+    assert scene.seen(hostname).queues == frozenset()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 
 # The only commands this module ever sends: discovery, two inspections, and the four it manages.
 COMMANDS = frozenset(
-    {"ping", "active_queues", "registered", "rate_limit", "time_limit", "add_consumer", "cancel_consumer"}
+    {"ping", "active_queues", "registered", "active", "rate_limit", "time_limit", "add_consumer", "cancel_consumer"}
 )
+DRAIN_POLL_SECONDS = 0.5
 CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a pass in seconds; the next poll tries again
 
 
@@ -69,6 +71,7 @@ class PoolController:
         self._locks: dict[str, threading.Lock] = {}
         self._defaults: dict[tuple[str, str], Defaults] = {}
         self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
+        self._draining: dict[tuple[str, str], set[str]] = {}  # workers on their way out: not re-subscribed
         self._guard = threading.Lock()
 
     def converge(self, broker_url: str, pool: str, desired: PoolSettings) -> ConvergeResult:
@@ -82,11 +85,36 @@ class PoolController:
             log.warning("limits of pool %s not converged: %s", pool, message)
             return ConvergeResult((), (), (), (), Condition("Unknown", "BrokerUnavailable", message))
 
+    def drain(
+        self, broker_url: str, pool: str, workers: Sequence[str], queues: Sequence[str], timeout: float
+    ) -> list[str]:
+        """Stop `workers` taking tasks (cancel their consumers) and wait, at most `timeout` seconds,
+        until they run none: then removing them loses no work. Returns the workers still busy.
+
+        Drained workers are left out of later `converge` passes until they are gone, so the next
+        pass does not subscribe them again."""
+        app, lock = self._app(broker_url)
+        key = (broker_url, pool)
+        self._draining.setdefault(key, set()).update(workers)
+        with lock:
+            for queue in queues:
+                self._ask(app, "cancel_consumer", {"queue": queue}, workers)
+        deadline, busy = time.monotonic() + timeout, list(workers)
+        while busy:
+            with lock:
+                active = self._ask(app, "active", {}, busy)
+            busy = [w for w in busy if w not in active or active[w]]  # silence is not idleness
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(DRAIN_POLL_SECONDS)
+        return busy
+
     def forget(self, broker_url: str, pool: str) -> None:
         """Drop what was learned about a pool's defaults (the pool is gone)."""
         with self._guard:
             self._defaults.pop((broker_url, pool), None)
             self._restart_pending.pop((broker_url, pool), None)
+            self._draining.pop((broker_url, pool), None)
 
     def close(self) -> None:
         """Release every broker connection."""
@@ -109,7 +137,10 @@ class PoolController:
 
     def _converge(self, app: Celery, key: tuple[str, str], desired: PoolSettings) -> ConvergeResult:
         valid, invalid = validate(desired)
-        workers = self._discover(app, key[1])
+        discovered = self._discover(app, key[1])
+        draining = self._draining.setdefault(key, set())
+        draining.intersection_update(discovered)  # a drained worker that is gone is done
+        workers = [w for w in discovered if w not in draining]
         observed, errors, silent = self._observe(app, workers)
         plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()))
         self._defaults[key] = plan.defaults

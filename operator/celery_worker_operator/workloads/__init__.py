@@ -5,7 +5,7 @@ Both answer the same small protocol, so the reconciler cannot tell them apart.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +24,12 @@ class WorkloadState:
     members: tuple[str, ...] = ()
     concurrency: int | None = None
     selector: str | None = None
+
+
+def removal_order(members: Sequence[str], load: Mapping[str, int]) -> list[str]:
+    """Who goes first on a scale-down: members with no heartbeat yet (still starting, as a
+    ReplicaSet removes unready pods first), then the least loaded."""
+    return sorted(members, key=lambda member: (member in load, load.get(member, 0)))
 
 
 class WorkloadMissing(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from ..spec import CeleryWorkerPool
-from . import WorkloadState
+from . import WorkloadState, removal_order
 from .command import grace_seconds, worker_args
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class LocalWorkload:
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         while len(self._running) < replicas:
             self._start()
-        # Unknown members (no heartbeat yet: still starting) go first, then the least busy.
-        victims = sorted(self._running, key=lambda m: (m in load, load.get(m, 0)))
+        victims = removal_order(list(self._running), load)
         for member in victims[: max(len(self._running) - replicas, 0)]:
             self._stop(self._running.pop(member))
 
