@@ -56,7 +56,10 @@ def main() -> None:
 @click.option("--all-namespaces", is_flag=True, help="Watch every namespace (needs the ClusterRole).")
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True, help="kopf's liveness URL.")
 @click.option("--peering", help="Peering name, to run several replicas with one active; default: standalone.")
-def run(namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peering: str | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Serves /metrics.")
+def run(
+    namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peering: str | None, metrics_port: int
+) -> None:
     """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
     import kopf
 
@@ -64,9 +67,11 @@ def run(namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peerin
 
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
+    state = OperatorState(kubernetes_client())
+    state.metrics.serve(metrics_port)
     kopf.run(
         registry=registry,
-        memo=OperatorState(kubernetes_client()),
+        memo=state,
         clusterwide=all_namespaces,
         namespaces=namespaces,
         liveness_endpoint=liveness,

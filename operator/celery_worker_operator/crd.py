@@ -38,6 +38,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> di
             out[key] = structural(value, defs)
         elif key == "additionalProperties":
             continue  # `false` is pruning, which the API server does anyway; `true` is preserve-unknown-fields
+        elif key == "const":  # a one-value Literal; Kubernetes schemas spell it as an enum
+            out["enum"] = [value]
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             # JSON Schema 2020-12 gives the bound; OpenAPI v3.0 wants it as minimum + a flag.
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value

@@ -17,8 +17,9 @@ import kopf
 from kubernetes import client, config
 
 from .brokers import ProbeRegistry
-from .control import PoolController
+from .control import ConvergeResult, PoolController
 from .manifests import InvalidPool, parse_pool
+from .metrics import PoolMetrics, TimedProbe
 from .reconciler import PoolMemory, Reconciler, controller_hooks, report_blocked
 from .secrets import SecretMissing, broker_urls
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
@@ -47,6 +48,7 @@ class OperatorState:
     probes: ProbeRegistry = field(default_factory=ProbeRegistry)
     telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
     controller: PoolController = field(default_factory=PoolController)
+    metrics: PoolMetrics = field(default_factory=PoolMetrics)
     memories: dict[tuple[str, str], PoolMemory] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -140,9 +142,18 @@ def one_pass(
 
     probe = memo.probes.probe(url, management)
     telemetry = memo.telemetry.monitor(url)
-    limits, drain = controller_hooks(memo.controller, url)
-    reconciler = Reconciler(probe, telemetry, workload, reporter, memory, limits=limits, drain=drain)
-    reconciler.reconcile(pool, generation)
+    namespace, name = pool.metadata.namespace, pool.metadata.name
+
+    def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
+        if result.errors:
+            memo.metrics.record_broadcast_error(namespace, name, len(result.errors))
+
+    limits, drain = controller_hooks(memo.controller, url, count_errors)
+    timed = TimedProbe(probe, memo.metrics, url)
+    reconciler = Reconciler(timed, telemetry, workload, reporter, memory, limits=limits, drain=drain)
+    decision = reconciler.reconcile(pool, generation)
+    busy = reconciler.measured.telemetry.busy_slots if reconciler.measured and reconciler.measured.telemetry else None
+    memo.metrics.record_pass(namespace, name, memory.last_status or {}, decision, busy_slots=busy)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=True)
@@ -150,6 +161,7 @@ def forget(body: kopf.Body, memo: OperatorState, **_: Any) -> None:
     """The Deployment goes with its owner reference; here only what we remember goes."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     memo.memories.pop(key, None)
+    memo.metrics.forget(*key)
     broker = body.get("spec", {}).get("broker", {})
     if broker.get("url"):
         memo.controller.forget(broker["url"], key[1])

@@ -12,8 +12,9 @@ a small fixed set of reason kinds — never the free-text reason of a decision.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
@@ -24,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .policy import Decision
 from .redact import redact
 
@@ -206,3 +208,23 @@ def _pool_counters(pools: Pools) -> Iterator[Metric]:
             decisions.add_metric((*labels, direction, kind), count)
         errors.add_metric(labels, pool.broadcast_errors)
     yield from (decisions, errors)
+
+
+class TimedProbe:
+    """A broker probe whose every call is timed, and counted when the broker could not answer."""
+
+    def __init__(self, probe: QueueProbe, metrics: PoolMetrics, broker: str) -> None:
+        self.probe, self.metrics, self.broker = probe, metrics, broker
+
+    def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
+        started = time.monotonic()
+        try:
+            stats = self.probe.stats(queues)
+        except BrokerUnavailable:
+            self.metrics.record_probe(self.broker, time.monotonic() - started, error=True)
+            raise
+        self.metrics.record_probe(self.broker, time.monotonic() - started, error=False)
+        return stats
+
+    def close(self) -> None:
+        self.probe.close()

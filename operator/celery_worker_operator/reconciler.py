@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
-from .control import PoolController, PoolSettings
+from .control import ConvergeResult, PoolController, PoolSettings
 from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
@@ -94,6 +94,7 @@ class Reconciler:
     ) -> None:
         self.probe, self.telemetry, self.workload, self.reporter = probe, telemetry, workload, reporter
         self.limits, self.drain = limits, drain
+        self.measured: Measurements | None = None  # the last pass's numbers, for metrics
         self.memory = memory or PoolMemory()
         self.clock = clock
 
@@ -105,6 +106,7 @@ class Reconciler:
         except WorkloadMissing as missing:
             report_blocked(self.memory, self.reporter, "WorkloadMissing", str(missing), generation, now)
             return None
+        self.measured = measured
         concurrency = measured.workload.concurrency or 1
         obs = observation(now, measured)
         decision = decide(obs, pool.spec.autoscaling, concurrency, self.memory.history)
@@ -166,11 +168,18 @@ class Reconciler:
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
 
 
-def controller_hooks(controller: PoolController, broker_url: str) -> tuple[LimitsConverger, Drainer]:
-    """The limits and drain steps of a pass, done by the control broadcasts of `controller`."""
+def controller_hooks(
+    controller: PoolController,
+    broker_url: str,
+    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
+) -> tuple[LimitsConverger, Drainer]:
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller`;
+    `on_result` sees each convergence (the operator counts broadcast errors from it)."""
 
     def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        return controller.converge(broker_url, pool.metadata.name, PoolSettings.from_spec(pool.spec)).condition
+        result = controller.converge(broker_url, pool.metadata.name, PoolSettings.from_spec(pool.spec))
+        on_result(pool, result)
+        return result.condition
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
         hostnames = [f"{pool.metadata.name}@{member}" for member in members]

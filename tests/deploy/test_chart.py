@@ -65,11 +65,6 @@ def test_chart_crd_is_the_generated_one_byte_for_byte() -> None:
     assert (CHART / "crds" / generated.name).read_bytes() == generated.read_bytes(), "run: make crd, then copy"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crd.py emits `const: Deployment` (pydantic Literal) at spec.scaleTargetRef.kind; a structural "
-    "schema has no `const` (JSONSchemaProps): it must be `enum: [Deployment]`",
-)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_chart_crds_validate_strictly(kube_version: str) -> None:
     for crd in chart_crds():
@@ -149,7 +144,6 @@ def test_one_active_operator_at_a_time(values: dict[str, Any]) -> None:
         assert not any(a.startswith("--peering") for a in args), "without --peering, `run` is standalone"
 
 
-@pytest.mark.xfail(strict=True, reason="`run` has no --metrics-port yet: it must serve PoolMetrics on that port")
 @combinations
 def test_the_operator_accepts_the_arguments_the_chart_passes(values: dict[str, Any]) -> None:
     args = deployment(values)["spec"]["template"]["spec"]["containers"][0]["args"]

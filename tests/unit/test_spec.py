@@ -39,7 +39,7 @@ def test_crd_is_structural_and_has_the_subresources() -> None:
     crd = build_crd()
     version = crd["spec"]["versions"][0]
     text = yaml.safe_dump(version["schema"])
-    for forbidden in ("$ref", "anyOf", "$defs", "title:", "null"):
+    for forbidden in ("$ref", "anyOf", "$defs", "title:", "null", "const:"):
         assert forbidden not in text
     assert version["subresources"]["scale"] == {
         "specReplicasPath": ".spec.replicas",
