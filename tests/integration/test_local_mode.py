@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,39 +13,17 @@ import pytest
 import redis
 
 from celery_worker_operator.localmode import LocalRun
-from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.reconciler import member_load
 from tests.support.local_app import app, record
+from tests.support.local_pool import local_pool_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRun]:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
-    name = f"lm-{uuid.uuid4().hex[:8]}"
-    pool = parse_pool(
-        {
-            "apiVersion": "celery-operator.dev/v1alpha1",
-            "kind": "CeleryWorkerPool",
-            "metadata": {"name": name},
-            "spec": {
-                "broker": {"url": redis_url},
-                "queues": [name],
-                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": 4},
-                "autoscaling": {
-                    "minReplicas": 0, "maxReplicas": 4, "pollSeconds": 1, "targetWaitSeconds": 5,
-                    "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": 3},
-                },
-            },
-        }
-    )  # fmt: skip
-    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
-    yield run
-    run.close()
-    client = redis.Redis.from_url(redis_url)
-    client.delete(name, f"{name}:started", f"{name}:ended")
+    with local_pool_run(redis_url, monkeypatch, "lm", concurrency=4, max_replicas=4, scale_down_seconds=3) as run:
+        yield run
 
 
 def send(run: LocalRun, count: int, seconds: float) -> None:

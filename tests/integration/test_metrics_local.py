@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_worker_operator.localmode import LocalRun
-from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.metrics import PoolMetrics
 from tests.support.local_app import app, record
+from tests.support.local_pool import local_pool_run
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "local"
@@ -25,29 +24,8 @@ TASKS = 24
 
 @pytest.fixture
 def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRun]:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    name = f"mx-{uuid.uuid4().hex[:8]}"
-    pool = parse_pool(
-        {
-            "apiVersion": "celery-operator.dev/v1alpha1",
-            "kind": "CeleryWorkerPool",
-            "metadata": {"name": name},
-            "spec": {
-                "broker": {"url": redis_url},
-                "queues": [name],
-                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": 2},
-                "autoscaling": {
-                    "minReplicas": 0, "maxReplicas": 2, "pollSeconds": 1, "targetWaitSeconds": 5,
-                    "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": 2},
-                },
-            },
-        }
-    )  # fmt: skip
-    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
-    yield run
-    run.close()
-    redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+    with local_pool_run(redis_url, monkeypatch, "mx", concurrency=2, max_replicas=2, scale_down_seconds=2) as run:
+        yield run
 
 
 @pytest.fixture

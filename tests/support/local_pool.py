@@ -1,0 +1,55 @@
+"""A pool in local mode on the test Redis, running `tests.support.local_app` workers for real."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_worker_operator.localmode import LocalRun
+from celery_worker_operator.manifests import parse_pool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def local_pool_run(
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    prefix: str,
+    *,
+    concurrency: int,
+    max_replicas: int,
+    scale_down_seconds: float,
+) -> Iterator[LocalRun]:
+    """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    pool = parse_pool(
+        {
+            "apiVersion": "celery-operator.dev/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": name},
+            "spec": {
+                "broker": {"url": redis_url},
+                "queues": [name],
+                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": concurrency},
+                "autoscaling": {
+                    "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
+                },
+            },
+        }
+    )  # fmt: skip
+    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
+    try:
+        yield run
+    finally:
+        run.close()
+        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
