@@ -114,6 +114,10 @@ def _exists(api: client.ApiClient, name: str) -> bool:
     return True
 
 
+def events_named(api: client.ApiClient, name: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in events_for(api, name) if e["reason"] == reason]
+
+
 def create_pod(api: client.ApiClient, pool: str, pod: str) -> None:
     """What the ReplicaSet would do (kmock runs no controllers): a Pod with the pool's labels."""
     body = {
@@ -147,8 +151,8 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
             for _ in range(24):
                 sender.send_task(HOLD, (1.0,), queue=queue)
             await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 4, timeout=20)
-            up = [e for e in events_for(k8s_api, name) if e["reason"] == "ScaledUp"]
-            assert up and "waiting" in up[0]["message"] and "slots" in up[0]["message"], up
+            up = await wait_for(lambda: events_named(k8s_api, name, "ScaledUp"), timeout=10)  # posted by kopf, async
+            assert "waiting" in up[0]["message"] and "slots" in up[0]["message"], up
 
             busy = sender.send_task(HOLD, (40.0,), queue=queue)
 
@@ -163,7 +167,7 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
             await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 1, timeout=60)
             assert deletion_cost(k8s_api, idle_pod) == "0"
             assert int(deletion_cost(k8s_api, busy_pod) or 0) >= 1
-            assert any(e["reason"] == "ScaledDown" for e in events_for(k8s_api, name))
+            assert await wait_for(lambda: events_named(k8s_api, name, "ScaledDown"), timeout=10)
             busy.revoke(terminate=True)
     redis.Redis.from_url(redis_url).delete(queue)
 
@@ -216,12 +220,13 @@ async def test_missing_secret_is_a_condition_and_an_event_and_other_pools_go_on(
         blocked = await wait_for(lambda: condition(read_pool(k8s_api, name), "Ready"), timeout=15)
         assert (blocked["status"], blocked["reason"]) == ("False", "SecretMissing")
         assert f"{name}-broker" in blocked["message"]
-        warnings = [e for e in events_for(k8s_api, name) if e["reason"] == "SecretMissing"]
-        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+        warnings = await wait_for(lambda: events_named(k8s_api, name, "SecretMissing"), timeout=10)
         fine = await wait_for(lambda: condition(read_pool(k8s_api, f"{name}-ok"), "MetricsAvailable"), timeout=15)
         assert fine["status"] == "True"
         create_secret(k8s_api, f"{name}-broker", redis_url)
         await wait_for(lambda: (condition(read_pool(k8s_api, name), "Ready") or {}).get("status") == "True", timeout=15)
+        warnings = events_named(k8s_api, name, "SecretMissing")
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning", "one Warning when blocked, not one per poll"
 
 
 async def test_broker_outage_holds_replicas_and_recovers(
