@@ -8,7 +8,7 @@ import time
 
 
 def celery_demo_processes() -> list[str]:
-    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     return [line for line in listing.splitlines() if "celery_worker_operator.demo_app" in line]
 
 
