@@ -27,8 +27,8 @@ from .telemetry import TelemetryMonitors
 from .workloads.kubernetes import KubernetesWorkload
 
 PREFIX = "celery-operator.dev"
+INVALID_SPEC_RETRY_SECONDS = 30
 registry = kopf.OperatorRegistry()
-log = logging.getLogger(__name__)
 
 
 def kubernetes_client() -> client.ApiClient:
@@ -122,9 +122,10 @@ def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: OperatorState,
     while not stopped:
         try:
             pool = parse_pool(dict(body))
-        except InvalidPool as invalid:
-            log.warning("%s", invalid)
-            stopped.wait(30)
+        except InvalidPool as invalid:  # past the schema (an old CRD, a webhook-less edit): say so, wait for a fix
+            generation = body.get("metadata", {}).get("generation")
+            report_blocked(memory, reporter, "InvalidSpec", str(invalid), generation, time.time())
+            stopped.wait(INVALID_SPEC_RETRY_SECONDS)
             continue
         one_pass(pool, memo, memory, reporter, body.get("metadata", {}).get("generation"))
         stopped.wait(pool.spec.autoscaling.poll_seconds)

@@ -275,3 +275,18 @@ async def test_restarted_operator_resumes_without_flapping(
             await asyncio.sleep(0.25)
         assert set(seen) == {4}, f"the restarted operator changed replicas at once: {seen}"
         await wait_for(lambda: deployment(k8s_api, name).spec.replicas < 4, timeout=30)
+
+
+async def test_a_spec_the_schema_would_refuse_is_a_condition_not_a_crash(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    """kmock, like a cluster with an old CRD, stores what the schema would refuse: the pool says why."""
+    name, queue = names
+    create_secret(k8s_api, f"{name}-broker", redis_url)
+    async with operator(k8s_emulator):
+        apply_pool(k8s_api, pool_manifest(name, queue, minReplicas=5, maxReplicas=2))
+        blocked = await wait_for(lambda: condition(read_pool(k8s_api, name), "Ready"), timeout=15)
+        assert (blocked["status"], blocked["reason"]) == ("False", "InvalidSpec")
+        assert "spec.autoscaling.maxReplicas" in blocked["message"]
+        assert await wait_for(lambda: events_named(k8s_api, name, "InvalidSpec"), timeout=10)
+        assert not _exists(k8s_api, name), "no Deployment is made from an invalid pool"
