@@ -290,3 +290,41 @@ async def test_a_spec_the_schema_would_refuse_is_a_condition_not_a_crash(
         assert "spec.autoscaling.maxReplicas" in blocked["message"]
         assert await wait_for(lambda: events_named(k8s_api, name, "InvalidSpec"), timeout=10)
         assert not _exists(k8s_api, name), "no Deployment is made from an invalid pool"
+
+
+async def test_drain_mode_unsubscribes_the_worker_it_removes(
+    k8s_emulator: Emulator, k8s_api: client.ApiClient, redis_url: str, names: tuple[str, str]
+) -> None:
+    name, queue = names
+    create_secret(k8s_api, f"{name}-broker", redis_url)
+    sender = make_app(redis_url)
+    pods = [f"{name}-a", f"{name}-b"]
+    scaling = {"maxReplicas": 2, "scaleDown": {"stabilizationSeconds": 2, "mode": "drain"}}
+    with CeleryWorkers("tests.support.celery_app", redis_url) as workers:
+        for pod in pods:
+            create_pod(k8s_api, name, pod)
+            workers.start(f"{name}@{pod}", [queue], concurrency=1, prefetch_multiplier=1)
+        for pod in pods:
+            workers.wait_ready(sender, f"{name}@{pod}")
+        async with operator(k8s_emulator):
+            apply_pool(k8s_api, pool_manifest(name, queue, **scaling))
+            await wait_for(lambda: _exists(k8s_api, name), timeout=15)
+            for _ in range(8):
+                sender.send_task(HOLD, (0.5,), queue=queue)
+            await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 2, timeout=20)
+            busy = sender.send_task(HOLD, (30.0,), queue=queue)
+
+            def holder() -> str | None:
+                active = sender.control.inspect(destination=[f"{name}@{p}" for p in pods], timeout=1).active() or {}
+                return next((h for h, tasks in active.items() if any(t["id"] == busy.id for t in tasks)), None)
+
+            busy_pod = (await wait_for(holder, timeout=30)).partition("@")[2]
+            idle_pod = next(p for p in pods if p != busy_pod)
+            await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 1, timeout=30)
+            assert deletion_cost(k8s_api, idle_pod) == "-1", "the drained pod must be the one the ReplicaSet removes"
+            assert int(deletion_cost(k8s_api, busy_pod) or 0) >= 1
+            queues = sender.control.inspect(destination=[f"{name}@{idle_pod}"], timeout=2).active_queues() or {}
+            assert queues.get(f"{name}@{idle_pod}") == [], "the drained worker still consumes"
+            assert holder() == f"{name}@{busy_pod}", "the busy worker's task was not disturbed"
+            busy.revoke(terminate=True)
+    redis.Redis.from_url(redis_url).delete(queue)
