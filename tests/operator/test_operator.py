@@ -309,7 +309,7 @@ async def test_drain_mode_unsubscribes_the_worker_it_removes(
         async with operator(k8s_emulator):
             apply_pool(k8s_api, pool_manifest(name, queue, **scaling))
             await wait_for(lambda: _exists(k8s_api, name), timeout=15)
-            for _ in range(8):
+            for _ in range(30):  # 30 x 1 s (the prior) / 5 s target = 6 slots: both replicas, whatever is measured
                 sender.send_task(HOLD, (0.5,), queue=queue)
             await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 2, timeout=20)
             busy = sender.send_task(HOLD, (30.0,), queue=queue)
