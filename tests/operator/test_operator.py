@@ -148,7 +148,7 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
         async with operator(k8s_emulator):
             apply_pool(k8s_api, pool_manifest(name, queue, maxReplicas=4, scaleDown={"stabilizationSeconds": 2}))
             await wait_for(lambda: _exists(k8s_api, name), timeout=15)
-            for _ in range(24):
+            for _ in range(40):  # 40 x 1 s / 5 s target = 8 slots = 4 replicas from the backlog alone
                 sender.send_task(HOLD, (1.0,), queue=queue)
             await wait_for(lambda: deployment(k8s_api, name).spec.replicas == 4, timeout=20)
             up = await wait_for(lambda: events_named(k8s_api, name, "ScaledUp"), timeout=10)  # posted by kopf, async
