@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import click
 import yaml
 from rich.console import Console
 from rich.live import Live
+from rich.logging import RichHandler
 from rich.table import Table
 
 from .crd import build_crd
@@ -110,10 +112,16 @@ def demo(broker: str | None) -> None:
     pool = load_pools(DEMO_POOL)[0]
     url = broker or pool.spec.broker.url or ""
     console = Console()
+    _log_to(console, logging.ERROR)  # workers still booting miss a control reply or two: not news in a demo
     console.print(f"demo: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops it cleanly")
     with Live(console=console, refresh_per_second=2, transient=True) as live:
         summary = run_demo(url, lambda run: live.update(run.view()), console.print)
     console.print("\n".join(summary.lines()))
+
+
+def _log_to(console: Console, level: int) -> None:
+    """Log lines printed above the live view instead of through it."""
+    logging.basicConfig(level=level, handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
 @main.command()
@@ -131,6 +139,7 @@ def local(pool_file: Path, broker: str | None, name: str | None, worker_log: Pat
     if not url:
         raise click.UsageError("this pool reads its broker URL from a Secret: give it with --broker")
     console = Console()
+    _log_to(console, logging.WARNING)
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(worker_log.open("ab")) if worker_log else None

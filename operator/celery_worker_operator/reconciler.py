@@ -173,12 +173,19 @@ def controller_hooks(
     broker_url: str,
     on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
 ) -> tuple[LimitsConverger, Drainer]:
-    """The limits and drain steps of a pass, done by the control broadcasts of `controller`;
-    `on_result` sees each convergence (the operator counts broadcast errors from it)."""
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller`.
+
+    Limits converge in the background (the condition shows the latest finished pass; `on_result`
+    sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
+    workers must be idle before replicas go down."""
 
     def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        result = controller.converge(broker_url, pool.metadata.name, PoolSettings.from_spec(pool.spec))
-        on_result(pool, result)
+        settings = PoolSettings.from_spec(pool.spec)
+        result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
+        if result is None:
+            return "Unknown", "Converging", "the first convergence pass is under way"
+        if fresh:
+            on_result(pool, result)
         return result.condition
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:

@@ -297,3 +297,18 @@ def test_drain_lets_a_busy_worker_finish_and_keeps_it_unsubscribed(scene: Scene)
     assert scene.settle(hostname, lambda s: not s.queues).queues == frozenset()
     scene.converge(pool, PoolSettings(frozenset({queue})))  # a later pass must not subscribe it again
     assert scene.seen(hostname).queues == frozenset()
+
+
+def test_background_convergence_reports_each_finished_pass_once(scene: Scene) -> None:
+    pool, queue = unique("bg"), scene.queue("bg")
+    hostname = scene.start(f"{pool}@w1", [queue])
+    desired = PoolSettings(frozenset({queue}), {RECORD: "30/m"})
+    assert scene.controller.converge_in_background(scene.broker_url, pool, desired) == (None, False)
+
+    def latest() -> tuple[ConvergeResult | None, bool]:
+        return scene.controller.converge_in_background(scene.broker_url, pool, desired)
+
+    result, fresh = wait_for(latest, lambda r: r[0] is not None, timeout=20)
+    assert fresh and result is not None and result.workers == (hostname,)
+    assert latest() == (result, False), "a finished pass is reported once (the next one waits a full ping)"
+    assert scene.settle(hostname, lambda s: s.rate_limits.get(RECORD) == "30/m")

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ COMMANDS = frozenset(
     {"ping", "active_queues", "registered", "active", "rate_limit", "time_limit", "add_consumer", "cancel_consumer"}
 )
 DRAIN_POLL_SECONDS = 0.5
+BACKGROUND_PASSES = 4  # pools converged at the same time, off their sizing loops
 CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a pass in seconds; the next poll tries again
 
 
@@ -72,7 +74,27 @@ class PoolController:
         self._defaults: dict[tuple[str, str], Defaults] = {}
         self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
         self._draining: dict[tuple[str, str], set[str]] = {}  # workers on their way out: not re-subscribed
+        self._running: dict[tuple[str, str], Future[ConvergeResult]] = {}
+        self._finished: dict[tuple[str, str], ConvergeResult] = {}
+        self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_PASSES, thread_name_prefix="converge")
         self._guard = threading.Lock()
+
+    def converge_in_background(
+        self, broker_url: str, pool: str, desired: PoolSettings
+    ) -> tuple[ConvergeResult | None, bool]:
+        """Start a pass for `pool` unless one is under way; return the latest finished result and
+        whether it is new since the last call. A sizing loop calls this so that a silent worker's
+        retries (seconds) never delay a scaling decision."""
+        key = (broker_url, pool)
+        with self._guard:
+            running = self._running.get(key)
+            fresh = running is not None and running.done()
+            if fresh:
+                assert running is not None
+                self._finished[key] = running.result()
+            if running is None or running.done():
+                self._running[key] = self._executor.submit(self.converge, broker_url, pool, desired)
+            return self._finished.get(key), fresh
 
     def converge(self, broker_url: str, pool: str, desired: PoolSettings) -> ConvergeResult:
         """One pass for `pool` on `broker_url`: never raises for broker or worker trouble, reports it."""
@@ -115,9 +137,12 @@ class PoolController:
             self._defaults.pop((broker_url, pool), None)
             self._restart_pending.pop((broker_url, pool), None)
             self._draining.pop((broker_url, pool), None)
+            self._finished.pop((broker_url, pool), None)
+            self._running.pop((broker_url, pool), None)
 
     def close(self) -> None:
-        """Release every broker connection."""
+        """Finish the passes under way, then release every broker connection."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
         with self._guard:
             apps, self._apps, self._locks = list(self._apps.values()), {}, {}
         for app in apps:
