@@ -14,7 +14,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from .policy import Decision, Observation, Recommendation, decide, remember
+from .policy import Observation, Recommendation, decide, remember
 from .simulate import Removal
 from .spec import AutoscalingSpec
 
@@ -34,7 +34,6 @@ class OurScaler:
     name: str = "ours"
     removal: Removal = "idle_only"
     history: tuple[Recommendation, ...] = ()
-    decisions: list[Decision] = field(default_factory=list)
 
     @property
     def poll_seconds(self) -> float:
@@ -46,7 +45,6 @@ class OurScaler:
     def desired(self, obs: Observation) -> int:
         decision = decide(obs, self.spec, self.concurrency, self.history)
         self.history = remember(self.history, decision, obs.time, self.spec)
-        self.decisions.append(decision)
         return decision.replicas
 
 
