@@ -112,7 +112,7 @@ class Reconciler:
         decision = decide(obs, pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
         self._act(pool, measured, decision, now)
-        self._conditions(pool, measured, now, generation)
+        self._conditions(measured, now, generation)
         if self.limits is not None:
             status, reason, message = self.limits(pool)
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
@@ -157,7 +157,7 @@ class Reconciler:
             self.reporter.event("Warning", "DrainTimeout", message)
         return {**load, **dict.fromkeys(victims, DRAINED)}
 
-    def _conditions(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
+    def _conditions(self, measured: Measurements, now: float, generation: int | None) -> None:
         if measured.broker_error is None:
             set_condition(self.memory, "MetricsAvailable", "True", "BrokerMeasured", "queues measured", now, generation)
         else:

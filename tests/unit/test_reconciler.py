@@ -1,0 +1,144 @@
+"""The reconciler's own rules, with fakes of our adapters' protocols (the real ones are tested on
+real brokers, workers and the kmock API elsewhere): writes only on change, one Event per scale,
+one Warning per blocked spell, holding when blind, resuming from status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_worker_operator.brokers import BrokerUnavailable, QueueStats
+from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.reconciler import PoolMemory, Reconciler
+from celery_worker_operator.spec import CeleryWorkerPool
+from celery_worker_operator.telemetry import PoolTelemetry
+from celery_worker_operator.workloads import WorkloadMissing, WorkloadState
+
+
+def pool(**autoscaling: Any) -> CeleryWorkerPool:
+    return parse_pool(
+        {
+            "apiVersion": "celery-operator.dev/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": "p"},
+            "spec": {
+                "broker": {"url": "redis://r/0"},
+                "queues": ["q"],
+                "worker": {"app": "a", "image": "i", "concurrency": 2},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "taskDurationSeconds": 1, **autoscaling},
+            },
+        }
+    )
+
+
+@dataclass
+class FakeProbe:
+    depth: int = 0
+    down: bool = False
+
+    def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
+        if self.down:
+            raise BrokerUnavailable("redis://:secret@r/0", "connection refused", ["secret"])
+        return {q: QueueStats(q, self.depth, 0, None, 0.0) for q in queues}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeTelemetry:
+    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
+        return PoolTelemetry(
+            pool=pool, observed_seconds=60.0, task_events=True, busy_slots=0, live_workers=0, workers={}, tasks={}
+        )
+
+
+@dataclass
+class FakeWorkload:
+    replicas: int = 1
+    missing: bool = False
+    scaled: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+
+    def observe(self) -> WorkloadState:
+        if self.missing:
+            raise WorkloadMissing("Deployment default/p not found")
+        return WorkloadState(self.replicas, self.replicas, concurrency=2)
+
+    def scale(self, replicas: int, load: Mapping[str, int]) -> None:
+        self.scaled.append((replicas, dict(load)))
+        self.replicas = replicas
+
+
+@dataclass
+class FakeReporter:
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def status(self, status: dict[str, Any]) -> None:
+        self.statuses.append(status)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reconciler(
+    probe: FakeProbe, workload: FakeWorkload, memory: PoolMemory | None = None
+) -> tuple[Reconciler, FakeReporter, Clock]:
+    reporter, clock = FakeReporter(), Clock()
+    return Reconciler(probe, FakeTelemetry(), workload, reporter, memory, clock), reporter, clock
+
+
+def test_a_scale_is_one_event_with_its_reason_and_status_is_written_only_on_change() -> None:
+    probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
+    rec, reporter, clock = reconciler(probe, workload)
+    rec.reconcile(pool())
+    assert workload.scaled[0][0] == 5  # 300 waiting x 1 s / 30 s = 10 slots, 2 per worker
+    assert [(t, r) for t, r, _ in reporter.events] == [("Normal", "ScaledUp")]
+    assert "300 waiting" in reporter.events[0][2]
+    probe.depth = 0
+    workload.scaled.clear()
+    for _ in range(3):  # nothing changes inside the down window: no scale, no event, no new status
+        clock.now += 1
+        rec.reconcile(pool())
+    writes = len(reporter.statuses)
+    clock.now += 1
+    rec.reconcile(pool())
+    assert len(reporter.statuses) == writes and len(reporter.events) == 1 and workload.scaled == []
+
+
+def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:
+    probe, workload = FakeProbe(down=True), FakeWorkload(replicas=3)
+    rec, reporter, _ = reconciler(probe, workload)
+    decision = rec.reconcile(pool())
+    assert decision is not None and decision.replicas == 3 and workload.scaled == []
+    condition = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "MetricsAvailable")
+    assert (condition["status"], condition["reason"]) == ("False", "BrokerUnavailable")
+    assert "secret" not in str(reporter.statuses)
+
+
+def test_a_missing_workload_is_one_warning_however_many_passes() -> None:
+    rec, reporter, clock = reconciler(FakeProbe(), FakeWorkload(missing=True))
+    for _ in range(5):
+        clock.now += 10
+        assert rec.reconcile(pool()) is None
+    assert [(t, r) for t, r, _ in reporter.events] == [("Warning", "WorkloadMissing")]
+    ready = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WorkloadMissing")
+
+
+def test_a_resumed_pool_holds_its_last_desired_count_for_a_down_window() -> None:
+    status = {"desiredReplicas": 6, "replicas": 6, "conditions": []}
+    rec, _, clock = reconciler(FakeProbe(depth=0), FakeWorkload(replicas=6), PoolMemory.resume(status, 1_000_000.0))
+    spec = pool(scaleDown={"stabilizationSeconds": 30})
+    assert rec.reconcile(spec).replicas == 6  # type: ignore[union-attr]
+    clock.now += 31
+    assert rec.reconcile(spec).replicas < 6  # type: ignore[union-attr]
