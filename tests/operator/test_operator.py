@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from kubernetes import client
 
 from celery_worker_operator.handlers import OperatorState, registry
@@ -127,6 +128,25 @@ def create_pod(api: client.ApiClient, pool: str, pod: str) -> None:
     client.CoreV1Api(api).create_namespaced_pod(NS, body)
 
 
+def start_pod_workers(
+    api: client.ApiClient, workers: CeleryWorkers, sender: Celery, pool: str, queue: str, concurrency: int
+) -> list[str]:
+    """Two Pods as the ReplicaSet would make them, each with a real worker named after it."""
+    pods = [f"{pool}-a", f"{pool}-b"]
+    for pod in pods:
+        create_pod(api, pool, pod)
+        workers.start(f"{pool}@{pod}", [queue], concurrency=concurrency, prefetch_multiplier=1)
+    for pod in pods:
+        workers.wait_ready(sender, f"{pool}@{pod}")
+    return pods
+
+
+def task_holder(sender: Celery, pool: str, pods: list[str], task_id: str) -> str | None:
+    """The worker (hostname) running `task_id` now, if any."""
+    active = sender.control.inspect(destination=[f"{pool}@{p}" for p in pods], timeout=1).active() or {}
+    return next((h for h, tasks in active.items() if any(t["id"] == task_id for t in tasks)), None)
+
+
 def deletion_cost(api: client.ApiClient, pod: str) -> str | None:
     annotations = client.CoreV1Api(api).read_namespaced_pod(pod, NS).metadata.annotations or {}
     return annotations.get(DELETION_COST)
@@ -138,13 +158,8 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
     name, queue = names
     create_secret(k8s_api, f"{name}-broker", redis_url)
     sender = make_app(redis_url)
-    pods = [f"{name}-a", f"{name}-b"]
     with CeleryWorkers("tests.support.celery_app", redis_url) as workers:
-        for pod in pods:
-            create_pod(k8s_api, name, pod)
-            workers.start(f"{name}@{pod}", [queue], concurrency=2, prefetch_multiplier=1)
-        for pod in pods:
-            workers.wait_ready(sender, f"{name}@{pod}")
+        pods = start_pod_workers(k8s_api, workers, sender, name, queue, concurrency=2)
         async with operator(k8s_emulator):
             apply_pool(k8s_api, pool_manifest(name, queue, maxReplicas=4, scaleDown={"stabilizationSeconds": 2}))
             await wait_for(lambda: _exists(k8s_api, name), timeout=15)
@@ -157,8 +172,7 @@ async def test_burst_scales_up_with_its_terms_and_down_sparing_the_busy_pod(
             busy = sender.send_task(HOLD, (40.0,), queue=queue)
 
             def holder() -> str | None:
-                active = sender.control.inspect(destination=[f"{name}@{p}" for p in pods], timeout=1).active() or {}
-                return next((h for h, tasks in active.items() if any(t["id"] == busy.id for t in tasks)), None)
+                return task_holder(sender, name, pods, busy.id)
 
             worker = await wait_for(holder, timeout=30)
             busy_pod = worker.partition("@")[2]
@@ -220,7 +234,7 @@ async def test_missing_secret_is_a_condition_and_an_event_and_other_pools_go_on(
         blocked = await wait_for(lambda: condition(read_pool(k8s_api, name), "Ready"), timeout=15)
         assert (blocked["status"], blocked["reason"]) == ("False", "SecretMissing")
         assert f"{name}-broker" in blocked["message"]
-        warnings = await wait_for(lambda: events_named(k8s_api, name, "SecretMissing"), timeout=10)
+        await wait_for(lambda: events_named(k8s_api, name, "SecretMissing"), timeout=10)
         fine = await wait_for(lambda: condition(read_pool(k8s_api, f"{name}-ok"), "MetricsAvailable"), timeout=15)
         assert fine["status"] == "True"
         create_secret(k8s_api, f"{name}-broker", redis_url)
@@ -298,14 +312,9 @@ async def test_drain_mode_unsubscribes_the_worker_it_removes(
     name, queue = names
     create_secret(k8s_api, f"{name}-broker", redis_url)
     sender = make_app(redis_url)
-    pods = [f"{name}-a", f"{name}-b"]
     scaling = {"maxReplicas": 2, "scaleDown": {"stabilizationSeconds": 2, "mode": "drain"}}
     with CeleryWorkers("tests.support.celery_app", redis_url) as workers:
-        for pod in pods:
-            create_pod(k8s_api, name, pod)
-            workers.start(f"{name}@{pod}", [queue], concurrency=1, prefetch_multiplier=1)
-        for pod in pods:
-            workers.wait_ready(sender, f"{name}@{pod}")
+        pods = start_pod_workers(k8s_api, workers, sender, name, queue, concurrency=1)
         async with operator(k8s_emulator):
             apply_pool(k8s_api, pool_manifest(name, queue, **scaling))
             await wait_for(lambda: _exists(k8s_api, name), timeout=15)
@@ -315,8 +324,7 @@ async def test_drain_mode_unsubscribes_the_worker_it_removes(
             busy = sender.send_task(HOLD, (30.0,), queue=queue)
 
             def holder() -> str | None:
-                active = sender.control.inspect(destination=[f"{name}@{p}" for p in pods], timeout=1).active() or {}
-                return next((h for h, tasks in active.items() if any(t["id"] == busy.id for t in tasks)), None)
+                return task_holder(sender, name, pods, busy.id)
 
             busy_pod = (await wait_for(holder, timeout=30)).partition("@")[2]
             idle_pod = next(p for p in pods if p != busy_pod)
