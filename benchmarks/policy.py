@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from celery_worker_operator.scalers import FixedScaler
-from celery_worker_operator.scenarios import SCENARIOS, run_scenario
-from celery_worker_operator.simulate import oracle_worker_seconds, simulate
+from celery_worker_operator.simulation.baselines import FixedScaler
+from celery_worker_operator.simulation.engine import oracle_worker_seconds, simulate
+from celery_worker_operator.simulation.scenarios import SCENARIOS, run_scenario
 
 
 def main() -> None:

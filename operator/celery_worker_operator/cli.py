@@ -17,13 +17,13 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .crd import build_crd
-from .demo import DEMO_POOL, run_demo
+from .demo.run import DEMO_POOL, run_demo
 from .localmode import LocalRun
 from .manifests import InvalidPool, load_pools
 from .policy import plan as plan_pool
 from .redact import redact
-from .scenarios import SCENARIOS, Scenario, run_scenario
-from .simulate import PoolModel, Result, oracle_worker_seconds, parse_trace
+from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
+from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import AutoscalingSpec
 from .units import parse_duration, parse_rate
 
@@ -65,12 +65,13 @@ def run(
     """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
     import kopf
 
-    from .handlers import OperatorState, kubernetes_client, registry
+    from .handlers import registry
+    from .kube import Operator, kubernetes_client
 
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
-    state = OperatorState(kubernetes_client())
-    state.metrics.serve(metrics_port)
+    state = Operator(kubernetes_client())
+    state.shared.metrics.serve(metrics_port)
     kopf.run(
         registry=registry,
         memo=state,
@@ -168,15 +169,19 @@ def plan(
         min_replicas=0, max_replicas=10000, target_wait_seconds=target_wait, target_utilization=utilization
     )
     terms = plan_pool(arrival, duration, backlog, spec, concurrency).terms
-    click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms['offered_load']:.4g} busy slots")
-    click.echo(
-        f"steady slots   {terms['offered_load']:.4g} / {utilization:.2g} utilization = {terms['steady_slots']:.4g}"
-    )
-    click.echo(
-        f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {terms['backlog_slots']:.4g}"
-    )
-    click.echo(f"slots          {terms['slots']:.4g}")
-    click.echo(f"replicas       ceil({terms['slots']:.4g} / {concurrency}) = {terms['recommendation']}")
+    if terms.offered_load is not None and terms.steady_slots is not None and terms.backlog_slots is not None:
+        click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms.offered_load:.4g} busy slots")
+        click.echo(
+            f"steady slots   {terms.offered_load:.4g} / {utilization:.2g} utilization = {terms.steady_slots:.4g}"
+        )
+        click.echo(
+            f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {terms.backlog_slots:.4g}"
+        )
+    else:  # no task duration: the formula falls back to counting what waits
+        click.echo(f"no task duration: {backlog} waiting / {utilization:.2g} utilization")
+    slots = terms.slots or 0.0
+    click.echo(f"slots          {slots:.4g}")
+    click.echo(f"replicas       ceil({slots:.4g} / {concurrency}) = {terms.recommendation}")
 
 
 @main.command()
@@ -213,7 +218,7 @@ def simulate(
     oracle = oracle_worker_seconds(chosen.tasks(seed), chosen.pool, chosen.autoscaling.min_replicas, results[0].end)
     Console(width=120).print(comparison_table(chosen, results, oracle))
     if plot:
-        from .charts import plot_results
+        from .simulation.charts import plot_results
 
         plot_results(results, plot)
         click.echo(f"chart written to {plot}")

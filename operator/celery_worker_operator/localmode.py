@@ -1,6 +1,6 @@
 """`celery-worker-operator local`: the operator's loop on this machine, scaling real workers.
 
-The same Reconciler as on Kubernetes, with the LocalWorkload for replicas and a reporter that
+The same pool loop as on Kubernetes, with the LocalWorkload for replicas and a reporter that
 keeps the latest status and decisions for a live terminal view instead of the API server.
 """
 
@@ -18,11 +18,11 @@ from typing import IO, Any
 from rich.console import Group
 from rich.table import Table
 
-from .brokers import open_probe
-from .control import PoolController
-from .reconciler import Reconciler, controller_hooks
+from .metrics import PoolMetrics
+from .pool_loop import PoolLoop, SharedResources
+from .reconciler import PassResult
 from .spec import CeleryWorkerPool
-from .telemetry import EventMonitor
+from .telemetry import PoolTelemetry, TelemetryMonitors
 from .workloads.local import LocalWorkload
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,25 @@ class LocalRun:
     worker_output: IO[bytes] | None = None
     reporter: LocalReporter = field(default_factory=LocalReporter)
     telemetry_window: float = 60.0  # seconds of events behind each rate: shorter reacts faster, noisier
+    metrics: PoolMetrics = field(default_factory=PoolMetrics)  # serve() it to scrape a local run
 
     def __post_init__(self) -> None:
-        self.probe = open_probe(self.broker_url)
-        self.monitor = EventMonitor(self.broker_url, window=self.telemetry_window).start()
+        self.shared = SharedResources(telemetry=TelemetryMonitors(window=self.telemetry_window), metrics=self.metrics)
         self.workload = LocalWorkload(
             self.pool, self.broker_url, cwd=self.cwd, log_stream=self.worker_output, on_restart=self._restarted
         )
-        self.controller = PoolController()
-        limits, drain = controller_hooks(self.controller, self.broker_url)
-        self.reconciler = Reconciler(self.probe, self.monitor, self.workload, self.reporter, limits=limits, drain=drain)
-        self.monitor.wait_connected(10.0)
+        namespace, name = self.pool.metadata.namespace, self.pool.metadata.name
+        self.loop = PoolLoop(
+            namespace=namespace,
+            name=name,
+            reporter=self.reporter,
+            sources=lambda pool: self.shared.sources(namespace, name, (self.broker_url, None), self.workload),
+            metrics=self.metrics,
+        )
+        self.shared.telemetry.monitor(self.broker_url).wait_connected(10.0)  # hear the workers from the first pass
 
-    def step(self) -> None:
-        self.reconciler.reconcile(self.pool)
+    def step(self) -> PassResult:
+        return self.loop.step(self.pool)
 
     def run(self, stop: threading.Event, on_pass: Callable[[LocalRun], None] = lambda run: None) -> None:
         """Pass after pass every pollSeconds until `stop` is set."""
@@ -82,9 +87,11 @@ class LocalRun:
 
     def close(self) -> None:
         self.workload.close()
-        self.controller.close()
-        self.monitor.stop()
-        self.probe.close()
+        self.shared.close()
+
+    def telemetry(self) -> PoolTelemetry:
+        """The pool's numbers from its workers' events, now."""
+        return self.shared.telemetry.snapshot(self.broker_url, self.pool.metadata.name, self.pool.spec.queues)
 
     def _restarted(self, member: str, code: int) -> None:
         self.reporter.event("Warning", "WorkerRestarted", f"worker {member} exited with {code}; replaced")
@@ -98,7 +105,7 @@ class LocalRun:
                 queue["name"], str(queue["depth"]), str(queue["reserved"]), str(queue.get("oldestAgeSeconds", "-"))
             )
         concurrency = self.pool.spec.worker.concurrency if self.pool.spec.worker else 1
-        telemetry = self.monitor.snapshot(self.pool.metadata.name, self.pool.spec.queues)
+        telemetry = self.telemetry()
         numbers = Table.grid(padding=(0, 2))
         numbers.add_row(
             "arrival", f"{telemetry.arrival_rate or 0:.2f}/s", "service", _seconds(telemetry.service_time_mean)

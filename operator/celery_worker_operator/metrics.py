@@ -26,13 +26,24 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
-from .policy import Decision
+from .policy import Decision, DecisionKind
 from .redact import redact
 
 PREFIX = "celery_worker_operator"
 METRICS_PORT = 9090
 Direction = Literal["up", "down"]
-REASON_KINDS = ("from_zero", "to_zero", "backlog", "steady", "fallback", "hold")
+# The `reason` label of scale decisions: a decision's kind, in the label values dashboards already use.
+REASON_LABELS = {
+    DecisionKind.FROM_ZERO: "from_zero",
+    DecisionKind.TO_ZERO: "to_zero",
+    DecisionKind.BACKLOG: "backlog",
+    DecisionKind.STEADY: "steady",
+    DecisionKind.FALLBACK: "fallback",
+    DecisionKind.BLIND: "hold",
+    DecisionKind.HOLD: "hold",
+    DecisionKind.DISABLED: "hold",
+}
+REASON_KINDS = tuple(dict.fromkeys(REASON_LABELS.values()))
 
 # (metric suffix, status key, help): one gauge per pool from the status subresource.
 POOL_GAUGES = (
@@ -55,20 +66,9 @@ QUEUE_GAUGES = (
 POOL_LABELS = ("namespace", "pool")
 
 
-def reason_kind(decision: Decision, current: int) -> str:
-    """A scale decision folded into one of REASON_KINDS, from its terms rather than its prose."""
-    terms = decision.terms
-    if current == 0 and decision.replicas > 0:
-        return "from_zero"
-    if decision.replicas == 0:
-        return "to_zero"
-    if "slots" not in terms:  # the policy held: no trustworthy broker numbers
-        return "fallback" if "fallback_replicas" in terms else "hold"
-    if float(terms.get("backlog_slots", 0)) > float(terms.get("steady_slots", 0)):
-        return "backlog"
-    if "service_time" not in terms and int(terms.get("backlog", 0)) > 0:
-        return "backlog"
-    return "steady"
+def reason_kind(decision: Decision) -> str:
+    """The `reason` label of a scale decision: its kind, never its prose."""
+    return REASON_LABELS[decision.kind]
 
 
 @dataclass
@@ -116,7 +116,7 @@ class PoolMetrics(Collector):
         current = status.get("replicas")
         if decision is not None and current is not None and decision.replicas != current:
             direction: Direction = "up" if decision.replicas > current else "down"
-            self.record_scale(namespace, pool, direction, reason_kind(decision, current))
+            self.record_scale(namespace, pool, direction, reason_kind(decision))
 
     def record_scale(self, namespace: str, pool: str, direction: Direction, reason_kind: str) -> None:
         """Count one scale of a pool; `record_pass` calls it for the reconciler's own decisions."""

@@ -15,13 +15,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from .spec import AutoscalingSpec
 
 TOLERANCE = 0.1  # as the HPA: within 10 % of the current size, stay
 EPSILON = 1e-9  # keeps ceil(2.0000000001) from becoming 3 after float arithmetic
-Number = int | float | str
+
+
+class DecisionKind(StrEnum):
+    """What a decision does and which term drove it; metrics, Events and the CLI read this."""
+
+    FROM_ZERO = "FromZero"  # a pool at zero gets work: activation, never delayed by a window
+    TO_ZERO = "ToZero"  # nothing waits or runs: the pool goes to zero
+    BACKLOG = "Backlog"  # draining what waits drives the count
+    STEADY = "Steady"  # the arrival rate x service time drives the count
+    HOLD = "Hold"  # the count stays (tolerance, windows, limits, or the formula agrees)
+    BLIND = "Blind"  # no trustworthy broker numbers: never shrink
+    FALLBACK = "Fallback"  # blind, with fallbackReplicas set
+    DISABLED = "Disabled"  # autoscaling is off
+
+
+class Limit(StrEnum):
+    """What bound the count, named as the HPA names its ScalingLimited reasons."""
+
+    WITHIN_RANGE = "DesiredWithinRange"
+    TOO_FEW = "TooFewReplicas"  # minReplicas raised it
+    TOO_MANY = "TooManyReplicas"  # maxReplicas lowered it
+    UP_STABILIZED = "ScaleUpStabilized"  # the up window holds a lower count
+    DOWN_STABILIZED = "ScaleDownStabilized"  # the down window holds a higher count
+    UP_STEP = "ScaleUpLimit"  # maxStepPods / maxStepPercent per poll
+    DOWN_STEP = "ScaleDownLimit"
 
 
 @dataclass(frozen=True)
@@ -71,11 +96,39 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class Terms:
+    """The numbers behind a decision, for Events, `plan` and `simulate`; None where a term took no part.
+
+    slots = steady_slots + backlog_slots; steady_slots = offered_load / targetUtilization;
+    offered_load = max(arrival_rate x service_time, busy_slots); backlog_slots = backlog x
+    service_time / targetWaitSeconds. Without a service time, slots = (backlog + busy) / utilization.
+    """
+
+    current: int
+    replicas: int = 0
+    recommendation: int = 0
+    stabilized: int | None = None
+    backlog: int | None = None
+    busy_slots: int | None = None
+    concurrency: int | None = None
+    arrival_rate: float | None = None
+    service_time: float | None = None
+    service_time_source: str | None = None
+    offered_load: float | None = None
+    steady_slots: float | None = None
+    backlog_slots: float | None = None
+    slots: float | None = None
+    fallback_replicas: int | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str
+    kind: DecisionKind
+    limit: Limit
+    reason: str  # one line for a person: the Event message
     recommendation: int  # before stabilization and step limits: what the history records
-    terms: dict[str, Number] = field(default_factory=dict)
+    terms: Terms
 
 
 def stale_after(spec: AutoscalingSpec) -> float:
@@ -89,18 +142,28 @@ def decide(
     """The replica count for one pool now, with the numbers and a one-line reason."""
     current = obs.current_replicas
     if not spec.enabled:
-        return Decision(current, "autoscaling is disabled: replicas are left as they are", current)
+        reason = "autoscaling is disabled: replicas are left as they are"
+        terms = Terms(current, current, current)
+        return Decision(current, DecisionKind.DISABLED, Limit.WITHIN_RANGE, reason, current, terms)
     backlog = obs.backlog
     if backlog is None or obs.measured_at is None or obs.time - obs.measured_at > stale_after(spec):
         return _hold(obs, spec)
     raw, terms, why = _recommend(obs, backlog, spec, concurrency)
-    recommendation = _clamp(raw, spec)
+    recommendation, limit = _clamp_why(raw, spec, Limit.WITHIN_RANGE)
     stabilized = _stabilize(current, recommendation, obs.time, spec, history)
-    replicas = _clamp(_limit_step(current, stabilized, spec), spec)
+    if stabilized != recommendation:
+        limit = Limit.UP_STABILIZED if stabilized < recommendation else Limit.DOWN_STABILIZED
+    stepped = _limit_step(current, stabilized, spec)
+    if stepped != stabilized:
+        limit = Limit.UP_STEP if stepped < stabilized else Limit.DOWN_STEP
+    replicas, limit = _clamp_why(stepped, spec, limit)
     if current == 0 and backlog > 0:
         replicas = max(replicas, 1)  # activation from zero never waits for a window
-    terms.update(recommendation=recommendation, stabilized=stabilized, current=current, replicas=replicas)
-    return Decision(replicas, _explain(current, replicas, recommendation, stabilized, why), recommendation, terms)
+    terms = replace(terms, recommendation=recommendation, stabilized=stabilized, replicas=replicas)
+    kind = _kind(current, replicas, terms)
+    return Decision(
+        replicas, kind, limit, _explain(current, replicas, recommendation, stabilized, why), recommendation, terms
+    )
 
 
 def plan(arrival_rate: float, service_time: float, backlog: int, spec: AutoscalingSpec, concurrency: int) -> Decision:
@@ -133,23 +196,19 @@ def _hold(obs: Observation, spec: AutoscalingSpec) -> Decision:
     """
     current = obs.current_replicas
     what = "broker numbers missing" if obs.measured_at is None or obs.backlog is None else "broker numbers stale"
-    terms: dict[str, Number] = {"current": current}
-    replicas = current
-    if spec.fallback_replicas is not None:
-        replicas = max(current, spec.fallback_replicas)
-        terms["fallback_replicas"] = spec.fallback_replicas
-    replicas = _clamp(replicas, spec)
-    fallback = f" (fallbackReplicas {spec.fallback_replicas})" if spec.fallback_replicas is not None else ""
-    return Decision(replicas, f"{what}: holding {replicas} replicas{fallback}", current, terms)
+    fallback = spec.fallback_replicas
+    replicas, limit = _clamp_why(current if fallback is None else max(current, fallback), spec, Limit.WITHIN_RANGE)
+    terms = Terms(current, replicas, current, fallback_replicas=fallback)
+    kind = _crossing_zero(current, replicas) or (DecisionKind.BLIND if fallback is None else DecisionKind.FALLBACK)
+    said = f" (fallbackReplicas {fallback})" if fallback is not None else ""
+    return Decision(replicas, kind, limit, f"{what}: holding {replicas} replicas{said}", current, terms)
 
 
-def _recommend(
-    obs: Observation, backlog: int, spec: AutoscalingSpec, concurrency: int
-) -> tuple[int, dict[str, Number], str]:
+def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrency: int) -> tuple[int, Terms, str]:
     """The unclamped replica count from the capacity formula, or from queue length without a duration."""
     service_time, source = _service_time(obs, spec)
     busy = obs.busy_slots or 0
-    terms: dict[str, Number] = {"backlog": backlog, "busy_slots": busy, "concurrency": concurrency}
+    terms = Terms(obs.current_replicas, backlog=backlog, busy_slots=busy, concurrency=concurrency)
     if service_time is None:
         slots = max(backlog + busy, 0) / spec.target_utilization
         why = f"{backlog} waiting + {busy} running, no task duration known (set taskDurationSeconds)"
@@ -159,7 +218,8 @@ def _recommend(
         steady = offered / spec.target_utilization
         drain = backlog * service_time / spec.target_wait_seconds
         slots = steady + drain
-        terms.update(
+        terms = replace(
+            terms,
             arrival_rate=arrival,
             service_time=service_time,
             service_time_source=source,
@@ -168,7 +228,7 @@ def _recommend(
             backlog_slots=drain,
         )
         why = f"{arrival:.3g}/s x {service_time:.3g}s {source} + {backlog} waiting -> {slots:.3g} slots"
-    terms["slots"] = slots
+    terms = replace(terms, slots=slots)
     raw = math.ceil(slots / concurrency - EPSILON)
     current = obs.current_replicas
     if current > 0 and abs(slots / concurrency / current - 1) <= TOLERANCE:
@@ -186,8 +246,33 @@ def _service_time(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None
     return None, "unknown"
 
 
-def _clamp(replicas: int, spec: AutoscalingSpec) -> int:
-    return min(max(replicas, spec.min_replicas), spec.max_replicas)
+def _clamp_why(replicas: int, spec: AutoscalingSpec, limit: Limit) -> tuple[int, Limit]:
+    """Within min/max; the limit names the bound when one applied, else stays as given."""
+    if replicas < spec.min_replicas:
+        return spec.min_replicas, Limit.TOO_FEW
+    if replicas > spec.max_replicas:
+        return spec.max_replicas, Limit.TOO_MANY
+    return replicas, limit
+
+
+def _crossing_zero(current: int, replicas: int) -> DecisionKind | None:
+    if current == 0 < replicas:
+        return DecisionKind.FROM_ZERO
+    if replicas == 0 < current:
+        return DecisionKind.TO_ZERO
+    return None
+
+
+def _kind(current: int, replicas: int, terms: Terms) -> DecisionKind:
+    """Which move this is, and which term of the formula drove it."""
+    crossing = _crossing_zero(current, replicas)
+    if crossing is not None:
+        return crossing
+    if replicas == current:
+        return DecisionKind.HOLD
+    if terms.service_time is None:
+        return DecisionKind.BACKLOG if terms.backlog else DecisionKind.STEADY
+    return DecisionKind.BACKLOG if (terms.backlog_slots or 0) > (terms.steady_slots or 0) else DecisionKind.STEADY
 
 
 def _stabilize(

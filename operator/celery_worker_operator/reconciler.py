@@ -2,7 +2,8 @@
 
 It knows nothing of kopf or of where replicas live: the broker probe, the event telemetry, the
 workload and the reporter come in through small protocols, so the same pass runs the operator
-on Kubernetes and `celery-worker-operator local` on a laptop.
+on Kubernetes and `celery-worker-operator local` on a laptop. What it cannot size (no workload,
+no Secret, an invalid spec) the pool loop reports through `Reconciler.blocked`.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
-from .control import ConvergeResult, PoolController, PoolSettings
+from .naming import member_of
 from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
-from .workloads import Workload, WorkloadMissing, WorkloadState, removal_order
-from .workloads.command import grace_seconds
+from .workloads import Workload, WorkloadState, removal_order
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 DRAINED = -1  # the load a drained member is marked with: below any idle one
-MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
 Drainer = Callable[[CeleryWorkerPool, list[str]], list[str]]  # members -> those still busy at the deadline
 LimitsConverger = Callable[
     [CeleryWorkerPool], tuple[ConditionStatus, str, str]
@@ -71,6 +70,18 @@ class PoolMemory:
 
 
 @dataclass(frozen=True)
+class Sources:
+    """Where one pass measures and acts: the pool's broker and workload as resolved for this pass."""
+
+    probe: QueueProbe
+    telemetry: Telemetry
+    workload: Workload
+    limits: LimitsConverger | None = None
+    drain: Drainer | None = None
+    broker_url: str | None = None  # where the control state for this pool is kept, to forget it with the pool
+
+
+@dataclass(frozen=True)
 class Measurements:
     stats: dict[str, QueueStats] | None
     broker_error: str | None
@@ -78,80 +89,89 @@ class Measurements:
     workload: WorkloadState
 
 
-class Reconciler:
-    """Runs passes for one pool. Not thread-safe: one loop per pool."""
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did, for metrics and callers: the decision (None when blocked), the status as
+    written, the busy slots measured, and the reason the pool could not be sized, if so."""
 
-    def __init__(
-        self,
-        probe: QueueProbe,
-        telemetry: Telemetry,
-        workload: Workload,
-        reporter: Reporter,
-        memory: PoolMemory | None = None,
-        clock: Clock = time.time,
-        limits: LimitsConverger | None = None,
-        drain: Drainer | None = None,
-    ) -> None:
-        self.probe, self.telemetry, self.workload, self.reporter = probe, telemetry, workload, reporter
-        self.limits, self.drain = limits, drain
-        self.measured: Measurements | None = None  # the last pass's numbers, for metrics
+    decision: Decision | None
+    status: Mapping[str, Any]
+    busy_slots: int | None = None
+    blocked: str | None = None
+
+
+class Reconciler:
+    """Runs passes for one pool and remembers what it needs between them. Not thread-safe: one loop per pool."""
+
+    def __init__(self, reporter: Reporter, memory: PoolMemory | None = None, clock: Clock = time.time) -> None:
+        self.reporter = reporter
         self.memory = memory or PoolMemory()
         self.clock = clock
 
-    def reconcile(self, pool: CeleryWorkerPool, generation: int | None = None) -> Decision | None:
-        """One pass. Returns the decision, or None when there was no workload to size."""
+    def reconcile(self, pool: CeleryWorkerPool, sources: Sources, generation: int | None = None) -> PassResult:
+        """One pass; raises WorkloadMissing (from the workload) when there is nothing to size."""
         now = self.clock()
-        try:
-            measured = self._measure(pool)
-        except WorkloadMissing as missing:
-            report_blocked(self.memory, self.reporter, "WorkloadMissing", str(missing), generation, now)
-            return None
-        self.measured = measured
+        measured = self._measure(pool, sources)
         concurrency = measured.workload.concurrency or 1
-        obs = observation(now, measured)
-        decision = decide(obs, pool.spec.autoscaling, concurrency, self.memory.history)
+        decision = decide(observation(now, measured), pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
-        self._act(pool, measured, decision, now)
+        self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
-        if self.limits is not None:
-            status, reason, message = self.limits(pool)
+        if sources.limits is not None:
+            status, reason, message = sources.limits(pool)
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
-        return decision
+        busy = measured.telemetry.busy_slots if measured.telemetry else None
+        return PassResult(decision, self.memory.last_status or {}, busy)
 
-    def _measure(self, pool: CeleryWorkerPool) -> Measurements:
-        workload = self.workload.observe()
+    def blocked(self, reason: str, message: str, generation: int | None) -> PassResult:
+        """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
+        old = self.memory.conditions.get("Ready")
+        if old is None or old.status != "False" or old.reason != reason:
+            self.reporter.event("Warning", reason, message)
+        set_condition(self.memory, "Ready", "False", reason, message, self.clock(), generation)
+        report(self.memory, self.reporter, None, None, generation)
+        return PassResult(None, self.memory.last_status or {}, blocked=reason)
+
+    def _measure(self, pool: CeleryWorkerPool, sources: Sources) -> Measurements:
+        workload = sources.workload.observe()
         stats, error = None, None
         try:
-            stats = self.probe.stats(pool.spec.queues)
+            stats = sources.probe.stats(pool.spec.queues)
         except BrokerUnavailable as unavailable:
             error = str(unavailable)
             log.warning("pool %s: %s", pool.metadata.name, error)
-        telemetry = self.telemetry.snapshot(pool.metadata.name, pool.spec.queues)
+        telemetry = sources.telemetry.snapshot(pool.metadata.name, pool.spec.queues)
         return Measurements(stats, error, telemetry, workload)
 
-    def _act(self, pool: CeleryWorkerPool, measured: Measurements, decision: Decision, now: float) -> None:
+    def _act(
+        self, pool: CeleryWorkerPool, sources: Sources, measured: Measurements, decision: Decision, now: float
+    ) -> None:
         current = measured.workload.replicas
         if decision.replicas == current:
             return
         load = member_load(measured.telemetry)
-        if decision.replicas < current and pool.spec.autoscaling.scale_down.mode == "drain" and self.drain:
-            load = self._drain(pool, measured.workload, load, current - decision.replicas)
-        self.workload.scale(decision.replicas, load)
+        if decision.replicas < current and pool.spec.autoscaling.scale_down.mode == "drain" and sources.drain:
+            load = self._drain(pool, sources.drain, measured.workload, load, current - decision.replicas)
+        sources.workload.scale(decision.replicas, load)
         reason = "ScaledUp" if decision.replicas > current else "ScaledDown"
         self.reporter.event("Normal", reason, decision.reason)
         self.memory.last_decision = LastDecision(
-            time=_utc(now), from_=current, to=decision.replicas, reason=decision.reason
+            time=_utc(now),
+            from_=current,
+            to=decision.replicas,
+            reason=decision.reason,
+            kind=decision.kind,
+            limit=decision.limit,
         )
 
     def _drain(
-        self, pool: CeleryWorkerPool, workload: WorkloadState, load: dict[str, int], count: int
+        self, pool: CeleryWorkerPool, drain: Drainer, workload: WorkloadState, load: dict[str, int], count: int
     ) -> dict[str, int]:
         """Drain mode: the workers about to go stop consuming and finish what they run first; they
         are then marked cheapest of all, so they are the ones removed."""
-        assert self.drain is not None
         victims = removal_order(workload.members, load)[:count]
-        still_busy = self.drain(pool, victims)
+        still_busy = drain(pool, victims)
         if still_busy:
             message = f"{', '.join(still_busy)} still busy when the drain timed out; acks_late redelivers their tasks"
             self.reporter.event("Warning", "DrainTimeout", message)
@@ -166,35 +186,6 @@ class Reconciler:
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
-
-
-def controller_hooks(
-    controller: PoolController,
-    broker_url: str,
-    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
-) -> tuple[LimitsConverger, Drainer]:
-    """The limits and drain steps of a pass, done by the control broadcasts of `controller`.
-
-    Limits converge in the background (the condition shows the latest finished pass; `on_result`
-    sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
-    workers must be idle before replicas go down."""
-
-    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        settings = PoolSettings.from_spec(pool.spec)
-        result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
-        if result is None:
-            return "Unknown", "Converging", "the first convergence pass is under way"
-        if fresh:
-            on_result(pool, result)
-        return result.condition
-
-    def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
-        hostnames = [f"{pool.metadata.name}@{member}" for member in members]
-        timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
-        busy = controller.drain(broker_url, pool.metadata.name, hostnames, pool.spec.queues, timeout)
-        return [hostname.partition("@")[2] for hostname in busy]
-
-    return limits, drain
 
 
 def set_condition(
@@ -233,17 +224,6 @@ def report(
         memory.last_status = status
 
 
-def report_blocked(
-    memory: PoolMemory, reporter: Reporter, reason: str, message: str, generation: int | None, now: float
-) -> None:
-    """The pool cannot be sized (no workload, no Secret): an Event when this starts, and status."""
-    old = memory.conditions.get("Ready")
-    if old is None or old.status != "False" or old.reason != reason:
-        reporter.event("Warning", reason, message)
-    set_condition(memory, "Ready", "False", reason, message, now, generation)
-    report(memory, reporter, None, None, generation)
-
-
 def observation(now: float, measured: Measurements) -> Observation:
     """The policy's view of one pass; missing parts stay None so the policy can hold."""
     workload, telemetry = measured.workload, measured.telemetry
@@ -270,9 +250,7 @@ def member_load(telemetry: PoolTelemetry | None) -> dict[str, int]:
     """Busy slots per member (pod or process name), from the workers' heartbeats."""
     if telemetry is None:
         return {}
-    return {
-        hostname.partition("@")[2]: worker.active for hostname, worker in telemetry.workers.items() if worker.online
-    }
+    return {member_of(hostname): worker.active for hostname, worker in telemetry.workers.items() if worker.online}
 
 
 def build_status(

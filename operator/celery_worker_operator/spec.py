@@ -360,6 +360,10 @@ class LastDecision(Model):
     from_: int = Field(alias="from", ge=0)
     to: int = Field(ge=0)
     reason: str
+    kind: str | None = Field(None, description="What drove it: FromZero, ToZero, Backlog, Steady, Blind, Fallback.")
+    limit: str | None = Field(
+        None, description="What bound it, as the HPA names it: DesiredWithinRange, ScaleUpLimit, TooManyReplicas..."
+    )
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

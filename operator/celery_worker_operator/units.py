@@ -22,3 +22,8 @@ def parse_rate(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a rate such as 5/s, 10/m or 200/h")
     return float(match.group(1)) / RATE_UNITS[match.group(2) or "s"]
+
+
+def per_second(rate: str | None) -> float:
+    """A Celery rate limit in tasks per second, as `celery.utils.time.rate` reads it: none is 0 (no limit)."""
+    return parse_rate(rate) if rate else 0.0

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 
 from celery_worker_operator.cli import run
 from celery_worker_operator.metrics import PoolMetrics
-from celery_worker_operator.policy import Decision
+from celery_worker_operator.policy import Decision, DecisionKind, Limit, Terms
 
 from .chart import CHART, COMBINATIONS, NAMESPACE, RELEASE, ROOT, chart_crds, manifests, of_kind, render
 
@@ -199,7 +199,13 @@ def exported_names() -> set[str]:
         "arrivalRate": 1.0, "serviceTimeSeconds": 0.5, "workersOnline": 1,
         "queues": [{"name": "q", "depth": 3, "reserved": 0, "consumers": 1, "oldestAgeSeconds": 4.0}],
     }  # fmt: skip
-    metrics.record_pass("ns", "p", status, Decision(2, "scale up", 2, {"slots": 2.0}), busy_slots=1)
+    metrics.record_pass(
+        "ns",
+        "p",
+        status,
+        Decision(2, DecisionKind.STEADY, Limit.WITHIN_RANGE, "scale up", 2, Terms(1, 2, 2, slots=2.0)),
+        busy_slots=1,
+    )
     metrics.record_broadcast_error("ns", "p", 1)
     metrics.record_probe("redis://h", 0.01, error=True)
     text = generate_latest(metrics.registry).decode()

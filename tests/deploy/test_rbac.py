@@ -36,6 +36,7 @@ CLIENT_CALLS: dict[str, set[Rule]] = {
     "list_namespaced_pod": {("", "pods", "list")},
     "patch_namespaced_pod": {("", "pods", "patch")},
     "read_namespaced_secret": {("", "secrets", "get")},
+    "create_namespaced_event": {("", "events", "create")},
     # CustomObjectsApi names the resource in its arguments: only our pools are expected (checked below).
     "patch_namespaced_custom_object_status": {(spec.GROUP, f"{spec.PLURAL}/status", "patch")},
 }

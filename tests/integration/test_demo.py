@@ -9,7 +9,7 @@ import time
 
 def celery_demo_processes() -> list[str]:
     listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if "celery_worker_operator.demo_app" in line]
+    return [line for line in listing.splitlines() if "celery_worker_operator.demo.app" in line]
 
 
 def test_demo_runs_to_its_summary_within_three_minutes(redis_url: str) -> None:

@@ -68,16 +68,15 @@ def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: 
 
 def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:
     send(local_run, 12, 4.0)
-    name = local_run.pool.metadata.name
 
     def busiest() -> str | None:
-        load = member_load(local_run.monitor.snapshot(name, local_run.pool.spec.queues))
+        load = member_load(local_run.telemetry())
         return max(load, key=load.__getitem__) if load and max(load.values()) > 0 else None
 
     step_until(local_run, lambda: busiest() is not None, timeout=30)
-    victim = local_run.workload._running[busiest() or ""]
-    os.killpg(victim.popen.pid, signal.SIGKILL)
-    step_until(local_run, lambda: victim.member not in local_run.workload.observe().members, timeout=10)
+    victim = busiest() or ""
+    os.killpg(local_run.workload.pid(victim), signal.SIGKILL)
+    step_until(local_run, lambda: victim not in local_run.workload.observe().members, timeout=10)
     assert any(reason == "WorkerRestarted" for _, _, reason, _ in local_run.reporter.events)
     step_until(local_run, lambda: set(ran(local_run, "ended")) == set(range(12)), timeout=90)
     assert max(ran(local_run, "started").values()) == 2, "the killed worker's tasks ran again elsewhere"

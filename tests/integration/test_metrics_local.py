@@ -18,14 +18,7 @@ from tests.support.local_app import app, record
 from tests.support.local_pool import local_pool_run
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMESPACE = "local"
 TASKS = 24
-
-
-@pytest.fixture
-def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRun]:
-    with local_pool_run(redis_url, monkeypatch, "mx", concurrency=2, max_replicas=2, scale_down_seconds=2) as run:
-        yield run
 
 
 @pytest.fixture
@@ -34,6 +27,15 @@ def metrics() -> Iterator[tuple[PoolMetrics, int]]:
     port = exporter.serve(0, addr="127.0.0.1")
     yield exporter, port
     exporter.stop()
+
+
+@pytest.fixture
+def local_run(redis_url: str, monkeypatch: pytest.MonkeyPatch, metrics: tuple[PoolMetrics, int]) -> Iterator[LocalRun]:
+    exporter = metrics[0]
+    with local_pool_run(
+        redis_url, monkeypatch, "mx", concurrency=2, max_replicas=2, scale_down_seconds=2, metrics=exporter
+    ) as run:
+        yield run
 
 
 def scrape(port: int, pool: str) -> dict[str, float]:
@@ -49,16 +51,10 @@ def scrape(port: int, pool: str) -> dict[str, float]:
     return found
 
 
-def one_pass(run: LocalRun, exporter: PoolMetrics) -> None:
-    """What the operator's daemon does per pass: reconcile, then export the status it reported."""
-    decision = run.reconciler.reconcile(run.pool)
-    exporter.record_pass(NAMESPACE, run.pool.metadata.name, run.reporter.status_now, decision)
-
-
 def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
     local_run: LocalRun, metrics: tuple[PoolMetrics, int]
 ) -> None:
-    exporter, port = metrics
+    _, port = metrics
     name = local_run.pool.metadata.name
     app.conf.broker_url = os.environ["CELERY_BROKER_URL"]
     with app.producer_or_acquire() as producer:
@@ -67,7 +63,7 @@ def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
     broker = redis.Redis.from_url(local_run.broker_url)
     assert broker.llen(name) == TASKS
 
-    one_pass(local_run, exporter)  # no worker yet: the queue holds every task
+    local_run.step()  # no worker yet: the queue holds every task
     first = scrape(port, name)
     assert first["celery_worker_operator_pool_depth_messages"] == TASKS
     assert first[f"celery_worker_operator_queue_depth_messages{{queue={name}}}"] == TASKS
@@ -79,12 +75,12 @@ def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and int(broker.llen(f"{name}:ended")) < TASKS:
         time.sleep(1)
-        one_pass(local_run, exporter)
+        local_run.step()
         now = scrape(port, name)
         assert now["celery_worker_operator_pool_replicas"] == local_run.reporter.status_now["replicas"]
         assert now["celery_worker_operator_pool_depth_messages"] == local_run.reporter.status_now["depth"]
     assert int(broker.llen(f"{name}:ended")) == TASKS, "every task ran"
 
-    one_pass(local_run, exporter)
+    local_run.step()
     last = scrape(port, name)
     assert last["celery_worker_operator_pool_depth_messages"] == 0 == broker.llen(name)

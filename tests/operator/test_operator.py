@@ -16,7 +16,8 @@ import redis
 from celery import Celery
 from kubernetes import client
 
-from celery_worker_operator.handlers import OperatorState, registry
+from celery_worker_operator.handlers import registry
+from celery_worker_operator.kube import Operator
 from celery_worker_operator.workloads.kubernetes import DELETION_COST, POOL_LABEL
 from tests.support.celery_app import HOLD, make_app
 from tests.support.celery_procs import CeleryWorkers
@@ -66,8 +67,8 @@ def condition(pool: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 @asynccontextmanager
-async def operator(emulator: Emulator) -> AsyncIterator[OperatorState]:
-    state = OperatorState(api_client_for(emulator))
+async def operator(emulator: Emulator) -> AsyncIterator[Operator]:
+    state = Operator(api_client_for(emulator))
     async with running_operator(emulator, registry, memo=state, timeout=20):
         yield state
 

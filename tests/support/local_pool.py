@@ -13,6 +13,7 @@ import redis
 
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.metrics import PoolMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,7 @@ def local_pool_run(
     concurrency: int,
     max_replicas: int,
     scale_down_seconds: float,
+    metrics: PoolMetrics | None = None,
 ) -> Iterator[LocalRun]:
     """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
@@ -47,7 +49,7 @@ def local_pool_run(
             },
         }
     )  # fmt: skip
-    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0)
+    run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0, metrics=metrics or PoolMetrics())
     try:
         yield run
     finally:

@@ -16,9 +16,9 @@ from celery_worker_operator.control import (
     validate,
     worker_start_settings,
 )
-from celery_worker_operator.control.plan import per_second
 from celery_worker_operator.control.wire import reply_error, worker_settings
 from celery_worker_operator.spec import CeleryWorkerPoolSpec
+from celery_worker_operator.units import per_second
 from tests.unit.test_layers import ADAPTERS, IO_MODULES, PACKAGE, imported
 
 TASK, OTHER = "app.send", "app.other"

@@ -98,7 +98,7 @@ def observe(current: int, depth: int | None, arrival: float = 0.0, busy: int = 0
 def test_reason_kind_folds_real_decisions_into_a_fixed_set(obs: Observation, spec: AutoscalingSpec, kind: str) -> None:
     decision = decide(obs, spec, concurrency=4)
     assert decision.replicas != obs.current_replicas, decision
-    assert reason_kind(decision, obs.current_replicas) == kind
+    assert reason_kind(decision) == kind
 
 
 def test_a_pass_that_scales_is_counted_once_with_its_kind() -> None:

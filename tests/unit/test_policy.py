@@ -256,10 +256,10 @@ def test_policy_rule(
 def test_guide_example_terms_show_the_working() -> None:
     obs = observe(current=0, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=0)
     terms = decide(obs, scaling(target_utilization=1.0), 4).terms
-    assert terms["offered_load"] == pytest.approx(100.0)
-    assert terms["slots"] == pytest.approx(100.0)
-    assert terms["recommendation"] == 25
-    assert terms["service_time_source"] == "measured"
+    assert terms.offered_load == pytest.approx(100.0)
+    assert terms.slots == pytest.approx(100.0)
+    assert terms.recommendation == 25
+    assert terms.service_time_source == "measured"
 
 
 def test_remember_keeps_only_the_windows() -> None:

@@ -1,6 +1,6 @@
-"""The reconciler's own rules, with fakes of our adapters' protocols (the real ones are tested on
-real brokers, workers and the kmock API elsewhere): writes only on change, one Event per scale,
-one Warning per blocked spell, holding when blind, resuming from status."""
+"""The reconciler's and the pool loop's own rules, with fakes of our adapters' protocols (the real
+ones are tested on real brokers, workers and the API server elsewhere): writes only on change, one
+Event per scale, one Warning per blocked spell, holding when blind, resuming from status."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 
 from celery_worker_operator.brokers import BrokerUnavailable, QueueStats
 from celery_worker_operator.manifests import parse_pool
-from celery_worker_operator.reconciler import PoolMemory, Reconciler
+from celery_worker_operator.metrics import PoolMetrics
+from celery_worker_operator.pool_loop import PoolLoop
+from celery_worker_operator.reconciler import PassResult, PoolMemory, Reconciler, Sources
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.telemetry import PoolTelemetry
 from celery_worker_operator.workloads import WorkloadMissing, WorkloadState
@@ -90,11 +92,22 @@ class Clock:
         return self.now
 
 
+@dataclass
+class Pass:
+    """One pool's passes over fakes, as the pool loop runs them."""
+
+    reconciler: Reconciler
+    sources: Sources
+
+    def reconcile(self, pool: CeleryWorkerPool) -> PassResult:
+        return self.reconciler.reconcile(pool, self.sources)
+
+
 def reconciler(
     probe: FakeProbe, workload: FakeWorkload, memory: PoolMemory | None = None
-) -> tuple[Reconciler, FakeReporter, Clock]:
+) -> tuple[Pass, FakeReporter, Clock]:
     reporter, clock = FakeReporter(), Clock()
-    return Reconciler(probe, FakeTelemetry(), workload, reporter, memory, clock), reporter, clock
+    return Pass(Reconciler(reporter, memory, clock), Sources(probe, FakeTelemetry(), workload)), reporter, clock
 
 
 def test_a_scale_is_one_event_with_its_reason_and_status_is_written_only_on_change() -> None:
@@ -118,7 +131,7 @@ def test_a_scale_is_one_event_with_its_reason_and_status_is_written_only_on_chan
 def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:
     probe, workload = FakeProbe(down=True), FakeWorkload(replicas=3)
     rec, reporter, _ = reconciler(probe, workload)
-    decision = rec.reconcile(pool())
+    decision = rec.reconcile(pool()).decision
     assert decision is not None and decision.replicas == 3 and workload.scaled == []
     condition = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "MetricsAvailable")
     assert (condition["status"], condition["reason"]) == ("False", "BrokerUnavailable")
@@ -126,10 +139,12 @@ def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:
 
 
 def test_a_missing_workload_is_one_warning_however_many_passes() -> None:
-    rec, reporter, clock = reconciler(FakeProbe(), FakeWorkload(missing=True))
+    reporter, clock, workload = FakeReporter(), Clock(), FakeWorkload(missing=True)
+    sources = Sources(FakeProbe(), FakeTelemetry(), workload)
+    loop = PoolLoop("default", "p", reporter, lambda pool: sources, PoolMetrics(), clock=clock)
     for _ in range(5):
         clock.now += 10
-        assert rec.reconcile(pool()) is None
+        assert loop.step(pool()).decision is None
     assert [(t, r) for t, r, _ in reporter.events] == [("Warning", "WorkloadMissing")]
     ready = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "WorkloadMissing")
@@ -139,6 +154,6 @@ def test_a_resumed_pool_holds_its_last_desired_count_for_a_down_window() -> None
     status = {"desiredReplicas": 6, "replicas": 6, "conditions": []}
     rec, _, clock = reconciler(FakeProbe(depth=0), FakeWorkload(replicas=6), PoolMemory.resume(status, 1_000_000.0))
     spec = pool(scaleDown={"stabilizationSeconds": 30})
-    assert rec.reconcile(spec).replicas == 6  # type: ignore[union-attr]
+    assert rec.reconcile(spec).decision.replicas == 6  # type: ignore[union-attr]
     clock.now += 31
-    assert rec.reconcile(spec).replicas < 6  # type: ignore[union-attr]
+    assert rec.reconcile(spec).decision.replicas < 6  # type: ignore[union-attr]

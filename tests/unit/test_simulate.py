@@ -9,9 +9,8 @@ import statistics
 import pytest
 
 from celery_worker_operator.policy import Observation, QueueObservation
-from celery_worker_operator.scalers import FixedScaler, KedaScaler
-from celery_worker_operator.scenarios import SCENARIOS, run_scenario
-from celery_worker_operator.simulate import (
+from celery_worker_operator.simulation.baselines import FixedScaler, KedaScaler
+from celery_worker_operator.simulation.engine import (
     PoolModel,
     Task,
     exponential,
@@ -21,6 +20,7 @@ from celery_worker_operator.simulate import (
     simulate,
     union_length,
 )
+from celery_worker_operator.simulation.scenarios import SCENARIOS, run_scenario
 
 
 def erlang_c(servers: int, offered: float) -> float:

@@ -17,7 +17,7 @@ from tests.support.apiserver import ApiServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "deploy" / "crds" / "celeryworkerpools.celery-operator.dev.yaml"
-DEMO_POOL = ROOT / "operator" / "celery_worker_operator" / "examples" / "demo-pool.yaml"
+DEMO_POOL = ROOT / "operator" / "celery_worker_operator" / "demo" / "pool.yaml"
 EXAMPLES = [*sorted((ROOT / "examples").glob("*.yaml")), DEMO_POOL]
 
 

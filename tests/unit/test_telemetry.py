@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from celery_worker_operator.telemetry import EventAggregator, EventMonitor, pool_of, unbatch
+from celery_worker_operator.naming import pool_of
+from celery_worker_operator.telemetry import EventAggregator, EventMonitor, unbatch
 
 T0 = 1_000_000.0
 _ids = itertools.count()

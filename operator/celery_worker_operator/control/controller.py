@@ -23,6 +23,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import KombuError
 
+from ..naming import pool_of
 from ..redact import redact, url_secrets
 from .plan import (
     Command,
@@ -188,7 +189,7 @@ class PoolController:
         """
         replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
         hostnames = {hostname for reply in replies for hostname in reply}
-        return sorted(h for h in hostnames if h.partition("@")[0] == pool)
+        return sorted(h for h in hostnames if pool_of(h) == pool)
 
     def _observe(
         self, app: Celery, workers: Sequence[str]

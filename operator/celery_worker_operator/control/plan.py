@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from ..spec import QUEUE_NAME, RATE, TASK_NAME, CeleryWorkerPoolSpec
+from ..units import per_second
 
 CommandName = Literal["add_consumer", "rate_limit", "time_limit", "cancel_consumer"]
-SECONDS_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}  # Celery's rate units
 MAX_MESSAGE = 4000  # a condition message stays readable in `kubectl describe`
 
 
@@ -186,14 +186,6 @@ def _time_problem(task: str, value: TimeLimits) -> tuple[bool, str]:
         bool(bounds) and all(v > 0 for v in bounds) and ordered,
         f"time limit {value} for {task}: set soft, hard or both, positive, soft < hard",
     )
-
-
-def per_second(rate: str | None) -> float:
-    """A Celery rate in tasks per second, as `celery.utils.time.rate` reads it (a bare number is /s)."""
-    if not rate:
-        return 0.0
-    count, _, unit = rate.partition("/")
-    return float(count) / SECONDS_PER[unit or "s"]
 
 
 def worker_start_settings(desired: PoolSettings) -> dict[str, str]:

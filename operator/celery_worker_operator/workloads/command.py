@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import re
 
-from ..control import PoolSettings, worker_start_settings
+from ..control.plan import PoolSettings, worker_start_settings
+from ..naming import worker_hostname
 from ..spec import CeleryWorkerPoolSpec, WorkerSpec
 
 GRACE_MARGIN_SECONDS = 15
@@ -16,7 +17,13 @@ CONCURRENCY_ARG = re.compile(r"^(?:-c|--concurrency)(?:=(\d+))?$")
 def worker_args(pool_name: str, member: str, spec: CeleryWorkerPoolSpec, worker: WorkerSpec) -> list[str]:
     """Arguments after `celery`: `-A app worker ...`, hostname `<pool>@<member>` so telemetry can attribute it."""
     args = ["-A", worker.app, "worker", "-Q", ",".join(spec.queues), "-c", str(worker.concurrency)]
-    args += ["-P", worker.pool, "-n", f"{pool_name}@{member}", f"--prefetch-multiplier={worker.prefetch_multiplier}"]
+    args += [
+        "-P",
+        worker.pool,
+        "-n",
+        worker_hostname(pool_name, member),
+        f"--prefetch-multiplier={worker.prefetch_multiplier}",
+    ]
     if worker.disable_prefetch:
         args.append("--disable-prefetch")
     if worker.max_tasks_per_child is not None:

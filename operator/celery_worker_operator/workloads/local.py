@@ -68,6 +68,10 @@ class LocalWorkload:
             concurrency=worker.concurrency if worker else None,
         )
 
+    def pid(self, member: str) -> int:
+        """The process id of a running member (its process group leader), for supervisors and tests."""
+        return self._running[member].popen.pid
+
     def worker_seconds(self) -> float:
         """What this pool has cost so far: seconds each worker process has existed, summed."""
         now = time.monotonic()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .policy import Observation, QueueObservation
+from ..policy import Observation, QueueObservation
 
 RATE_WINDOW = 60.0  # seconds of arrivals behind the measured arrival rate
 SERVICE_WINDOW = 300.0  # seconds of completions behind the measured service time

@@ -11,9 +11,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .scalers import FixedScaler, KedaScaler, OurScaler
-from .simulate import PoolModel, Result, Scaler, Task, burst, exponential, mixture, poisson_arrivals, simulate
-from .spec import AutoscalingSpec
+from ..spec import AutoscalingSpec
+from .baselines import FixedScaler, KedaScaler, OurScaler
+from .engine import PoolModel, Result, Scaler, Task, burst, exponential, mixture, poisson_arrivals, simulate
 
 HOUR = 3600.0
 

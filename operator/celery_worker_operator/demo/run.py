@@ -12,12 +12,12 @@ from pathlib import Path
 
 import redis
 
-from . import demo_app
-from .localmode import LocalRun
-from .manifests import load_pools
-from .simulate import percentile
+from ..localmode import LocalRun
+from ..manifests import load_pools
+from ..simulation.engine import percentile
+from . import app as demo_app
 
-DEMO_POOL = Path(__file__).parent / "examples" / "demo-pool.yaml"
+DEMO_POOL = Path(__file__).parent / "pool.yaml"
 SETTLE_TIMEOUT = 60.0  # after the load: how long the pool may take to return to its minimum
 
 

@@ -14,9 +14,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from .policy import Observation, Recommendation, decide, remember
-from .simulate import Removal
-from .spec import AutoscalingSpec
+from ..policy import Observation, Recommendation, decide, remember
+from ..spec import AutoscalingSpec
+from .engine import Removal
 
 HPA_SYNC_SECONDS = 15.0
 HPA_TOLERANCE = 0.1

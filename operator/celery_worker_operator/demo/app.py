@@ -15,7 +15,7 @@ from celery import Celery
 QUEUE = "demo"
 WAITS_KEY = "cwo-demo:waits"
 
-app = Celery("celery_worker_operator.demo", set_as_current=False)
+app = Celery("celery_worker_operator.demo.app", set_as_current=False)
 app.conf.update(
     task_default_queue=QUEUE,
     task_acks_late=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .simulate import Result
+from .engine import Result
 
 
 def plot_results(results: list[Result], path: Path) -> None:

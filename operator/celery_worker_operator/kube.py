@@ -1,0 +1,121 @@
+"""The pool loop's parts on Kubernetes: status and Events through the API, the worker Deployment,
+broker URLs from Secrets; `Operator` holds one loop per pool and what all of them share.
+
+The kopf handlers (handlers.py) only call into this; it knows no kopf.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+
+from .pool_loop import PoolLoop, SharedResources
+from .reconciler import PoolMemory, Sources
+from .secrets import broker_urls
+from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
+from .workloads.kubernetes import KubernetesWorkload
+
+COMPONENT = "celery-worker-operator"
+MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
+PoolKey = tuple[str, str]  # (namespace, name)
+
+
+def kubernetes_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, the current kubeconfig otherwise."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+@dataclass
+class KubernetesReporter:
+    """Status goes to the status subresource (a merge patch that also clears vanished fields);
+    Events go to the pool's namespace, attached to the pool, as `kubectl describe cwp` shows them."""
+
+    api: client.ApiClient
+    namespace: str
+    name: str
+    uid: str
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def status(self, status: dict[str, Any]) -> None:
+        patch = {**dict.fromkeys(self.last), **status}  # None deletes what is gone in a merge patch
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": patch}
+        )
+        self.last = status
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        now = datetime.now(UTC)
+        body: Any = {  # the client takes plain dicts as bodies
+            "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": self.uid,
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:MAX_EVENT_MESSAGE],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        client.CoreV1Api(self.api).create_namespaced_event(self.namespace, body)
+
+
+@dataclass
+class Operator:
+    """Everything the handlers share (kopf's `memo`): the API client, the per-broker resources and
+    one loop per pool, kept across daemon restarts so the pool's windows survive them."""
+
+    api: client.ApiClient
+    shared: SharedResources = field(default_factory=SharedResources)
+    loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
+
+    def loop(self, body: Mapping[str, Any]) -> PoolLoop:
+        """The pool's loop; a new one resumes from the status the pool carries."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if key not in self.loops:
+            status = dict(body.get("status") or {})
+            self.loops[key] = PoolLoop(
+                namespace=key[0],
+                name=key[1],
+                reporter=KubernetesReporter(self.api, key[0], key[1], meta["uid"], status),
+                sources=lambda pool: self._sources(*key, pool),
+                metrics=self.shared.metrics,
+                memory=PoolMemory.resume(status, time.time()),
+            )
+        return self.loops[key]
+
+    def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
+        workload = KubernetesWorkload(self.api, pool)
+        return self.shared.sources(namespace, name, broker_urls(client.CoreV1Api(self.api), pool), workload)
+
+    def ensure_workload(self, pool: CeleryWorkerPool, uid: str) -> None:
+        """Create or roll the managed Deployment; adopted ones are left to their owners."""
+        KubernetesWorkload(self.api, pool).ensure(uid)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The pool is deleted: its Deployment goes with its owner reference; here what we remember goes."""
+        loop = self.loops.pop((namespace, name), None)
+        self.shared.metrics.forget(namespace, name)
+        if loop is not None and loop.last_broker is not None:
+            self.shared.controller.forget(loop.last_broker, name)
+
+    def close(self) -> None:
+        self.shared.close()

@@ -1,0 +1,150 @@
+"""One loop per pool, run by the kopf daemon on Kubernetes and by `local` on a laptop alike.
+
+Each pass it reads the pool (a kopf body or a parsed pool), resolves where to measure and act
+(`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
+`Reconciler`, and records the result in the metrics. Every reason a pool cannot be sized ends
+here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
+broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .brokers import ProbeRegistry
+from .control import ConvergeResult, PoolController, PoolSettings
+from .manifests import InvalidPool, parse_pool
+from .metrics import PoolMetrics, TimedProbe
+from .naming import member_of, worker_hostname
+from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
+from .secrets import SecretMissing
+from .spec import CeleryWorkerPool, ConditionStatus
+from .telemetry import TelemetryMonitors
+from .workloads import Workload, WorkloadMissing
+from .workloads.command import grace_seconds
+
+INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
+MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
+BLOCKED_REASONS: dict[type[Exception], str] = {
+    InvalidPool: "InvalidSpec",
+    SecretMissing: "SecretMissing",
+    WorkloadMissing: "WorkloadMissing",
+}
+
+SourcesFor = Callable[[CeleryWorkerPool], Sources]  # raises SecretMissing or WorkloadMissing when it cannot
+
+
+class Stopping(Protocol):
+    """kopf's DaemonStopped and threading.Event both answer this."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> object: ...
+
+
+@dataclass
+class SharedResources:
+    """What every pool of one process shares: per broker URL one probe, one event monitor and the
+    control state; and the process's metrics."""
+
+    probes: ProbeRegistry = field(default_factory=ProbeRegistry)
+    telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
+    controller: PoolController = field(default_factory=PoolController)
+    metrics: PoolMetrics = field(default_factory=PoolMetrics)
+
+    def sources(self, namespace: str, name: str, broker: tuple[str, str | None], workload: Workload) -> Sources:
+        """A pass's sources for pool `namespace/name` on `broker` (URL, management URL): the shared
+        probe (timed), event monitor and control broadcasts (broadcast errors counted for the pool)."""
+        url, management = broker
+
+        def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
+            if result.errors:
+                self.metrics.record_broadcast_error(namespace, name, len(result.errors))
+
+        limits, drain = controller_hooks(self.controller, url, count_errors)
+        probe = TimedProbe(self.probes.probe(url, management), self.metrics, url)
+        return Sources(probe, self.telemetry.monitor(url), workload, limits, drain, broker_url=url)
+
+    def close(self) -> None:
+        self.telemetry.stop()
+        self.controller.close()
+        self.probes.close()
+
+
+@dataclass
+class PoolLoop:
+    """One pool's control loop: `step()` is one pass, `run()` passes until stopped."""
+
+    namespace: str
+    name: str
+    reporter: Reporter
+    sources: SourcesFor
+    metrics: PoolMetrics
+    memory: PoolMemory = field(default_factory=PoolMemory)
+    clock: Clock = time.time
+    last_broker: str | None = None  # the broker URL of the last pass that reached one
+    interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
+
+    def __post_init__(self) -> None:
+        self.reconciler = Reconciler(self.reporter, self.memory, self.clock)
+
+    def step(self, source: Mapping[str, Any] | CeleryWorkerPool) -> PassResult:
+        """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""
+        generation = _generation(source)
+        self.interval = INVALID_SPEC_RETRY_SECONDS
+        try:
+            pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
+            self.interval = pool.spec.autoscaling.poll_seconds
+            sources = self.sources(pool)
+            self.last_broker = sources.broker_url
+            result = self.reconciler.reconcile(pool, sources, generation)
+        except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
+            result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
+        self.metrics.record_pass(self.namespace, self.name, result.status, result.decision, result.busy_slots)
+        return result
+
+    def run(self, stopping: Stopping, source: Callable[[], Mapping[str, Any] | CeleryWorkerPool]) -> None:
+        """Pass after pass, every pollSeconds (an invalid spec: every 30 s), until `stopping` is set."""
+        while not stopping.is_set():
+            started = time.monotonic()
+            self.step(source())
+            stopping.wait(max(self.interval - (time.monotonic() - started), 0.0))
+
+
+def controller_hooks(
+    controller: PoolController,
+    broker_url: str,
+    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
+) -> tuple[LimitsConverger, Drainer]:
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller`.
+
+    Limits converge in the background (the condition shows the latest finished pass; `on_result`
+    sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
+    workers must be idle before replicas go down."""
+
+    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
+        settings = PoolSettings.from_spec(pool.spec)
+        result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
+        if result is None:
+            return "Unknown", "Converging", "the first convergence pass is under way"
+        if fresh:
+            on_result(pool, result)
+        return result.condition
+
+    def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
+        hostnames = [worker_hostname(pool.metadata.name, member) for member in members]
+        timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
+        busy = controller.drain(broker_url, pool.metadata.name, hostnames, pool.spec.queues, timeout)
+        return [member_of(hostname) for hostname in busy]
+
+    return limits, drain
+
+
+def _generation(source: Mapping[str, Any] | CeleryWorkerPool) -> int | None:
+    if isinstance(source, CeleryWorkerPool):
+        return None
+    generation = (source.get("metadata") or {}).get("generation")
+    return int(generation) if generation is not None else None
