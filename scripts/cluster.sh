@@ -5,6 +5,7 @@
 # and no kubelet: tests run tests/support/kubelet.py, which binds pods and runs them as processes.
 #   scripts/cluster.sh build            build .cluster/bin/cwo-cluster from tools/cluster (Go modules,
 #                                        k8s.io/kubernetes v1.37.2; ~10 min cold on 2 cores, seconds warm)
+#   scripts/cluster.sh ensure           build only when the binaries are missing or stale
 #   scripts/cluster.sh start            build if needed, start what is not running, wait for /readyz,
 #                                        write the admin kubeconfig; a running control plane is reused
 #   scripts/cluster.sh stop             stop the control plane this state folder started
@@ -250,11 +251,14 @@ start() {
     # The serviceaccount controller at work: namespace default gets its ServiceAccount.
     wait_until kube-controller-manager 60 admin_curl /api/v1/namespaces/default/serviceaccounts/default --fail
   fi
+  echo "${kcm_bin:+$controllers}" > "$state_dir/controllers"
   say "control plane ready in $((SECONDS - started)) s$([ "$build_seconds" -gt 1 ] && echo " (plus $build_seconds s of build)"): export KUBECONFIG=$state_dir/kubeconfig"
 }
 
 case "${1:-}" in
   build) go_build ;;
+  ensure)  # build only when the binaries are missing or older than tools/cluster
+    resolve_binaries; say "binaries: $apiserver_bin ${kcm_bin:-(no kube-controller-manager)}" ;;
   start) start ;;
   stop)
     if [ -d "$state_dir" ]; then stop_all; say "stopped"; else say "nothing to stop"; fi ;;
@@ -264,5 +268,5 @@ case "${1:-}" in
   kubectl)
     shift; resolve_binaries
     exec "$kubectl_bin" --kubeconfig "$state_dir/kubeconfig" "$@" ;;
-  *) echo "usage: $0 build|start|stop|env|status|kubectl ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 build|ensure|start|stop|env|status|kubectl ARGS..." >&2; exit 2 ;;
 esac
