@@ -94,8 +94,10 @@ class Model(BaseModel):
 
 
 def section(model: type[Model], description: str) -> Any:
-    """A nested object that is always present: `default: {}` lets the API server fill its defaults."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    """A nested object that is always present, defaulted whole: kube-apiserver checks a default
+    against the section's own CEL rules as it stands, so `{}` would fail a rule that reads its fields."""
+    defaults = model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    return Field(default_factory=model, description=description, json_schema_extra={"default": defaults})
 
 
 class SecretKeyRef(Model):
