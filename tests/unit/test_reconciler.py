@@ -157,3 +157,19 @@ def test_a_resumed_pool_holds_its_last_desired_count_for_a_down_window() -> None
     assert rec.reconcile(spec).decision.replicas == 6  # type: ignore[union-attr]
     clock.now += 31
     assert rec.reconcile(spec).decision.replicas < 6  # type: ignore[union-attr]
+
+
+def test_a_spec_past_the_schema_is_one_warning_and_a_slow_retry() -> None:
+    """An old CRD or a webhook-less edit can store what the models refuse: the pool says why, nothing is sized."""
+    reporter, clock, workload = FakeReporter(), Clock(), FakeWorkload()
+    sources = Sources(FakeProbe(), FakeTelemetry(), workload)
+    loop = PoolLoop("default", "p", reporter, lambda pool: sources, PoolMetrics(), clock=clock)
+    body = pool(minReplicas=5).model_dump(by_alias=True, exclude_none=True)
+    body["spec"]["autoscaling"]["maxReplicas"] = 2
+    body["metadata"]["generation"] = 7
+    for _ in range(3):
+        assert loop.step(body).blocked == "InvalidSpec"
+    assert [(t, r) for t, r, _ in reporter.events] == [("Warning", "InvalidSpec")]
+    ready = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "Ready")
+    assert "spec.autoscaling.maxReplicas" in ready["message"] and ready["observedGeneration"] == 7
+    assert loop.interval == 30 and workload.scaled == []
