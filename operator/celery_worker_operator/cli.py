@@ -120,13 +120,18 @@ def run(
 ) -> None:
     """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
     import kopf
+    from kubernetes.config import ConfigException
 
     from .handlers import registry
     from .kube import Operator, kubernetes_client
 
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
-    state = Operator(kubernetes_client())
+    try:
+        api = kubernetes_client()
+    except ConfigException as error:
+        raise BadInput(f"no Kubernetes credentials: not in a pod, and {error}") from None
+    state = Operator(api)
     state.shared.metrics.serve(metrics_port)
     kopf.run(
         registry=registry,
