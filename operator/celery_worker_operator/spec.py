@@ -203,6 +203,39 @@ class ValueFrom(Model):
     secret_key_ref: SecretKeyRef = Field(description="The Secret key holding the value.")
 
 
+class TransportOptions(Model):
+    """Celery's `broker_transport_options` that decide where messages sit, with Celery's own keys.
+
+    The probe reads the broker the way the app writes to it, and managed workers start with the
+    same options, so an app that changes the Redis layout is neither under-counted nor split.
+    """
+
+    model_config = ConfigDict(alias_generator=None)
+
+    priority_steps: list[Annotated[int, Field(ge=0, le=255)]] | None = Field(
+        None,
+        min_length=1,
+        description="Redis priority buckets, ascending (kombu's default [0, 3, 6, 9]; list(range(10)) for 0-9).",
+        json_schema_extra={"maxItems": 256, "x-kubernetes-list-type": "set"},
+    )
+    sep: Annotated[str, StringConstraints(min_length=1, max_length=16)] | None = Field(
+        None, description="Separator between a queue name and its priority (kombu's default is \\x06\\x16)."
+    )
+    global_keyprefix: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        None, description="Prefix of every Redis key kombu writes (kombu's global_keyprefix)."
+    )
+    queue_order_strategy: Literal["round_robin", "priority", "sorted"] | None = Field(
+        None, description="How a worker picks among its queues (workers only; the probe counts all)."
+    )
+    visibility_timeout: float | None = Field(
+        None, gt=0, le=31536000, description="Seconds before an unacknowledged Redis message is redelivered."
+    )
+
+    def as_celery(self) -> dict[str, Any]:
+        """The options set, as Celery's `broker_transport_options` holds them."""
+        return self.model_dump(exclude_none=True)
+
+
 class BrokerSpec(Model):
     url: Annotated[str, StringConstraints(pattern=BROKER_SCHEME, max_length=2048)] | None = Field(
         None, description="Broker URL without a password (redis://, rediss://, amqp://, amqps://)."
@@ -210,6 +243,9 @@ class BrokerSpec(Model):
     url_from: ValueFrom | None = Field(None, description="Broker URL read from a Secret; use this for credentials.")
     management_url_from: ValueFrom | None = Field(
         None, description="RabbitMQ management API URL (http[s]://user:pass@host:15672) read from a Secret."
+    )
+    transport_options: TransportOptions | None = Field(
+        None, description="Celery's broker_transport_options (same keys); the probe and the workers use them."
     )
 
     RULES = (
