@@ -69,7 +69,9 @@ class LocalRun:
             namespace=namespace,
             name=name,
             reporter=self.reporter,
-            sources=lambda pool: self.shared.sources(namespace, name, (self.broker_url, None), self.workload),
+            sources=lambda pool: self.shared.sources(
+                namespace, name, (self.broker_url, None), self.workload, pool.spec.broker.transport_options
+            ),
             metrics=self.metrics,
         )
         self.shared.telemetry.monitor(self.broker_url).wait_connected(10.0)  # hear the workers from the first pass

@@ -21,7 +21,7 @@ from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
 from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
 from .secrets import SecretMissing
-from .spec import CeleryWorkerPool, ConditionStatus
+from .spec import CeleryWorkerPool, ConditionStatus, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
 from .workloads.command import grace_seconds
@@ -55,9 +55,17 @@ class SharedResources:
     controller: PoolController = field(default_factory=PoolController)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
 
-    def sources(self, namespace: str, name: str, broker: tuple[str, str | None], workload: Workload) -> Sources:
+    def sources(
+        self,
+        namespace: str,
+        name: str,
+        broker: tuple[str, str | None],
+        workload: Workload,
+        transport_options: TransportOptions | None = None,
+    ) -> Sources:
         """A pass's sources for pool `namespace/name` on `broker` (URL, management URL): the shared
-        probe (timed), event monitor and control broadcasts (broadcast errors counted for the pool)."""
+        probe (timed, reading the broker as the pool's transport options lay it out), event monitor and
+        control broadcasts (broadcast errors counted for the pool)."""
         url, management = broker
 
         def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
@@ -65,7 +73,7 @@ class SharedResources:
                 self.metrics.record_broadcast_error(namespace, name, len(result.errors))
 
         limits, drain = controller_hooks(self.controller, url, count_errors)
-        probe = TimedProbe(self.probes.probe(url, management), self.metrics, url)
+        probe = TimedProbe(self.probes.probe(url, management, transport_options), self.metrics, url)
         return Sources(probe, self.telemetry.monitor(url), workload, limits, drain, broker_url=url)
 
     def close(self) -> None:
