@@ -41,7 +41,6 @@ class LocalReporter:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append((time.time(), type_, reason, message))
         self.scale_events += reason in ("ScaledUp", "ScaledDown")
-        log.info("%s %s: %s", type_, reason, message)
 
     def status(self, status: dict[str, Any]) -> None:
         self.status_now = status

@@ -89,7 +89,7 @@ class PoolLoop:
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
 
     def __post_init__(self) -> None:
-        self.reconciler = Reconciler(self.reporter, self.memory, self.clock)
+        self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
 
     def step(self, source: Mapping[str, Any] | CeleryWorkerPool) -> PassResult:
         """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""

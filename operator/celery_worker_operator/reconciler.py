@@ -103,10 +103,18 @@ class PassResult:
 class Reconciler:
     """Runs passes for one pool and remembers what it needs between them. Not thread-safe: one loop per pool."""
 
-    def __init__(self, reporter: Reporter, memory: PoolMemory | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self, reporter: Reporter, memory: PoolMemory | None = None, clock: Clock = time.time, name: str = ""
+    ) -> None:
         self.reporter = reporter
         self.memory = memory or PoolMemory()
         self.clock = clock
+        self.name = name  # `namespace/pool`, for log lines
+
+    def _event(self, type_: str, reason: str, message: str) -> None:
+        """An Event, and the same line in the log: logs are where people look first, Events expire."""
+        log.log(logging.INFO if type_ == "Normal" else logging.WARNING, "pool %s %s: %s", self.name, reason, message)
+        self.reporter.event(type_, reason, message)
 
     def reconcile(self, pool: CeleryWorkerPool, sources: Sources, generation: int | None = None) -> PassResult:
         """One pass; raises WorkloadMissing (from the workload) when there is nothing to size."""
@@ -128,7 +136,7 @@ class Reconciler:
         """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
         old = self.memory.conditions.get("Ready")
         if old is None or old.status != "False" or old.reason != reason:
-            self.reporter.event("Warning", reason, message)
+            self._event("Warning", reason, message)
         set_condition(self.memory, "Ready", "False", reason, message, self.clock(), generation)
         report(self.memory, self.reporter, None, None, generation)
         return PassResult(None, self.memory.last_status or {}, blocked=reason)
@@ -155,7 +163,7 @@ class Reconciler:
             load = self._drain(pool, sources.drain, measured.workload, load, current - decision.replicas)
         sources.workload.scale(decision.replicas, load)
         reason = "ScaledUp" if decision.replicas > current else "ScaledDown"
-        self.reporter.event("Normal", reason, decision.reason)
+        self._event("Normal", reason, decision.reason)
         self.memory.last_decision = LastDecision(
             time=_utc(now),
             from_=current,
@@ -174,7 +182,7 @@ class Reconciler:
         still_busy = drain(pool, victims)
         if still_busy:
             message = f"{', '.join(still_busy)} still busy when the drain timed out; acks_late redelivers their tasks"
-            self.reporter.event("Warning", "DrainTimeout", message)
+            self._event("Warning", "DrainTimeout", message)
         return {**load, **dict.fromkeys(victims, DRAINED)}
 
     def _conditions(self, measured: Measurements, now: float, generation: int | None) -> None:
