@@ -194,6 +194,13 @@ class Reconciler:
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
+        if measured.workload.crash_loop is None:
+            set_condition(
+                self.memory, "WorkersRunning", "True", "NoCrashLoop", "no worker keeps exiting", now, generation
+            )
+        else:
+            crashing = measured.workload.crash_loop
+            set_condition(self.memory, "WorkersRunning", "False", "CrashLoopBackOff", crashing, now, generation)
 
 
 def set_condition(
