@@ -148,12 +148,14 @@ def demo(broker: str | None) -> None:
 @click.option("--broker", help="Broker URL; needed when the pool reads it from a Secret (urlFrom).")
 @click.option("--name", help="Which pool of the file, when it holds several.")
 @click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
 @logging_options
 def local(
     pool_file: Path,
     broker: str | None,
     name: str | None,
     worker_log: Path | None,
+    metrics_port: int | None,
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -175,6 +177,9 @@ def local(
         output = stack.enter_context(worker_log.open("ab")) if worker_log else None
         run = LocalRun(pool, url, worker_output=output)
         stack.callback(run.close)
+        if metrics_port is not None:
+            log.info("serving /metrics on port %d", run.metrics.serve(metrics_port))
+            stack.callback(run.metrics.stop)
         log.info("pool %s on %s; Ctrl-C stops every worker", pool.metadata.name, redact(url))
         live = stack.enter_context(Live(console=console, refresh_per_second=2)) if live_view else None
         try:

@@ -103,7 +103,9 @@ class PoolLoop:
             result = self.reconciler.reconcile(pool, sources, generation)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
-        self.metrics.record_pass(self.namespace, self.name, result.status, result.decision, result.busy_slots)
+        self.metrics.record_pass(
+            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry
+        )
         return result
 
     def run(self, stopping: Stopping, source: Callable[[], Mapping[str, Any] | CeleryWorkerPool]) -> None:

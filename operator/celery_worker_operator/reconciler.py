@@ -92,12 +92,14 @@ class Measurements:
 @dataclass(frozen=True)
 class PassResult:
     """What one pass did, for metrics and callers: the decision (None when blocked), the status as
-    written, the busy slots measured, and the reason the pool could not be sized, if so."""
+    written, the busy slots measured, the reason the pool could not be sized, if so, and the
+    telemetry the pass read."""
 
     decision: Decision | None
     status: Mapping[str, Any]
     busy_slots: int | None = None
     blocked: str | None = None
+    telemetry: PoolTelemetry | None = None
 
 
 class Reconciler:
@@ -130,7 +132,7 @@ class Reconciler:
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
         busy = measured.telemetry.busy_slots if measured.telemetry else None
-        return PassResult(decision, self.memory.last_status or {}, busy)
+        return PassResult(decision, self.memory.last_status or {}, busy, telemetry=measured.telemetry)
 
     def blocked(self, reason: str, message: str, generation: int | None) -> PassResult:
         """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
