@@ -34,6 +34,7 @@ from . import __version__
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .policy import Decision, DecisionKind
 from .redact import redact
+from .spec import AutoscalingSpec
 from .telemetry import PoolTelemetry
 from .telemetry.model import HistogramTotals
 
@@ -63,6 +64,12 @@ POOL_GAUGES = (
     ("pool_replicas", "replicas", "Current replicas of the pool's workload."),
     ("pool_ready_replicas", "readyReplicas", "Ready replicas of the pool's workload."),
     ("pool_desired_replicas", "desiredReplicas", "Replicas the last decision asked for."),
+)
+# (metric suffix, AutoscalingSpec attribute, help): what alerts compare the measurements with.
+SPEC_GAUGES = (
+    ("pool_target_wait_seconds", "target_wait_seconds", "spec.autoscaling.targetWaitSeconds of the pool."),
+    ("pool_min_replicas", "min_replicas", "spec.autoscaling.minReplicas of the pool."),
+    ("pool_max_replicas", "max_replicas", "spec.autoscaling.maxReplicas of the pool."),
 )
 # (metric suffix, key of one status.queues entry, help)
 QUEUE_GAUGES = (
@@ -95,6 +102,7 @@ class _Pool:
     status: Mapping[str, Any] = field(default_factory=dict)
     busy_slots: int | None = None
     telemetry: PoolTelemetry | None = None
+    autoscaling: AutoscalingSpec | None = None
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     broadcast_errors: int = 0
 
@@ -127,12 +135,14 @@ class PoolMetrics(Collector):
         decision: Decision | None,
         busy_slots: int | None = None,
         telemetry: PoolTelemetry | None = None,
+        autoscaling: AutoscalingSpec | None = None,
     ) -> None:
-        """Keep one pass's status (as `reconciler.build_status` shapes it) and telemetry; count its
-        scale, if any."""
+        """Keep one pass's status (as `reconciler.build_status` shapes it), telemetry and targets
+        (alerts compare the wait with targetWaitSeconds, desired with maxReplicas); count its scale."""
         with self._lock:
             state = self._pools.setdefault((namespace, pool), _Pool())
             state.status, state.busy_slots, state.telemetry = dict(status), busy_slots, telemetry
+            state.autoscaling = autoscaling or state.autoscaling
         current = status.get("replicas")
         if decision is not None and current is not None and decision.replicas != current:
             direction: Direction = "up" if decision.replicas > current else "down"
@@ -200,6 +210,12 @@ def _pool_gauges(pools: Pools) -> Iterator[Metric]:
         for labels, pool in pools.items():
             if pool.status.get(key) is not None:
                 family.add_metric(labels, float(pool.status[key]))
+        yield family
+    for suffix, attribute, help_ in SPEC_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=POOL_LABELS)
+        for labels, pool in pools.items():
+            if pool.autoscaling is not None:
+                family.add_metric(labels, float(getattr(pool.autoscaling, attribute)))
         yield family
     busy = GaugeMetricFamily(f"{PREFIX}_pool_busy_slots", "Task slots running a task.", labels=POOL_LABELS)
     for labels, pool in pools.items():

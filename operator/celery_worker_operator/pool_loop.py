@@ -95,6 +95,7 @@ class PoolLoop:
         """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""
         generation = _generation(source)
         self.interval = INVALID_SPEC_RETRY_SECONDS
+        pool: CeleryWorkerPool | None = None
         try:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
             self.interval = pool.spec.autoscaling.poll_seconds
@@ -103,8 +104,9 @@ class PoolLoop:
             result = self.reconciler.reconcile(pool, sources, generation)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
+        autoscaling = pool.spec.autoscaling if pool else None
         self.metrics.record_pass(
-            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry
+            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry, autoscaling
         )
         return result
 
