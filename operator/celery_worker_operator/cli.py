@@ -15,12 +15,12 @@ import click
 import yaml
 from rich.console import Console
 from rich.live import Live
-from rich.logging import RichHandler
 from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
 from .localmode import LocalRun
+from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
 from .redact import redact
@@ -85,6 +85,7 @@ class _Parsed(click.ParamType[float]):
         return parsed
 
 
+log = logging.getLogger(__name__)
 RATE = _Parsed("rate", parse_rate, "/s", 1e9)
 TASK_DURATION = _Parsed("duration", parse_duration, " s", 604800, zero_ok=False)
 TARGET_WAIT = _Parsed("duration", parse_duration, " s", 86400, zero_ok=False)
@@ -96,6 +97,20 @@ def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -
     if value is not None and not re.match(BROKER_SCHEME, value):
         raise click.BadParameter("expected a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://")
     return value
+
+
+def logging_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`--log-format` and `--log-level`, the same on every long-running command."""
+    command = click.option(
+        "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True
+    )(command)
+    return click.option(
+        "--log-format",
+        type=click.Choice(LOG_FORMATS),
+        default="auto",
+        show_default=True,
+        help="auto: rich on a terminal, `time level logger message` lines elsewhere; json: one object a line.",
+    )(command)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,8 +130,15 @@ def main(debug: bool) -> None:
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True, help="kopf's liveness URL.")
 @click.option("--peering", help="Peering name, to run several replicas with one active; default: standalone.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Serves /metrics.")
+@logging_options
 def run(
-    namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peering: str | None, metrics_port: int
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    liveness: str,
+    peering: str | None,
+    metrics_port: int,
+    log_format: LogFormat,
+    log_level: str,
 ) -> None:
     """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
     import kopf
@@ -127,6 +149,7 @@ def run(
 
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
+    configure_logging("text" if log_format == "auto" else log_format, log_level.upper())
     try:
         api = kubernetes_client()
     except ConfigException as error:
@@ -192,7 +215,7 @@ def demo(broker: str | None) -> None:
     pool = load_pools(DEMO_POOL)[0]
     url = broker or pool.spec.broker.url or ""
     console = Console()
-    _log_to(console, logging.ERROR)  # workers still booting miss a control reply or two: not news in a demo
+    configure_logging("auto", logging.ERROR, console)  # workers still booting miss a control reply or two
     console.print(f"demo: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops it cleanly")
     with Live(console=console, refresh_per_second=2, transient=True) as live:
         summary = run_demo(url, lambda run: live.update(run.view()), console.print)
@@ -214,35 +237,46 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
     return pool
 
 
-def _log_to(console: Console, level: int) -> None:
-    """Log lines printed above the live view instead of through it."""
-    logging.basicConfig(level=level, handlers=[RichHandler(console=console, show_path=False)], force=True)
-
-
 @main.command()
 @click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--broker", callback=_broker_url, help="Broker URL; needed when the pool reads it from a Secret.")
 @click.option("--name", help="Which pool of the file, when it holds several.")
 @click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
-def local(pool_file: Path, broker: str | None, name: str | None, worker_log: Path | None) -> None:
-    """Run a pool's control loop on this machine, scaling real `celery worker` processes."""
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
+@logging_options
+def local(
+    pool_file: Path,
+    broker: str | None,
+    name: str | None,
+    worker_log: Path | None,
+    metrics_port: int | None,
+    log_format: LogFormat,
+    log_level: str,
+) -> None:
+    """Run a pool's control loop on this machine, scaling real `celery worker` processes.
+
+    On a terminal a live view shows the pool; elsewhere (a file, a pipe) only log lines are written,
+    one per scale decision among them."""
     pool = _local_pool(pool_file, name)
     url = broker or pool.spec.broker.url
     if not url:
         raise click.UsageError("this pool reads its broker URL from a Secret: give it with --broker")
     console = Console()
-    _log_to(console, logging.WARNING)
+    live_view = configure_logging(log_format, log_level.upper(), console)
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(worker_log.open("ab")) if worker_log else None
         run = LocalRun(pool, url, worker_output=output)
         stack.callback(run.close)
-        console.print(f"local: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops every worker")
-        live = stack.enter_context(Live(console=console, refresh_per_second=2))
+        if metrics_port is not None:
+            log.info("serving /metrics on port %d", run.metrics.serve(metrics_port))
+            stack.callback(run.metrics.stop)
+        log.info("pool %s on %s; Ctrl-C stops every worker", pool.metadata.name, redact(url))
+        live = stack.enter_context(Live(console=console, refresh_per_second=2)) if live_view else None
         try:
-            run.run(stop, lambda r: live.update(r.view()))
+            run.run(stop, lambda r: live.update(r.view()) if live else None)
         except KeyboardInterrupt:
-            console.print("stopping workers...")
+            log.info("stopping workers...")
 
 
 @main.command()

@@ -97,12 +97,13 @@ class PoolLoop:
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
 
     def __post_init__(self) -> None:
-        self.reconciler = Reconciler(self.reporter, self.memory, self.clock)
+        self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
 
     def step(self, source: Mapping[str, Any] | CeleryWorkerPool) -> PassResult:
         """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""
         generation = _generation(source)
         self.interval = INVALID_SPEC_RETRY_SECONDS
+        pool: CeleryWorkerPool | None = None
         try:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
             self.interval = pool.spec.autoscaling.poll_seconds
@@ -111,7 +112,10 @@ class PoolLoop:
             result = self.reconciler.reconcile(pool, sources, generation)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
-        self.metrics.record_pass(self.namespace, self.name, result.status, result.decision, result.busy_slots)
+        autoscaling = pool.spec.autoscaling if pool else None
+        self.metrics.record_pass(
+            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry, autoscaling
+        )
         return result
 
     def run(self, stopping: Stopping, source: Callable[[], Mapping[str, Any] | CeleryWorkerPool]) -> None:

@@ -20,7 +20,11 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "peering-cluster-wide": {"peering": {"enabled": True}, "replicaCount": 2},
     "peering-namespaced": {"peering": {"enabled": True}, "replicaCount": 3, "watch": {"clusterWide": False}},
     "monitoring": {
-        "metrics": {"port": 9300, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "port": 9300,
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "waitOverTargetFor": "3m"},
+        },
         "health": {"port": 8181},
         "dashboard": {"enabled": False},
         "fullnameOverride": "celery-ops",
