@@ -44,7 +44,7 @@ go_build() {
   done
   say "building $bin_dir/cwo-cluster (etcd, kube-apiserver, kube-controller-manager, kubectl $k8s_version)"
   mkdir -p "$bin_dir"
-  (cd "$root/tools/cluster" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
+  (cd "$root/tools/cluster" && GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
   for name in "${components[@]}"; do ln -sf cwo-cluster "$bin_dir/$name"; done
   say "built in $((SECONDS - started)) s"
 }
