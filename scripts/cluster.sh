@@ -18,7 +18,8 @@
 # kube-controller-manager if present) are used instead of building; without a controller manager the
 # API server runs as envtest's (ServiceAccount admission off) and nothing reconciles Deployments.
 # State (certificates, keys, etcd data, logs, kubeconfig) lives in .cluster/state (CWO_CLUSTER_STATE).
-set -euo pipefail
+set -eEuo pipefail
+trap 'on_error $LINENO "$BASH_COMMAND"' ERR
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin_dir=${CWO_CLUSTER_BIN:-$root/.cluster/bin}
@@ -29,6 +30,10 @@ service_range=10.0.0.0/24
 components=(etcd kube-apiserver kube-controller-manager kubectl)
 
 say() { echo "cluster: $*"; }
+on_error() { # line command
+  echo "cluster: failed at line $1: $2" >&2
+  if [ -s "$state_dir/openssl.log" ]; then tail -n 5 "$state_dir/openssl.log" >&2; fi
+}
 fail() { echo "cluster: $*" >&2; exit 1; }
 
 # -- binaries ---------------------------------------------------------------------------------------
@@ -83,13 +88,13 @@ make_pki() {
   mkdir -p "$pki/serving"
   local ossl=(openssl req -x509 -nodes -newkey rsa:2048 -sha256)
   "${ossl[@]}" -days 3650 -keyout "$pki/ca.key" -out "$pki/ca.crt" -subj "/CN=cwo-cluster-ca" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>>"$state_dir/openssl.log"
   sign() { # name subject extensions...
     local name=$1 subject=$2; shift 2
-    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>/dev/null
+    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>>"$state_dir/openssl.log"
     printf '%s\n' "$@" > "$pki/$name.ext"
     openssl x509 -req -sha256 -days 3650 -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
-      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>/dev/null
+      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>>"$state_dir/openssl.log"
     rm -f "$pki/$name.csr" "$pki/$name.ext"
   }
   # The API server's serving pair, laid in its --cert-dir where it looks for apiserver.crt/.key.
@@ -99,8 +104,8 @@ make_pki() {
   sign admin "/O=system:masters/CN=cwo-admin" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   sign controller-manager "/CN=system:kube-controller-manager" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   # Service-account token signing key.
-  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  openssl genrsa -out "$pki/sa.key" 2048 2>>"$state_dir/openssl.log"
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>>"$state_dir/openssl.log"
   chmod 600 "$pki"/*.key "$pki"/serving/*.key
 }
 

@@ -10,7 +10,9 @@ for the pods it is given (one namespace, and/or a label selector):
   ``valueFrom`` fieldRef / secretKeyRef / configMapKeyRef / resourceFieldRef resolved), each in its
   own process group, its output in a log file;
 - marks the pod Running and Ready through the status subresource (PodScheduled, Initialized,
-  ContainersReady and Ready conditions, running containerStatuses, podIP 127.0.0.1);
+  ContainersReady and Ready conditions, running containerStatuses, podIP 127.0.0.1): Ready as soon
+  as the process runs, or once ``ready_when(pod, container, output)`` is true (a readiness probe on
+  what the process printed, e.g. a celery worker's "ready." line);
 - on graceful deletion (``deletionTimestamp`` set) sends SIGTERM to the process group, waits up to
   ``deletionGracePeriodSeconds``, then SIGKILL, reports the containers terminated and finalizes
   the pod (delete with ``gracePeriodSeconds=0`` and a uid precondition), as a kubelet does;
@@ -24,8 +26,9 @@ test process's environment plus the pod's env; the test interpreter's folder fir
 ``close()`` kills every process group it started. Use it as a context manager (the ``kubelet``
 fixture of `tests.support.cluster` does).
 
-Inspection for tests (thread-safe): ``pid(pod)``, ``log(pod)``, ``signals(pod)`` (what the kubelet
-sent: "SIGTERM", "SIGKILL"), ``exits`` (every process that ended, with its return code), ``running()``.
+Inspection for tests (thread-safe): ``pid(pod)``, ``log(pod)`` (the process's output only, like
+``kubectl logs``), ``command(pod)`` (the argv it ran), ``signals(pod)`` (what the kubelet sent:
+"SIGTERM", "SIGKILL"), ``exits`` (every process that ended, with its return code), ``running()``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ NODE_IP = "127.0.0.1"
 
 Pod = dict[str, Any]
 CommandFor = Callable[[Pod, dict[str, Any]], "list[str] | None"]
+ReadyWhen = Callable[[Pod, str, str], bool]
 
 
 class ConfigError(Exception):
@@ -159,6 +163,8 @@ class _Container:
     last_terminated: dict[str, Any] | None = None
     done: bool = False  # exited and not to be restarted
     signals: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    ready: bool = False
 
     @property
     def name(self) -> str:
@@ -218,6 +224,7 @@ class ProcessKubelet:
         command_for: CommandFor | None = None,
         restart_backoff: float = 1.0,
         max_restart_backoff: float = 10.0,
+        ready_when: ReadyWhen | None = None,
     ) -> None:
         if namespace is None and label_selector is None:
             raise ValueError("give a namespace, a label selector or both: the kubelet must not take every pod")
@@ -226,6 +233,9 @@ class ProcessKubelet:
         self.node_name = node_name or f"cwo-process-node-{uuid.uuid4().hex[:6]}"
         self.extra_env, self.cwd, self.command_for = dict(env or {}), str(cwd), command_for
         self.restart_backoff, self.max_restart_backoff = restart_backoff, max_restart_backoff
+        # None: a container is Ready once its process runs. Else Ready once ready_when(pod, container
+        # name, its log so far) is true: a readiness probe on the process's output (checked every 0.1 s).
+        self.ready_when = ready_when
         self.exits: list[Exit] = []
         self.errors: list[str] = []  # unexpected exceptions in the kubelet's threads
         self._runs: dict[str, _PodRun] = {}  # by pod uid
@@ -290,8 +300,15 @@ class ProcessKubelet:
             found = self._container(run, container) if run else None
             return list(found.signals) if found else []
 
+    def command(self, pod: str, namespace: str | None = None, container: str | None = None) -> list[str]:
+        """The argv the pod's container was (last) started with, `$(VAR)`s expanded."""
+        with self._lock:
+            run = self._find(pod, namespace)
+            found = self._container(run, container) if run else None
+            return list(found.argv) if found else []
+
     def log(self, pod: str, namespace: str | None = None, container: str | None = None) -> str:
-        """What the pod's container printed (every run of it), also after the pod is gone."""
+        """What the pod's container printed (every run of it, and nothing else), also after the pod is gone."""
         with self._lock:
             run = self._find(pod, namespace)
             found = self._container(run, container) if run else None
@@ -510,9 +527,8 @@ class ProcessKubelet:
             container.restart_at = time.monotonic() + self.restart_backoff  # retry, as the kubelet does
             return
         cwd = container.spec.get("workingDir") or self.cwd
+        container.argv = argv
         with container.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-            log.write(f"--- process kubelet: {argv!r} (restart {container.restart_count})\n".encode())
-            log.flush()
             try:
                 container.process = subprocess.Popen(
                     argv,
@@ -524,11 +540,11 @@ class ProcessKubelet:
                     start_new_session=True,
                 )
             except OSError as error:
-                log.write(f"--- process kubelet: cannot start: {error}\n".encode())
                 container.process = None
                 self._exited(run, container, 128, "StartError", str(error))
                 return
         container.started_at = _now()
+        container.ready = self.ready_when is None
 
     def _command(self, pod: Pod, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         own = self._container_env(pod, spec)
@@ -663,6 +679,8 @@ class ProcessKubelet:
                     self._reap(run, container, force=False)
                     self._exited(run, container, process.returncode, None, None)
                     changed = True
+                elif process is not None and not container.ready and self._probe(run, container):
+                    container.ready = changed = True
                 elif process is None and container.restart_at is not None and now >= container.restart_at:
                     if container.error is None:
                         container.restart_count += 1
@@ -670,6 +688,15 @@ class ProcessKubelet:
                     changed = True
             if changed:
                 self._report(run)
+
+    def _probe(self, run: _PodRun, container: _Container) -> bool:
+        if self.ready_when is None:
+            return True
+        try:
+            output = container.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return bool(self.ready_when(run.pod, container.name, output))
 
     def _exited(self, run: _PodRun, container: _Container, code: int, reason: str | None, message: str | None) -> None:
         """Record the exit and decide about a restart (restartPolicy), with a doubling back-off."""
@@ -682,7 +709,7 @@ class ProcessKubelet:
         }
         if message:
             container.last_terminated["message"] = message
-        container.process = None
+        container.process, container.ready = None, False
         policy = run.pod["spec"].get("restartPolicy", "Always")
         if policy == "Always" or (policy == "OnFailure" and code != 0):
             delay = min(self.restart_backoff * 2 ** min(container.restart_count, 10), self.max_restart_backoff)
@@ -767,7 +794,7 @@ class ProcessKubelet:
         statuses, all_ready, any_alive = [], True, False
         for container in run.containers:
             running = container.running
-            all_ready = all_ready and running
+            all_ready = all_ready and running and container.ready
             pending = container.restart_at is not None or container.error is not None
             any_alive = any_alive or running or pending
             status: dict[str, Any] = {
@@ -775,7 +802,7 @@ class ProcessKubelet:
                 "image": container.spec.get("image", ""),
                 "imageID": "",
                 "restartCount": container.restart_count,
-                "ready": running,
+                "ready": running and container.ready,
                 "started": running,
             }
             if running and container.process is not None:
