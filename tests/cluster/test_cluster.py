@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.cluster import Cluster, service_account_token
+from tests.support.cluster import Cluster, run_script, service_account_token
 from tests.support.kubelet import ProcessKubelet, expand, quantity
 from tests.support.waiting import wait_for
 
@@ -432,6 +432,36 @@ def test_closing_the_kubelet_leaves_no_process_behind(kube_cluster: Cluster, kub
         assert node.errors == []
     finally:
         api.close()
+
+
+def test_the_kubelet_rides_out_an_api_server_restart(
+    kube_api: client.ApiClient, kube_namespace: str, kubelet: ProcessKubelet
+) -> None:
+    core = client.CoreV1Api(kube_api)
+
+    def sleeper(name: str) -> dict[str, Any]:
+        container = {"name": "main", "image": "python:3", "command": ["python", "-c", SLEEPER]}
+        return {"metadata": {"name": name}, "spec": {"terminationGracePeriodSeconds": 10, "containers": [container]}}
+
+    def is_ready(name: str) -> bool:
+        return ready(raw(core.read_namespaced_pod, name, kube_namespace))
+
+    kubelet.ready_when = lambda pod, container, output: output.startswith("running ")
+    core.create_namespaced_pod(kube_namespace, sleeper("before"), _preload_content=False)
+    wait_for(lambda: is_ready("before"), bool, timeout=30)
+    pid = kubelet.pid("before")
+
+    restart = run_script("restart-apiserver", timeout=180)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+
+    # Its watch came back: a pod created now is bound and run, and a deletion is still honoured.
+    core.create_namespaced_pod(kube_namespace, sleeper("after"), _preload_content=False)
+    wait_for(lambda: is_ready("after"), bool, timeout=60)
+    assert kubelet.pid("before") == pid and pid is not None and alive(pid)
+    core.delete_namespaced_pod("before", kube_namespace, _preload_content=False)
+    wait_for(lambda: [p["metadata"]["name"] for p in pods(kube_api, kube_namespace)], lambda n: n == ["after"], 30)
+    assert kubelet.signals("before") == ["SIGTERM"] and not alive(pid)
+    assert kubelet.errors == []
 
 
 # ---------------------------------------------------------------------------------- offline

@@ -54,6 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -183,6 +184,7 @@ class _PodRun:
     terminate_deadline: float | None = None
     finished: bool = False
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (status, since)
+    unreported: bool = False  # the last status write failed: written again on the next tick
 
     @property
     def namespace(self) -> str:
@@ -245,6 +247,7 @@ class ProcessKubelet:
         self._watch_response: Any = None
         self._logs = tempfile.TemporaryDirectory(prefix="cwo-kubelet-")
         self._threads: list[threading.Thread] = []
+        self._retries: list[tuple[float, str, Pod]] = []  # (monotonic time, kind, pod)
 
     # -- lifecycle
 
@@ -413,7 +416,8 @@ class ProcessKubelet:
             except Exception as error:  # relist after a lost watch (410 Gone, connection reset, ...)
                 if self._stop.is_set():
                     return
-                if not isinstance(error, ApiException | _Gone):
+                expired = isinstance(error, _Gone) or (isinstance(error, ApiException) and error.status == 410)
+                if not expired and not _transient(error):
                     self.errors.append(f"watch: {error!r}")
                 self._stop.wait(0.5)
 
@@ -447,16 +451,31 @@ class ProcessKubelet:
                 kind, pod = self._events.get(timeout=0.1)
             except queue.Empty:
                 kind, pod = "", {}
-            try:
-                with self._lock:
-                    if kind == "DELETED":
-                        self._deleted(pod)
-                    elif kind == "SYNC":
-                        self._sync(pod)
+            with self._lock:
+                now = time.monotonic()
+                due = [(k, p) for at, k, p in self._retries if at <= now]
+                self._retries = [entry for entry in self._retries if entry[0] > now]
+                for k, p in ([(kind, pod)] if kind else []) + due:
+                    self._handle(k, p)
+                try:
                     self._tick()
-            except Exception as error:
-                self.errors.append(f"work: {error!r}")
-                self._stop.wait(0.2)
+                except Exception as error:
+                    self.errors.append(f"tick: {error!r}")
+                    self._stop.wait(0.2)
+
+    def _handle(self, kind: str, pod: Pod) -> None:
+        """One pod event; a call the API server could not answer (restarting, 5xx) is retried."""
+        try:
+            if kind == "DELETED":
+                self._deleted(pod)
+            elif kind == "SYNC":
+                self._sync(pod)
+            elif kind == "FINALIZE":
+                self._delete_now(pod)
+        except Exception as error:
+            if not _transient(error):
+                self.errors.append(f"{kind.lower()} {pod['metadata']['name']}: {error!r}")
+            self._retries.append((time.monotonic() + 0.5, kind, pod))
 
     def _sync(self, pod: Pod) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -478,7 +497,7 @@ class ProcessKubelet:
             return
         if run is None:
             self._start_pod(pod)
-        else:
+        elif run.terminate_deadline is None:  # (a retried, older event may come after a newer one)
             run.pod = pod
 
     def _deleted(self, pod: Pod) -> None:
@@ -522,8 +541,8 @@ class ProcessKubelet:
         container.restart_at, container.error = None, None
         try:
             argv, env = self._command(run.pod, container.spec)
-        except (ConfigError, ApiException) as error:
-            container.error = str(error) if isinstance(error, ConfigError) else f"{error.status} {error.reason}"
+        except Exception as error:  # ConfigError, or reading a Secret failed: retried, as the kubelet does
+            container.error = str(error) if isinstance(error, ConfigError) else repr(error)
             container.restart_at = time.monotonic() + self.restart_backoff  # retry, as the kubelet does
             return
         cwd = container.spec.get("workingDir") or self.cwd
@@ -686,7 +705,7 @@ class ProcessKubelet:
                         container.restart_count += 1
                     self._start_container(run, container)
                     changed = True
-            if changed:
+            if changed or run.unreported:
                 self._report(run)
 
     def _probe(self, run: _PodRun, container: _Container) -> bool:
@@ -767,9 +786,13 @@ class ProcessKubelet:
         run.finished = True
         for container in run.containers:
             container.done, container.restart_at = True, None
-        with contextlib.suppress(ApiException):
-            self._report(run)
-        self._delete_now(run.pod)
+        self._report(run)
+        try:
+            self._delete_now(run.pod)
+        except Exception as error:
+            if not _transient(error):
+                self.errors.append(f"finalize {run.name}: {error!r}")
+            self._retries.append((time.monotonic() + 0.5, "FINALIZE", run.pod))
 
     def _finalize_unknown(self, pod: Pod) -> None:
         self._delete_now(pod)
@@ -852,13 +875,25 @@ class ProcessKubelet:
                 "containerStatuses": statuses,
             }
         }
+        run.unreported = False
         try:
             self.core.patch_namespaced_pod_status(
                 run.name, run.namespace, body, _content_type="application/merge-patch+json", _preload_content=False
             )
-        except ApiException as error:
-            if error.status != 404:  # gone meanwhile
-                raise
+        except Exception as error:
+            if isinstance(error, ApiException) and error.status == 404:  # gone meanwhile
+                return
+            if not _transient(error):
+                self.errors.append(f"status {run.name}: {error!r}")
+            else:
+                run.unreported = True
+
+
+def _transient(error: Exception) -> bool:
+    """A failure worth retrying: the API server restarting, unreachable, overloaded or failing."""
+    if isinstance(error, ApiException):
+        return error.status is None or error.status == 429 or error.status >= 500
+    return isinstance(error, urllib3.exceptions.HTTPError | OSError)
 
 
 class _Gone(Exception):
