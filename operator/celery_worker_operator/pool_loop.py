@@ -20,7 +20,7 @@ from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
 from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
-from .secrets import SecretMissing
+from .secrets import SecretMissing, SecretUnusable
 from .spec import CeleryWorkerPool, ConditionStatus, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
@@ -31,6 +31,7 @@ MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers 
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
+    SecretUnusable: "SecretUnusable",
     WorkloadMissing: "WorkloadMissing",
 }
 

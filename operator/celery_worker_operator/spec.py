@@ -243,6 +243,12 @@ class BrokerSpec(Model):
         None, description="Broker URL without a password (redis://, rediss://, amqp://, amqps://)."
     )
     url_from: ValueFrom | None = Field(None, description="Broker URL read from a Secret; use this for credentials.")
+    username_from: ValueFrom | None = Field(
+        None, description="User name from a Secret key, put into url (replacing the URL's own user name)."
+    )
+    password_from: ValueFrom | None = Field(
+        None, description="Password from a Secret key, put into url; workers read it from the Secret, not the manifest."
+    )
     management_url_from: ValueFrom | None = Field(
         None, description="RabbitMQ management API URL (http[s]://user:pass@host:15672) read from a Secret."
     )
@@ -262,6 +268,12 @@ class BrokerSpec(Model):
             "url must not carry a password: put the URL in a Secret and use urlFrom.secretKeyRef",
             ".url",
             lambda b: b.url is None or re.search(INLINE_PASSWORD, b.url) is None,
+        ),
+        Rule(
+            "(!has(self.usernameFrom) && !has(self.passwordFrom)) || has(self.url)",
+            "usernameFrom and passwordFrom complete url: set url (without credentials), not urlFrom",
+            ".url",
+            lambda b: (b.username_from is None and b.password_from is None) or b.url is not None,
         ),
     )
 
