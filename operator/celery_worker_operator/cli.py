@@ -29,7 +29,7 @@ from .simulation.charts import MISSING as MATPLOTLIB_MISSING
 from .simulation.charts import can_plot
 from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
-from .spec import BROKER_SCHEME, AutoscalingSpec, CeleryWorkerPool
+from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
 from .units import parse_duration, parse_rate
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
@@ -96,7 +96,7 @@ STARTUP = _Parsed("duration", parse_duration, " s", 3600)
 def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A broker URL option, checked before anything connects; the message never repeats the URL."""
     if value is not None and not re.match(BROKER_SCHEME, value):
-        raise click.BadParameter("expected a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://")
+        raise click.BadParameter(f"expected {PATTERN_MEANING[BROKER_SCHEME]}")
     return value
 
 

@@ -91,7 +91,9 @@ class LocalRun:
             ),
             metrics=self.metrics,
         )
-        self.shared.telemetry.monitor(self.broker_url).wait_connected(10.0)  # hear the workers from the first pass
+        options = self.pool.spec.broker.transport_options
+        monitor = self.shared.telemetry.monitor(self.broker_url, options.as_celery() if options else None)
+        monitor.wait_connected(10.0)  # hear the workers from the first pass
 
     def step(self) -> PassResult:
         return self.loop.step(self.pool)

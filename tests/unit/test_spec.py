@@ -121,6 +121,7 @@ BROKEN = [
         "broker.url",
     ),
     ("unsupported scheme", mutate("spec.broker.url", "http://redis:6379"), "broker.url"),
+    ("sentinel without master_name", mutate("spec.broker.url", "sentinel://s1:26379;sentinel://s2:26379"), "broker"),
     (
         "secret name not DNS-1123",
         mutate("spec.broker", {"urlFrom": {"secretKeyRef": {"name": "Bad_Nm", "key": "u"}}}),
