@@ -8,8 +8,8 @@
 #   scripts/cluster.sh ensure           build only when the binaries are missing or stale
 #   scripts/cluster.sh start            build if needed, start what is not running, wait for /readyz,
 #                                        write the admin kubeconfig; a running control plane is reused
-#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data);
-#                                        restart-controller-manager likewise
+#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data),
+#                                        then the controller manager; restart-controller-manager: only that
 #   scripts/cluster.sh stop             stop the control plane this state folder started
 #   scripts/cluster.sh env              print `export KUBECONFIG=...` (eval "$(scripts/cluster.sh env)")
 #   scripts/cluster.sh status           exit 0 when the API server answers /readyz
@@ -292,7 +292,13 @@ case "${1:-}" in
   start) start ;;
   stop)
     if [ -d "$state_dir" ]; then stop_all; say "stopped"; else say "nothing to stop"; fi ;;
-  restart-apiserver) relaunch kube-apiserver readyz ;;
+  restart-apiserver)
+    relaunch kube-apiserver readyz
+    # A starting kube-apiserver answers before its RBAC caches are filled: the controller manager's
+    # informers get 403s then and sit in back-off for up to a minute. Give it a fresh start too.
+    if [ -f "$state_dir/kube-controller-manager.cmd" ]; then
+      relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
+    fi ;;
   restart-controller-manager)
     load_ports || fail "no control plane in $state_dir"
     relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz" ;;

@@ -229,7 +229,7 @@ def namespace_name(test_name: str) -> str:
     return f"t-{stem}-{uuid.uuid4().hex[:6]}"
 
 
-def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 30.0) -> None:
+def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 60.0) -> None:
     core, deadline = client.CoreV1Api(api), time.monotonic() + timeout
     while True:
         try:
