@@ -252,7 +252,11 @@ class ProcessKubelet:
     # -- lifecycle
 
     def start(self) -> ProcessKubelet:
-        self._register_node()
+        try:
+            self._register_node()
+        except BaseException:
+            self._logs.cleanup()
+            raise
         for target, name in ((self._watch_loop, "watch"), (self._work_loop, "work")):
             thread = threading.Thread(target=target, name=f"kubelet-{name}-{self.node_name}", daemon=True)
             thread.start()
@@ -273,7 +277,7 @@ class ProcessKubelet:
                 for container in run.containers:
                     if container.process is not None:
                         self._reap(run, container, force=True)
-        with contextlib.suppress(ApiException):
+        with contextlib.suppress(Exception):  # the API server may be gone already
             self.core.delete_node(self.node_name, _preload_content=False)
         self._logs.cleanup()
 
@@ -539,6 +543,8 @@ class ProcessKubelet:
 
     def _start_container(self, run: _PodRun, container: _Container) -> None:
         container.restart_at, container.error = None, None
+        if self._stop.is_set():  # closing: start nothing that close() might miss
+            return
         try:
             argv, env = self._command(run.pod, container.spec)
         except Exception as error:  # ConfigError, or reading a Secret failed: retried, as the kubelet does
