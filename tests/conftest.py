@@ -1,4 +1,5 @@
-"""Shared fixtures: the real brokers that `scripts/brokers.sh` starts.
+"""Shared fixtures: the real brokers that `scripts/brokers.sh` starts, and (from
+tests.support.cluster) the real Kubernetes control plane that `scripts/cluster.sh` builds and starts.
 
 Tests find them through CWO_TEST_REDIS_URL / CWO_TEST_AMQP_URL. A missing broker fails the test
 with a clear message under CI=true (a skipped broker test in CI would be a silent hole); outside CI
@@ -12,6 +13,8 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
+
+pytest_plugins = ["tests.support.cluster"]
 
 REDIS_URL = os.environ.get("CWO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP_URL = os.environ.get("CWO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
