@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
-from .localmode import LocalRun, NoBrokerURL, local_broker_url
+from .localmode import LocalRun, NoBrokerURL, local_broker_url, with_local_tls
 from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
@@ -91,6 +91,9 @@ RATE = _Parsed("rate", parse_rate, "/s", 1e9)
 TASK_DURATION = _Parsed("duration", parse_duration, " s", 604800, zero_ok=False)
 TARGET_WAIT = _Parsed("duration", parse_duration, " s", 86400, zero_ok=False)
 STARTUP = _Parsed("duration", parse_duration, " s", 3600)
+
+
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -246,6 +249,9 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
     help="Broker URL; needed when the pool reads it from a Secret. With usernameFrom/passwordFrom, "
     "CELERY_BROKER_USERNAME/CELERY_BROKER_PASSWORD complete the pool's url instead.",
 )
+@click.option("--broker-ca", type=PEM_FILE, help="CA certificate(s) of a rediss:// broker (for broker.tls.caFrom).")
+@click.option("--broker-cert", type=PEM_FILE, help="Client certificate for a rediss:// broker (broker.tls.certFrom).")
+@click.option("--broker-key", type=PEM_FILE, help="Key of the client certificate (broker.tls.keyFrom).")
 @click.option("--name", help="Which pool of the file, when it holds several.")
 @click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
@@ -253,6 +259,9 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
 def local(
     pool_file: Path,
     broker: str | None,
+    broker_ca: Path | None,
+    broker_cert: Path | None,
+    broker_key: Path | None,
     name: str | None,
     worker_log: Path | None,
     metrics_port: int | None,
@@ -266,6 +275,7 @@ def local(
     pool = _local_pool(pool_file, name)
     try:
         url = broker or local_broker_url(pool.spec.broker, os.environ)
+        url = with_local_tls(url, pool.spec.broker.tls, broker_ca, broker_cert, broker_key)
     except NoBrokerURL as missing:
         raise click.UsageError(str(missing)) from None
     console = Console()
