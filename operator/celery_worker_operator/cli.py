@@ -10,7 +10,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import yaml
@@ -47,8 +47,17 @@ class InternalError(click.ClickException):
     exit_code = 1
 
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
 class _Commands(click.Group):
     """Every command's errors take one path: a message and an exit code, never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:  # type: ignore[override]
+        """Each command takes `-h` itself too, not only through its parent's context (click caches a
+        command's help option the first time any context makes it)."""
+        kwargs.setdefault("context_settings", HELP_OPTIONS)
+        return cast(Callable[[Callable[..., Any]], click.Command], super().command(*args, **kwargs))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -117,7 +126,7 @@ def logging_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings=HELP_OPTIONS)
 @click.version_option(package_name="celery-worker-operator")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of a one-line message.")
 def main(debug: bool) -> None:
