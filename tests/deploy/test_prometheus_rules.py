@@ -9,11 +9,8 @@ and every query of the Grafana dashboard returns data.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ import yaml
 
 from celery_worker_operator.instrument import instrument, uninstrument
 from tests.deploy.chart import manifests, of_kind
+from tests.integration.test_local_cli import local_command, pool_manifest
 from tests.support.local_app import app, record
 from tests.support.operator_process import free_port
 from tests.support.prometheus import running_prometheus
@@ -160,32 +158,15 @@ def stamped() -> Iterator[None]:
 def local_run(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
     """`local --metrics-port` on a pool of at most one single-slot worker: a burst overloads it for sure."""
     name = f"prom-{uuid.uuid4().hex[:8]}"
-    manifest = {
-        "apiVersion": "celery-operator.dev/v1alpha1",
-        "kind": "CeleryWorkerPool",
-        "metadata": {"name": name},
-        "spec": {
-            "broker": {"url": redis_url},
-            "queues": [name],
-            "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": 1},
-            "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "pollSeconds": 1, "targetWaitSeconds": TARGET_WAIT},
-        },
-    }
-    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(manifest))
+    autoscaling = {"minReplicas": 0, "maxReplicas": 1, "targetWaitSeconds": TARGET_WAIT}
+    manifest = pool_manifest(redis_url, name, autoscaling, "tests.support.local_app:app")
+    manifest["spec"]["worker"]["concurrency"] = 1
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT)])}
-    command = [sys.executable, "-m", "celery_worker_operator.cli", "local", str(tmp_path / "pool.yaml"),
-               "--metrics-port", str(port), "--worker-log", str(tmp_path / "workers.log")]  # fmt: skip
-    with (tmp_path / "local.log").open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    options = ("--metrics-port", str(port), "--worker-log", str(tmp_path / "workers.log"))
     try:
-        yield name, port, process
+        with local_command(manifest, tmp_path, *options) as (process, _):
+            yield name, port, process
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
         redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
 
 

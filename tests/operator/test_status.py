@@ -8,12 +8,9 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 from kubernetes import client
 
@@ -21,28 +18,13 @@ from celery_worker_operator.spec import CeleryWorkerPoolStatus
 from tests.support.celery_app import make_app
 from tests.support.cluster import BIN, Cluster
 from tests.support.kubelet import ProcessKubelet
-from tests.support.operator_process import OperatorSetup, operator_setup
+from tests.support.operator_process import OperatorSetup
 from tests.support.pools import apply_pool, create_secret, events_for, pool_manifest, read_pool
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = Path(sys.executable).parent / "kubectl-cwp"  # the console script `pip install` puts next to python
-
-
-@pytest.fixture
-def operator(
-    kube_cluster: Cluster, kube_api: client.ApiClient, kube_namespace: str, tmp_path: Path
-) -> Iterator[OperatorSetup]:
-    with operator_setup(kube_cluster, kube_api, kube_namespace, tmp_path) as setup:
-        yield setup
-
-
-@pytest.fixture
-def names(redis_url: str) -> Iterator[tuple[str, str]]:
-    suffix = uuid.uuid4().hex[:6]
-    yield f"pool-{suffix}", f"q-{suffix}"
-    redis.Redis.from_url(redis_url).delete(f"q-{suffix}", f"q-{suffix}:started", f"q-{suffix}:ended")
 
 
 def cli_env(cluster: Cluster) -> dict[str, str]:
