@@ -36,7 +36,7 @@ from .status_view import document, pool_view, pools_table
 from .units import parse_duration, parse_rate
 
 if TYPE_CHECKING:
-    from .kube import PoolReading
+    from .kube_status import PoolReading
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
 
@@ -301,7 +301,8 @@ def status(name: str | None, namespace: str | None, all_namespaces: bool, follow
     from kubernetes.client.exceptions import ApiException
     from kubernetes.config import ConfigException
 
-    from .kube import PoolNotFound, current_namespace, kubernetes_client, pool_changes, read_pools
+    from .kube import kubernetes_client
+    from .kube_status import PoolNotFound, current_namespace, pool_changes, read_pools
 
     if name is not None and all_namespaces:
         raise click.UsageError("a NAME is looked up in one namespace: give -n NS instead of -A")
