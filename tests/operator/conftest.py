@@ -1,5 +1,5 @@
-"""The real control plane's fixtures (tests.support.cluster) for the operator's tests, the operator
-process set up as the chart installs it, and a fresh pool and queue name per test."""
+"""The operator's tests: the operator process set up as the chart installs it, and a fresh pool and
+queue name per test (the control plane's fixtures come from tests.support.cluster, for every test)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,13 @@ import pytest
 import redis
 from kubernetes import client
 
-from tests.support.cluster import (  # noqa: F401  (fixtures and the build-before-tests hook)
-    Cluster,
-    kube_api,
-    kube_cluster,
-    kube_namespace,
-    kubelet,
-    pytest_collection_finish,
-)
+from tests.support.cluster import Cluster
 from tests.support.operator_process import OperatorSetup, operator_setup
 
 
 @pytest.fixture
 def operator(
-    kube_cluster: Cluster,  # noqa: F811  (the fixtures imported above)
-    kube_api: client.ApiClient,  # noqa: F811
-    kube_namespace: str,  # noqa: F811
-    tmp_path: Path,
+    kube_cluster: Cluster, kube_api: client.ApiClient, kube_namespace: str, tmp_path: Path
 ) -> Iterator[OperatorSetup]:
     with operator_setup(kube_cluster, kube_api, kube_namespace, tmp_path) as setup:
         yield setup

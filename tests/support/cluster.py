@@ -5,9 +5,10 @@ Fixtures (register them with ``pytest_plugins = ["tests.support.cluster"]`` in t
 import them into a conftest, as tests/cluster/conftest.py does):
 
 ``kube_cluster`` (session) -> `Cluster`
-    Starts the control plane once per test run with ``scripts/cluster.sh start`` and stops it at the
-    end; a control plane already running from the same state folder (``.cluster/state``, or
-    ``CWO_CLUSTER_STATE``) is reused and left running. ``CWO_CLUSTER_KEEP=1`` leaves a started one up.
+    Starts the control plane once per test run with ``scripts/cluster.sh start``, or reuses the one
+    running from the same state folder (``.cluster/state``, or ``CWO_CLUSTER_STATE``). Sessions
+    running at once share it; the last one to finish stops it if a session started it (one started
+    by hand stays up). ``CWO_CLUSTER_KEEP=1`` leaves it up anyway.
 ``kube_api`` -> ``kubernetes.client.ApiClient`` with the admin (``system:masters``) certificate.
 ``kube_namespace`` -> str
     A fresh namespace for the test (its ``default`` ServiceAccount already there, so pods pass the
@@ -26,6 +27,8 @@ under CI=true, where they fail: a skipped cluster test in CI would be a silent h
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -51,6 +54,7 @@ BIN = Path(os.environ.get("CWO_CLUSTER_BIN") or ROOT / ".cluster" / "bin")
 FIXTURE = "kube_cluster"
 
 _build_error: str | None = None
+_ensured = False
 
 
 def in_ci() -> bool:
@@ -88,9 +92,12 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the binaries before the first cluster test, outside its timeout (only if some test needs them)."""
-    global _build_error
+    global _build_error, _ensured
+    if _ensured or session.config.option.collectonly:
+        return
     if not any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
         return
+    _ensured = True  # once, though several conftests may import this hook
     if unavailable_reason() is not None or not shutil.which("go"):
         return
     capture = session.config.pluginmanager.get_plugin("capturemanager")
@@ -168,24 +175,47 @@ def api_client_from_kubeconfig(path: str | Path) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(path))
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[Cluster]:
+    """The control plane of STATE, shared by every pytest session using that folder at once: the last
+    session to finish stops it if a session started it (one started by hand is left running)."""
     reason = unavailable_reason()
     if reason is not None:
         unavailable(reason)
     if _build_error is not None:
         pytest.fail(_build_error)
-    started_here = run_script("status", timeout=30).returncode != 0
-    if started_here:
-        result = run_script("start", timeout=1800)
-        if result.returncode != 0:
-            pytest.fail(f"scripts/cluster.sh start failed:\n{result.stdout}{result.stderr}")
-    cluster = Cluster.from_state(STATE, started_here)
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    starting = STATE.parent / f"{STATE.name}.start.lock"
+    users = (STATE.parent / f"{STATE.name}.users.lock").open("a")  # a shared flock per session using it
+    started_here = False
     try:
-        yield cluster
+        with _locked(starting):
+            if run_script("status", timeout=30).returncode != 0:
+                result = run_script("start", timeout=1800)
+                if result.returncode != 0:
+                    pytest.fail(f"scripts/cluster.sh start failed:\n{result.stdout}{result.stderr}")
+                (STATE / "started-by-pytest").touch()
+                started_here = True
+            fcntl.flock(users, fcntl.LOCK_SH)
+        yield Cluster.from_state(STATE, started_here)
     finally:
-        if started_here and os.environ.get("CWO_CLUSTER_KEEP", "") in ("", "0"):
-            run_script("stop", timeout=60)
+        with _locked(starting):
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another session uses it
+                last = True
+            except BlockingIOError:
+                last = False
+            keep = os.environ.get("CWO_CLUSTER_KEEP", "") not in ("", "0")
+            if last and not keep and (STATE / "started-by-pytest").exists():
+                run_script("stop", timeout=60)
+            users.close()
 
 
 @pytest.fixture
@@ -203,7 +233,7 @@ def namespace_name(test_name: str) -> str:
     return f"t-{stem}-{uuid.uuid4().hex[:6]}"
 
 
-def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 30.0) -> None:
+def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 60.0) -> None:
     core, deadline = client.CoreV1Api(api), time.monotonic() + timeout
     while True:
         try:

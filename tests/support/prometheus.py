@@ -39,6 +39,8 @@ _build_error: str | None = None
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build promtool and prometheus before the first test that needs them, when Go is at hand."""
     global _build_error
+    if session.config.option.collectonly:
+        return
     if not any(set(FIXTURES) & set(getattr(item, "fixturenames", ())) for item in session.items):
         return
     if not shutil.which("go"):
