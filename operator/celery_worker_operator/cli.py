@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -30,7 +33,11 @@ from .simulation.charts import can_plot
 from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
+from .status_view import document, pool_view, pools_table
 from .units import parse_duration, parse_rate
+
+if TYPE_CHECKING:
+    from .kube_status import PoolReading
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
 
@@ -303,6 +310,70 @@ def local(
             run.run(stop, lambda r: live.update(r.view()) if live else None)
         except KeyboardInterrupt:
             log.info("stopping workers...")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", help="The pools' namespace; default: the kubeconfig context's, as kubectl.")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Pools of every namespace.")
+@click.option("-w", "--watch", "follow", is_flag=True, help="Show again whenever a pool changes; Ctrl-C ends.")
+@click.option("-o", "--output", type=click.Choice(["json", "yaml"]), help="The status as stored, with the Events.")
+def status(name: str | None, namespace: str | None, all_namespaces: bool, follow: bool, output: str | None) -> None:
+    """Show pools as the cluster sees them: queues, rates, replicas, conditions and the latest decisions.
+
+    With NAME one pool in full, without it one line per pool. Reads with the current kubeconfig (or
+    in-cluster credentials); also `kubectl cwp status ...` once installed, as a kubectl plugin.
+    """
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
+    from .kube import kubernetes_client
+    from .kube_status import PoolNotFound, current_namespace, pool_changes, read_pools
+
+    if name is not None and all_namespaces:
+        raise click.UsageError("a NAME is looked up in one namespace: give -n NS instead of -A")
+    try:
+        api = kubernetes_client()
+        scope = None if all_namespaces else namespace or current_namespace()
+    except ConfigException as error:
+        raise BadInput(f"no Kubernetes credentials: not in a pod, and {error}") from None
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
+
+    def show(readings: list[PoolReading]) -> None:
+        if output is None:
+            console.print(_status_view(readings, name is not None, scope))
+        else:
+            docs = [document(r.pool, r.events) for r in readings]
+            shown: Any = docs[0] if name is not None else {"items": docs}
+            text = json.dumps(shown, indent=2) if output == "json" else yaml.dump(shown, Dumper=_PlainDumper)
+            click.echo(text)
+
+    try:
+        readings = read_pools(api, scope, name)
+        show(readings)
+        changes = pool_changes(api, scope, name) if follow else iter(())
+        for _ in changes:
+            latest = read_pools(api, scope, name)
+            if latest != readings:
+                show(latest)
+                readings = latest
+    except PoolNotFound as error:
+        raise BadInput(str(error)) from None
+    except ApiException as error:
+        raise BadInput(f"the API server answered {error.status} {error.reason}") from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
+def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) -> RenderableType:
+    """One pool in full, or a line per pool; a sentence when there is none (as kubectl says it)."""
+    if one:
+        return pool_view(readings[0].pool, readings[0].events, datetime.now(UTC))
+    if not readings:
+        return f"No CeleryWorkerPools found in {f'namespace {scope}' if scope else 'any namespace'}."
+    return pools_table(r.pool for r in readings)
 
 
 @main.command()

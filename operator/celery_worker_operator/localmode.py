@@ -23,6 +23,7 @@ from .metrics import PoolMetrics
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PassResult
 from .spec import BrokerSpec, BrokerTLS, CeleryWorkerPool
+from .status_view import queue_table
 from .telemetry import PoolTelemetry, TelemetryMonitors
 from .urls import PASSWORD_ENV, SSL_PARAMETER, USERNAME_ENV, tls_settings, with_credentials, with_tls
 from .workloads.local import LocalWorkload, WorkerExit
@@ -144,11 +145,7 @@ class LocalRun:
     def view(self) -> Group:
         """The live terminal view: queues, rates, slots, replicas and the latest decisions."""
         status = self.reporter.status_now
-        queues = Table("queue", "depth", "reserved", "oldest (s)", title=f"pool {self.pool.metadata.name}")
-        for queue in status.get("queues", []):
-            queues.add_row(
-                queue["name"], str(queue["depth"]), str(queue["reserved"]), str(queue.get("oldestAgeSeconds", "-"))
-            )
+        queues = queue_table(status, f"pool {self.pool.metadata.name}")
         concurrency = self.pool.spec.worker.concurrency if self.pool.spec.worker else 1
         telemetry = self.telemetry()
         numbers = Table.grid(padding=(0, 2))
