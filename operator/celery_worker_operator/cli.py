@@ -155,22 +155,32 @@ def local(pool_file: Path, broker: str | None, name: str | None, worker_log: Pat
 
 
 @main.command()
-@click.option("--arrival", type=RATE, required=True, help="Arrival rate: 5/s, 10/m, 200/h.")
+@click.option("--arrival", type=RATE, required=True, help="Arrival rate over the last minute: 5/s, 10/m, 200/h.")
+@click.option("--recent", type=RATE, help="Arrival rate over the last few seconds, if known; the lower one is sized.")
 @click.option("--duration", type=DURATION, required=True, help="Mean task duration: 250ms, 30s, 10m.")
 @click.option("--concurrency", type=click.IntRange(min=1), required=True, help="Task slots per worker.")
 @click.option("--target-wait", type=DURATION, default="30s", show_default=True, help="Acceptable queue wait.")
 @click.option("--utilization", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
 @click.option("--backlog", type=click.IntRange(min=0), default=0, show_default=True, help="Tasks already waiting.")
 def plan(
-    arrival: float, duration: float, concurrency: int, target_wait: float, utilization: float, backlog: int
+    arrival: float,
+    recent: float | None,
+    duration: float,
+    concurrency: int,
+    target_wait: float,
+    utilization: float,
+    backlog: int,
 ) -> None:
     """Size a pool with the capacity formula and show the working."""
     spec = AutoscalingSpec(
         min_replicas=0, max_replicas=10000, target_wait_seconds=target_wait, target_utilization=utilization
     )
-    terms = plan_pool(arrival, duration, backlog, spec, concurrency).terms
+    terms = plan_pool(arrival, duration, backlog, spec, concurrency, recent_rate=recent).terms
     if terms.offered_load is not None and terms.steady_slots is not None and terms.backlog_slots is not None:
-        click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms.offered_load:.4g} busy slots")
+        rate = terms.arrival_rate or 0.0
+        if recent is not None:
+            click.echo(f"arrival rate   lower of {arrival:.4g}/s (minute) and {recent:.4g}/s (recent) = {rate:.4g}/s")
+        click.echo(f"offered load   {rate:.4g}/s x {duration:.4g} s = {terms.offered_load:.4g} busy slots")
         click.echo(
             f"steady slots   {terms.offered_load:.4g} / {utilization:.2g} utilization = {terms.steady_slots:.4g}"
         )
