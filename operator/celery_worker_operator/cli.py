@@ -206,7 +206,13 @@ def plan(
     help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
 )
 @click.option("--startup", type=DURATION, default="10s", show_default=True, help="With --trace: worker start-up delay.")
-@click.option("--policy", "policies", default="ours,keda", show_default=True, help="Comma list: ours, keda, fixed:N.")
+@click.option(
+    "--policy",
+    "policies",
+    default="ours,keda-tuned,keda",
+    show_default=True,
+    help="Comma list: ours, keda, keda-tuned, fixed:N.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
 def simulate(

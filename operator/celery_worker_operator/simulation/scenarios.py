@@ -119,7 +119,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
-    """Scalers by name: `ours`, `keda`, `fixed:N`."""
+    """Scalers by name: `ours`, `keda`, `keda-tuned`, `fixed:N`."""
     spec, pool = scenario.autoscaling, scenario.pool
     made: list[Scaler] = []
     for name in names:
@@ -127,10 +127,12 @@ def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
             made.append(OurScaler(spec, pool.concurrency))
         elif name == "keda":
             made.append(KedaScaler(spec.min_replicas, spec.max_replicas, target_per_replica=pool.concurrency))
+        elif name == "keda-tuned":
+            made.append(KedaScaler.tuned(spec.min_replicas, spec.max_replicas, target_per_replica=pool.concurrency))
         elif name.startswith("fixed:") and name[6:].isdigit():
             made.append(FixedScaler(int(name[6:])))
         else:
-            raise ValueError(f"unknown policy {name!r}: use ours, keda or fixed:N")
+            raise ValueError(f"unknown policy {name!r}: use ours, keda, keda-tuned or fixed:N")
     return made
 
 
