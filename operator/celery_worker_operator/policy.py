@@ -199,6 +199,17 @@ def plan(
     return decide(obs, spec, concurrency)
 
 
+def wakes_early(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int) -> bool:
+    """Whether a check between polls should start a pass now: a pool at its floor (minReplicas or
+    zero) holds more ready messages than it has slots, and may grow.
+
+    A burst landing on an idle pool would otherwise wait up to pollSeconds for the next pass;
+    ready messages exceed the slots only when every prefetch buffer is already full.
+    """
+    at_floor = replicas <= spec.min_replicas and replicas < spec.max_replicas
+    return spec.enabled and at_floor and waiting > replicas * concurrency
+
+
 def remember(
     history: Sequence[Recommendation], decision: Decision, now: float, spec: AutoscalingSpec
 ) -> tuple[Recommendation, ...]:

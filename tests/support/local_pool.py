@@ -28,8 +28,9 @@ def local_pool_run(
     max_replicas: int,
     scale_down_seconds: float,
     metrics: PoolMetrics | None = None,
+    poll_seconds: float = 1,
 ) -> Iterator[LocalRun]:
-    """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards."""
+    """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -43,7 +44,7 @@ def local_pool_run(
                 "queues": [name],
                 "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": concurrency},
                 "autoscaling": {
-                    "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": poll_seconds, "targetWaitSeconds": 5,
                     "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
                 },
             },

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember
+from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember, wakes_early
 from celery_worker_operator.spec import AutoscalingSpec, ScaleDown, ScaleUp
 
 NOW = 1000.0
@@ -313,6 +313,25 @@ def test_terms_name_the_rate_and_the_idle_workers() -> None:
     assert (terms.arrival_rate, terms.rate_source) == (2.0, "recent")
     assert terms.offered_load == pytest.approx(3.5)
     assert terms.idle_workers == (24 - 3) // 4
+
+
+# (case, waiting, replicas, spec, concurrency, wakes)
+WAKE_CASES = [
+    ("at zero, one ready message wakes the loop", 1, 0, scaling(), 4, True),
+    ("at zero, nothing waits: sleep on", 0, 0, scaling(), 4, False),
+    ("at minReplicas 1, more ready than 4 slots wakes it", 5, 1, scaling(min_replicas=1), 4, True),
+    ("at minReplicas 1, as many ready as slots: prefetch may take them", 4, 1, scaling(min_replicas=1), 4, False),
+    ("above the floor the regular poll decides", 50, 2, scaling(min_replicas=1), 4, False),
+    ("at maxReplicas there is nowhere to grow", 50, 1, scaling(min_replicas=1, max_replicas=1), 4, False),
+    ("autoscaling off never wakes", 50, 0, scaling(enabled=False), 4, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("waiting", "replicas", "spec", "concurrency", "wakes"), [c[1:] for c in WAKE_CASES], ids=[c[0] for c in WAKE_CASES]
+)
+def test_wake_rule(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int, wakes: bool) -> None:
+    assert wakes_early(waiting, replicas, spec, concurrency) is wakes
 
 
 def test_remember_keeps_only_the_windows() -> None:
