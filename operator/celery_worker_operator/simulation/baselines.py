@@ -99,7 +99,7 @@ class KedaScaler:
         return self._hpa(obs.time, current, ready_messages)
 
     def _activate(self, now: float, ready_messages: int) -> int:
-        if now - self.last_keda_poll < self.activation_seconds:
+        if now - self.last_keda_poll < self.activation_seconds - self.poll_seconds / 2:  # nearest sync: jitter-proof
             return 0
         self.last_keda_poll = now
         return 1 if ready_messages > 0 else 0

@@ -28,6 +28,9 @@ RATE_WINDOW = 60.0  # seconds of arrivals behind the measured arrival rate
 RECENT_WINDOW = 10.0  # seconds of arrivals behind the recent arrival rate
 SERVICE_WINDOW = 300.0  # seconds of completions behind the measured service time
 Removal = Literal["idle_only", "youngest"]
+# A `celery worker` process on a laptop-class machine consumes this long after it is started
+# (measured: tests/integration/test_simulator_calibration.py); a pod adds scheduling and image pulls.
+LOCAL_STARTUP_SECONDS = 2.5
 
 
 @dataclass(frozen=True)
