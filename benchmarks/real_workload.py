@@ -198,14 +198,6 @@ class Outcome:
     worker_seconds: float
     lost: int
 
-    @property
-    def p50(self) -> float:
-        return percentile(self.waits, 50)
-
-    @property
-    def p95(self) -> float:
-        return percentile(self.waits, 95)
-
 
 def publish(queue: str, sends: Sends) -> None:
     """The trace in real time; each task carries its publish time."""
@@ -252,12 +244,12 @@ def compare(url: str, names: list[str], tail: float, seed: int) -> None:
     for name in names:
         sends = WORKLOADS[name](random.Random(seed))
         outcomes = {scaler: run_one(url, scaler, sends, tail) for scaler in SCALERS}
-        tuned = outcomes["keda-tuned"]
+        tuned_p95, tuned_cost = percentile(outcomes["keda-tuned"].waits, 95), outcomes["keda-tuned"].worker_seconds
         for scaler, outcome in outcomes.items():
+            p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
             print(
-                f"{name:14} {scaler:10} {outcome.p50:6.1f} {outcome.p95:6.1f} {outcome.worker_seconds:9.0f} "
-                f"{outcome.lost:4d} {outcome.p95 / tuned.p95 if tuned.p95 else float('inf'):9.2f} "
-                f"{outcome.worker_seconds / tuned.worker_seconds:10.2f}",
+                f"{name:14} {scaler:10} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
+                f"{p95 / tuned_p95 if tuned_p95 else float('inf'):9.2f} {outcome.worker_seconds / tuned_cost:10.2f}",
                 flush=True,
             )
 

@@ -22,7 +22,7 @@ from .localmode import LocalRun
 from .manifests import InvalidPool, load_pools
 from .policy import plan as plan_pool
 from .redact import redact
-from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
+from .simulation.engine import LOCAL_STARTUP_SECONDS, PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import AutoscalingSpec
 from .units import parse_duration, parse_rate
@@ -205,7 +205,13 @@ def plan(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
 )
-@click.option("--startup", type=DURATION, default="10s", show_default=True, help="With --trace: worker start-up delay.")
+@click.option(
+    "--startup",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help=f"With --trace: worker start-up delay (a pod; a local `celery worker` process: {LOCAL_STARTUP_SECONDS:g}s).",
+)
 @click.option(
     "--policy",
     "policies",

@@ -29,6 +29,7 @@ def local_pool_run(
     scale_down_seconds: float,
     metrics: PoolMetrics | None = None,
     poll_seconds: float = 1,
+    app: str = "tests.support.local_app:app",
 ) -> Iterator[LocalRun]:
     """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
@@ -42,7 +43,7 @@ def local_pool_run(
             "spec": {
                 "broker": {"url": redis_url},
                 "queues": [name],
-                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": concurrency},
+                "worker": {"app": app, "image": "local", "concurrency": concurrency},
                 "autoscaling": {
                     "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": poll_seconds, "targetWaitSeconds": 5,
                     "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
@@ -55,4 +56,4 @@ def local_pool_run(
         yield run
     finally:
         run.close()
-        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended", f"{name}:waits")

@@ -28,8 +28,9 @@ RATE_WINDOW = 60.0  # seconds of arrivals behind the measured arrival rate
 RECENT_WINDOW = 10.0  # seconds of arrivals behind the recent arrival rate
 SERVICE_WINDOW = 300.0  # seconds of completions behind the measured service time
 Removal = Literal["idle_only", "youngest"]
-# A `celery worker` process on a laptop-class machine consumes this long after it is started
-# (measured: tests/integration/test_simulator_calibration.py); a pod adds scheduling and image pulls.
+# A `celery worker` process consumes this long after it is started on a quiet 2-core machine
+# (2.2 s measured; tests/integration/test_simulator_calibration.py prints it, and holds the model
+# within 15 % of a real pool); a pod adds scheduling and image pulls, hence PoolModel's 10 s.
 LOCAL_STARTUP_SECONDS = 2.5
 
 
