@@ -5,8 +5,11 @@
 # and no kubelet: tests run tests/support/kubelet.py, which binds pods and runs them as processes.
 #   scripts/cluster.sh build            build .cluster/bin/cwo-cluster from tools/cluster (Go modules,
 #                                        k8s.io/kubernetes v1.37.2; ~10 min cold on 2 cores, seconds warm)
+#   scripts/cluster.sh ensure           build only when the binaries are missing or stale
 #   scripts/cluster.sh start            build if needed, start what is not running, wait for /readyz,
 #                                        write the admin kubeconfig; a running control plane is reused
+#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data);
+#                                        restart-controller-manager likewise
 #   scripts/cluster.sh stop             stop the control plane this state folder started
 #   scripts/cluster.sh env              print `export KUBECONFIG=...` (eval "$(scripts/cluster.sh env)")
 #   scripts/cluster.sh status           exit 0 when the API server answers /readyz
@@ -15,7 +18,8 @@
 # kube-controller-manager if present) are used instead of building; without a controller manager the
 # API server runs as envtest's (ServiceAccount admission off) and nothing reconciles Deployments.
 # State (certificates, keys, etcd data, logs, kubeconfig) lives in .cluster/state (CWO_CLUSTER_STATE).
-set -euo pipefail
+set -eEuo pipefail
+trap 'on_error $LINENO "$BASH_COMMAND"' ERR
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin_dir=${CWO_CLUSTER_BIN:-$root/.cluster/bin}
@@ -26,6 +30,10 @@ service_range=10.0.0.0/24
 components=(etcd kube-apiserver kube-controller-manager kubectl)
 
 say() { echo "cluster: $*"; }
+on_error() { # line command
+  echo "cluster: failed at line $1: $2" >&2
+  if [ -s "$state_dir/openssl.log" ]; then tail -n 5 "$state_dir/openssl.log" >&2; fi
+}
 fail() { echo "cluster: $*" >&2; exit 1; }
 
 # -- binaries ---------------------------------------------------------------------------------------
@@ -80,13 +88,13 @@ make_pki() {
   mkdir -p "$pki/serving"
   local ossl=(openssl req -x509 -nodes -newkey rsa:2048 -sha256)
   "${ossl[@]}" -days 3650 -keyout "$pki/ca.key" -out "$pki/ca.crt" -subj "/CN=cwo-cluster-ca" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>>"$state_dir/openssl.log"
   sign() { # name subject extensions...
     local name=$1 subject=$2; shift 2
-    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>/dev/null
+    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>>"$state_dir/openssl.log"
     printf '%s\n' "$@" > "$pki/$name.ext"
     openssl x509 -req -sha256 -days 3650 -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
-      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>/dev/null
+      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>>"$state_dir/openssl.log"
     rm -f "$pki/$name.csr" "$pki/$name.ext"
   }
   # The API server's serving pair, laid in its --cert-dir where it looks for apiserver.crt/.key.
@@ -96,8 +104,8 @@ make_pki() {
   sign admin "/O=system:masters/CN=cwo-admin" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   sign controller-manager "/CN=system:kube-controller-manager" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   # Service-account token signing key.
-  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  openssl genrsa -out "$pki/sa.key" 2048 2>>"$state_dir/openssl.log"
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>>"$state_dir/openssl.log"
   chmod 600 "$pki"/*.key "$pki"/serving/*.key
 }
 
@@ -134,15 +142,12 @@ free_port() {
 
 launch() { # name binary args... : own session (pid == process group), output to <name>.log
   local name=$1; shift
-  setsid "$@" > "$state_dir/$name.log" 2>&1 < /dev/null &
+  printf '%q ' "$@" > "$state_dir/$name.cmd"  # for `restart-apiserver` and the like
+  setsid "$@" >> "$state_dir/$name.log" 2>&1 < /dev/null &
   echo $! > "$state_dir/$name.pid"
 }
 
-alive() { # name
-  local pid
-  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null
-}
+alive() { ours "$1"; }
 
 log_tail() { # name
   echo "---- last lines of $state_dir/$1.log ----" >&2
@@ -181,19 +186,45 @@ running() { # the API server of this state folder answers /readyz
   load_ports && alive kube-apiserver && readyz
 }
 
-stop_one() { # name
+ours() { # name : the pid file names a live process of this state folder (not a reused pid)
   local pid
-  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$state_dir/$1.pid"
+  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 1
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$state_dir"
 }
 
-stop_all() {
-  for name in kube-controller-manager kube-apiserver etcd; do stop_one "$name"; done
+stop_all() { # SIGTERM every component's process group at once, wait up to 10 s, then SIGKILL
+  local names=() name
+  for name in kube-controller-manager kube-apiserver etcd; do
+    if ours "$name"; then names+=("$name"); kill -TERM -- "-$(cat "$state_dir/$name.pid")" 2>/dev/null || true; fi
+  done
+  for _ in $(seq 1 100); do
+    local left=0
+    for name in "${names[@]}"; do ours "$name" && left=1; done
+    [ $left = 0 ] && break
+    sleep 0.1
+  done
+  for name in "${names[@]}"; do
+    ours "$name" && kill -KILL -- "-$(cat "$state_dir/$name.pid")" 2>/dev/null || true
+  done
+  rm -f "$state_dir"/*.pid
+}
+
+relaunch() { # name readiness-command... : stop one component and start it again as it was started
+  local name=$1; shift
+  load_ports && [ -f "$state_dir/$name.cmd" ] || fail "no $name started from $state_dir"
+  local started=$SECONDS pid
+  if ours "$name"; then
+    pid=$(cat "$state_dir/$name.pid")
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do ours "$name" || break; sleep 0.1; done  # kube-apiserver lingers on open watches
+    ours "$name" && { kill -KILL -- "-$pid" 2>/dev/null || true; sleep 0.5; }
+  fi
+  local command
+  eval "command=($(cat "$state_dir/$name.cmd"))"
+  echo "---- restarted by scripts/cluster.sh ----" >> "$state_dir/$name.log"
+  launch "$name" "${command[@]}"
+  wait_until "$name" 120 "$@"
+  say "$name restarted, ready again after $((SECONDS - started)) s"
 }
 
 start() {
@@ -250,19 +281,26 @@ start() {
     # The serviceaccount controller at work: namespace default gets its ServiceAccount.
     wait_until kube-controller-manager 60 admin_curl /api/v1/namespaces/default/serviceaccounts/default --fail
   fi
+  echo "${kcm_bin:+$controllers}" > "$state_dir/controllers"
   say "control plane ready in $((SECONDS - started)) s$([ "$build_seconds" -gt 1 ] && echo " (plus $build_seconds s of build)"): export KUBECONFIG=$state_dir/kubeconfig"
 }
 
 case "${1:-}" in
   build) go_build ;;
+  ensure)  # build only when the binaries are missing or older than tools/cluster
+    resolve_binaries; say "binaries: $apiserver_bin ${kcm_bin:-(no kube-controller-manager)}" ;;
   start) start ;;
   stop)
     if [ -d "$state_dir" ]; then stop_all; say "stopped"; else say "nothing to stop"; fi ;;
+  restart-apiserver) relaunch kube-apiserver readyz ;;
+  restart-controller-manager)
+    load_ports || fail "no control plane in $state_dir"
+    relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz" ;;
   env) echo "export KUBECONFIG=$state_dir/kubeconfig" ;;
   status)
     if running; then say "ready on https://127.0.0.1:$apiserver_port"; else say "not running"; exit 1; fi ;;
   kubectl)
     shift; resolve_binaries
     exec "$kubectl_bin" --kubeconfig "$state_dir/kubeconfig" "$@" ;;
-  *) echo "usage: $0 build|start|stop|env|status|kubectl ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 build|ensure|start|stop|restart-apiserver|restart-controller-manager|env|status|kubectl ARGS..." >&2; exit 2 ;;
 esac

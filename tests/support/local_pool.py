@@ -30,6 +30,7 @@ def local_pool_run(
     metrics: PoolMetrics | None = None,
     poll_seconds: float = 1,
     app: str = "tests.support.local_app:app",
+    min_replicas: int = 0,
 ) -> Iterator[LocalRun]:
     """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
@@ -45,7 +46,8 @@ def local_pool_run(
                 "queues": [name],
                 "worker": {"app": app, "image": "local", "concurrency": concurrency},
                 "autoscaling": {
-                    "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": poll_seconds, "targetWaitSeconds": 5,
+                    "minReplicas": min_replicas, "maxReplicas": max_replicas, "pollSeconds": poll_seconds,
+                    "targetWaitSeconds": 5,
                     "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
                 },
             },
