@@ -30,7 +30,7 @@ from .policy import plan as plan_pool
 from .redact import redact
 from .simulation.charts import MISSING as MATPLOTLIB_MISSING
 from .simulation.charts import can_plot
-from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
+from .simulation.engine import LOCAL_STARTUP_SECONDS, PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
 from .status_view import document, pool_view, pools_table
@@ -377,7 +377,8 @@ def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) 
 
 
 @main.command()
-@click.option("--arrival", type=RATE, required=True, help="Arrival rate: 5/s, 10/m, 200/h.")
+@click.option("--arrival", type=RATE, required=True, help="Arrival rate over the last minute: 5/s, 10/m, 200/h.")
+@click.option("--recent", type=RATE, help="Arrival rate over the last few seconds, if known; the lower one is sized.")
 @click.option("--duration", type=TASK_DURATION, required=True, help="Mean task duration: 250ms, 30s, 10m.")
 @click.option("--concurrency", type=click.IntRange(1, 1000), required=True, help="Task slots per worker.")
 @click.option("--target-wait", type=TARGET_WAIT, default="30s", show_default=True, help="Acceptable queue wait.")
@@ -388,6 +389,7 @@ def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) 
 )
 def plan(
     arrival: float,
+    recent: float | None,
     duration: float,
     concurrency: int,
     target_wait: float,
@@ -399,9 +401,12 @@ def plan(
     spec = AutoscalingSpec(
         min_replicas=0, max_replicas=max_replicas, target_wait_seconds=target_wait, target_utilization=utilization
     )
-    terms = plan_pool(arrival, duration, backlog, spec, concurrency).terms
+    terms = plan_pool(arrival, duration, backlog, spec, concurrency, recent_rate=recent).terms
     offered, steady, drain = terms.offered_load or 0.0, terms.steady_slots or 0.0, terms.backlog_slots or 0.0
-    click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {offered:.4g} busy slots")
+    rate = terms.arrival_rate or 0.0
+    if recent is not None:
+        click.echo(f"arrival rate   lower of {arrival:.4g}/s (minute) and {recent:.4g}/s (recent) = {rate:.4g}/s")
+    click.echo(f"offered load   {rate:.4g}/s x {duration:.4g} s = {offered:.4g} busy slots")
     click.echo(f"steady slots   {offered:.4g} / {utilization:.2g} utilization = {steady:.4g}")
     click.echo(f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {drain:.4g}")
     slots = terms.slots or 0.0
@@ -423,8 +428,20 @@ def plan(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
 )
-@click.option("--startup", type=STARTUP, default="10s", show_default=True, help="With --trace: worker start-up delay.")
-@click.option("--policy", "policies", default="ours,keda", show_default=True, help="Comma list: ours, keda, fixed:N.")
+@click.option(
+    "--startup",
+    type=STARTUP,
+    default="10s",
+    show_default=True,
+    help=f"With --trace: worker start-up delay (a pod; a local `celery worker` process: {LOCAL_STARTUP_SECONDS:g}s).",
+)
+@click.option(
+    "--policy",
+    "policies",
+    default="ours,keda-tuned,keda",
+    show_default=True,
+    help="Comma list: ours, keda, keda-tuned, fixed:N.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
 def simulate(

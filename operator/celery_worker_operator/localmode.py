@@ -124,12 +124,8 @@ class LocalRun:
         return self.loop.step(self.pool)
 
     def run(self, stop: threading.Event, on_pass: Callable[[LocalRun], None] = lambda run: None) -> None:
-        """Pass after pass every pollSeconds until `stop` is set."""
-        while not stop.is_set():
-            started = time.monotonic()
-            self.step()
-            on_pass(self)
-            stop.wait(max(self.pool.spec.autoscaling.poll_seconds - (time.monotonic() - started), 0.0))
+        """Pass after pass every pollSeconds (sooner on a burst at the floor) until `stop` is set."""
+        self.loop.run(stop, lambda: self.pool, lambda: on_pass(self))
 
     def close(self) -> None:
         self.workload.close()

@@ -2,13 +2,17 @@
 
 It reads like the HPA's replica calculator, with Celery's own numbers in place of CPU:
 
-    slots    = arrival_rate x service_time / targetUtilization      (Little's law, steady state)
-             + (depth + reserved) x service_time / targetWaitSeconds (drain the backlog in time)
+    slots    = max(arrival_rate x service_time / targetUtilization,   (Little's law, steady state)
+                   busy_slots)                                        (never below what runs now)
+             + (depth + reserved) x service_time / targetWaitSeconds  (drain the backlog in time)
     replicas = ceil(slots / concurrency)
 
-then a tolerance band, min/max, the HPA's stabilization windows (lowest recent recommendation
-bounds a scale-up, highest bounds a scale-down) and per-poll step limits. Missing or stale
-measurements never shrink a pool.
+The arrival rate is the lower of a recent one (seconds) and the windowed one (a minute), so a
+burst, which the backlog term already drains, does not size the steady term for a minute after
+it was served. Then a tolerance band, min/max, the HPA's stabilization windows (lowest recent
+recommendation bounds a scale-up, highest bounds a scale-down) and per-poll step limits; workers
+measured idle while nothing waits may all go in one step. Missing or stale measurements never
+shrink a pool.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class Observation:
     current_replicas: int
     queues: tuple[QueueObservation, ...] = ()
     measured_at: float | None = None  # when the broker numbers were taken; None: never
-    arrival_rate: float | None = None  # tasks per second
+    arrival_rate: float | None = None  # tasks per second over the telemetry window (a minute)
+    arrival_rate_recent: float | None = None  # tasks per second over the last few seconds
     service_time_mean: float | None = None  # seconds
     service_time_p95: float | None = None
     busy_slots: int | None = None
@@ -99,9 +104,12 @@ class Recommendation:
 class Terms:
     """The numbers behind a decision, for Events, `plan` and `simulate`; None where a term took no part.
 
-    slots = steady_slots + backlog_slots; steady_slots = offered_load / targetUtilization;
-    offered_load = max(arrival_rate x service_time, busy_slots); backlog_slots = backlog x
+    slots = steady_slots + backlog_slots; steady_slots = max(offered_load / targetUtilization,
+    busy_slots); offered_load = arrival_rate x service_time, where arrival_rate is the lower of
+    the recent and the windowed rate (`rate_source` says which); backlog_slots = backlog x
     service_time / targetWaitSeconds. Without a service time, slots = (backlog + busy) / utilization.
+    `idle_workers` is how many workers' worth of slots stood idle with nothing waiting: the
+    scale-down step may remove that many at once.
     """
 
     current: int
@@ -112,6 +120,7 @@ class Terms:
     busy_slots: int | None = None
     concurrency: int | None = None
     arrival_rate: float | None = None
+    rate_source: str | None = None
     service_time: float | None = None
     service_time_source: str | None = None
     offered_load: float | None = None
@@ -119,6 +128,7 @@ class Terms:
     backlog_slots: float | None = None
     slots: float | None = None
     fallback_replicas: int | None = None
+    idle_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,20 +163,28 @@ def decide(
     stabilized = _stabilize(current, recommendation, obs.time, spec, history)
     if stabilized != recommendation:
         limit = Limit.UP_STABILIZED if stabilized < recommendation else Limit.DOWN_STABILIZED
-    stepped = _limit_step(current, stabilized, spec)
+    idle = _idle_workers(obs, backlog, concurrency)
+    stepped = _limit_step(current, stabilized, spec, idle)
     if stepped != stabilized:
         limit = Limit.UP_STEP if stepped < stabilized else Limit.DOWN_STEP
     replicas, limit = _clamp_why(stepped, spec, limit)
     if current == 0 and backlog > 0:
         replicas = max(replicas, 1)  # activation from zero never waits for a window
-    terms = replace(terms, recommendation=recommendation, stabilized=stabilized, replicas=replicas)
+    terms = replace(terms, recommendation=recommendation, stabilized=stabilized, replicas=replicas, idle_workers=idle)
     kind = _kind(current, replicas, terms)
     return Decision(
         replicas, kind, limit, _explain(current, replicas, recommendation, stabilized, why), recommendation, terms
     )
 
 
-def plan(arrival_rate: float, service_time: float, backlog: int, spec: AutoscalingSpec, concurrency: int) -> Decision:
+def plan(
+    arrival_rate: float,
+    service_time: float,
+    backlog: int,
+    spec: AutoscalingSpec,
+    concurrency: int,
+    recent_rate: float | None = None,
+) -> Decision:
     """What the formula asks for, from scratch, given these numbers: for `plan`, `demo` and docs."""
     obs = Observation(
         time=0.0,
@@ -174,10 +192,22 @@ def plan(arrival_rate: float, service_time: float, backlog: int, spec: Autoscali
         queues=(QueueObservation("planned", backlog),),
         measured_at=0.0,
         arrival_rate=arrival_rate,
+        arrival_rate_recent=recent_rate,
         service_time_mean=service_time,
         busy_slots=0,
     )
     return decide(obs, spec, concurrency)
+
+
+def wakes_early(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int) -> bool:
+    """Whether a check between polls should start a pass now: a pool at its floor (minReplicas or
+    zero) holds more ready messages than it has slots, and may grow.
+
+    A burst landing on an idle pool would otherwise wait up to pollSeconds for the next pass;
+    ready messages exceed the slots only when every prefetch buffer is already full.
+    """
+    at_floor = replicas <= spec.min_replicas and replicas < spec.max_replicas
+    return spec.enabled and at_floor and waiting > replicas * concurrency
 
 
 def remember(
@@ -213,21 +243,22 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
         slots = max(backlog + busy, 0) / spec.target_utilization
         why = f"{backlog} waiting + {busy} running, no task duration known (set taskDurationSeconds)"
     else:
-        arrival = obs.arrival_rate or 0.0
-        offered = max(arrival * service_time, busy)  # Little's law: L = lambda x W
-        steady = offered / spec.target_utilization
+        arrival, rate_source = _ongoing_rate(obs)
+        offered = arrival * service_time  # Little's law: L = lambda x W
+        steady = max(offered / spec.target_utilization, busy)
         drain = backlog * service_time / spec.target_wait_seconds
         slots = steady + drain
         terms = replace(
             terms,
             arrival_rate=arrival,
+            rate_source=rate_source,
             service_time=service_time,
             service_time_source=source,
             offered_load=offered,
             steady_slots=steady,
             backlog_slots=drain,
         )
-        why = f"{arrival:.3g}/s x {service_time:.3g}s {source} + {backlog} waiting -> {slots:.3g} slots"
+        why = f"{arrival:.3g}/s ({rate_source}) x {service_time:.3g}s {source} + {backlog} waiting -> {slots:.3g} slots"
     terms = replace(terms, slots=slots)
     raw = math.ceil(slots / concurrency - EPSILON)
     current = obs.current_replicas
@@ -286,13 +317,24 @@ def _stabilize(
     return min(max(current, up_bound), down_bound)
 
 
-def _limit_step(current: int, desired: int, spec: AutoscalingSpec) -> int:
-    """At most maxStepPods or maxStepPercent of current per poll, whichever allows more."""
+def _limit_step(current: int, desired: int, spec: AutoscalingSpec, idle_workers: int = 0) -> int:
+    """At most maxStepPods or maxStepPercent of current per poll, whichever allows more.
+
+    On the way down, workers' worth of slots measured idle with nothing waiting may all go at once:
+    the step limit guards against removing work in progress, and idle slots hold none.
+    """
     if desired > current:
         step = max(spec.scale_up.max_step_pods, math.ceil(current * spec.scale_up.max_step_percent / 100))
         return min(desired, current + step)
     step = max(spec.scale_down.max_step_pods, math.floor(current * spec.scale_down.max_step_percent / 100))
-    return max(desired, current - step)
+    return max(desired, current - max(step, idle_workers))
+
+
+def _idle_workers(obs: Observation, backlog: int, concurrency: int) -> int:
+    """Whole workers' worth of measured idle slots while nothing waits; 0 when unmeasured."""
+    if backlog > 0 or obs.busy_slots is None:
+        return 0
+    return max(obs.current_replicas * concurrency - obs.busy_slots, 0) // concurrency
 
 
 def _explain(current: int, replicas: int, recommendation: int, stabilized: int, why: str) -> str:
@@ -309,3 +351,18 @@ def _explain(current: int, replicas: int, recommendation: int, stabilized: int, 
         limits.append("step limit")
     suffix = f"; wanted {recommendation}, " + ", ".join(limits) if limits else ""
     return f"{verb}: {why}{suffix}"
+
+
+def _ongoing_rate(obs: Observation) -> tuple[float, str]:
+    """The arrival rate the steady term sizes for, and which estimator gave it.
+
+    A burst fills the recent rate first and leaves it first, while it lingers in the minute-long
+    one for a minute after it was served; a lasting change shows in both. The lower of the two is
+    the rate that keeps coming; what it misses waits in the queue, where the backlog term sees it.
+    """
+    long, recent = obs.arrival_rate, obs.arrival_rate_recent
+    if recent is None:
+        return long or 0.0, "window"
+    if long is None or recent <= long:
+        return recent, "recent"
+    return long, "window"

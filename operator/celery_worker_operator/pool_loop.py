@@ -2,7 +2,9 @@
 
 Each pass it reads the pool (a kopf body or a parsed pool), resolves where to measure and act
 (`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
-`Reconciler`, and records the result in the metrics. Every reason a pool cannot be sized ends
+`Reconciler`, and records the result in the metrics. Between passes a pool at its floor checks its
+queues' depth every half second (one probe round trip), so a burst on an idle pool starts a pass
+at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
 here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
 broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
 """
@@ -14,20 +16,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .brokers import ProbeRegistry
+from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
+from .policy import wakes_early
 from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
 from .secrets import SecretMissing, SecretUnusable
-from .spec import CeleryWorkerPool, ConditionStatus, TransportOptions
+from .spec import AutoscalingSpec, CeleryWorkerPool, ConditionStatus, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
 from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
 MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
+WAKE_CHECK_SECONDS = 0.5  # how often a pool at its floor looks at its queues between passes
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
@@ -86,6 +90,25 @@ class SharedResources:
         self.probes.close()
 
 
+@dataclass(frozen=True)
+class EarlyWake:
+    """The between-polls check of a pool the last pass left at its floor: is a burst waiting?"""
+
+    probe: QueueProbe
+    queues: tuple[str, ...]
+    replicas: int
+    autoscaling: AutoscalingSpec
+    concurrency: int
+
+    def due(self) -> bool:
+        """True when ready messages call for a pass now; a broker that cannot answer waits for the poll."""
+        try:
+            waiting = sum(stats.depth for stats in self.probe.stats(self.queues).values())
+        except BrokerUnavailable:
+            return False
+        return wakes_early(waiting, self.replicas, self.autoscaling, self.concurrency)
+
+
 @dataclass
 class PoolLoop:
     """One pool's control loop: `step()` is one pass, `run()` passes until stopped."""
@@ -99,6 +122,7 @@ class PoolLoop:
     clock: Clock = time.time
     last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
+    wake: EarlyWake | None = None  # set while the last pass left the pool at its floor
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
@@ -106,7 +130,7 @@ class PoolLoop:
     def step(self, source: Mapping[str, Any] | CeleryWorkerPool) -> PassResult:
         """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""
         generation = _generation(source)
-        self.interval = INVALID_SPEC_RETRY_SECONDS
+        self.interval, self.wake = INVALID_SPEC_RETRY_SECONDS, None
         pool: CeleryWorkerPool | None = None
         try:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
@@ -114,6 +138,7 @@ class PoolLoop:
             sources = self.sources(pool)
             self.last_broker = sources.broker_url
             result = self.reconciler.reconcile(pool, sources, generation)
+            self.wake = _early_wake(pool, sources, result)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
         autoscaling = pool.spec.autoscaling if pool else None
@@ -122,12 +147,29 @@ class PoolLoop:
         )
         return result
 
-    def run(self, stopping: Stopping, source: Callable[[], Mapping[str, Any] | CeleryWorkerPool]) -> None:
-        """Pass after pass, every pollSeconds (an invalid spec: every 30 s), until `stopping` is set."""
+    def run(
+        self,
+        stopping: Stopping,
+        source: Callable[[], Mapping[str, Any] | CeleryWorkerPool],
+        after_pass: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Pass after pass, every pollSeconds (an invalid spec: every 30 s) or sooner when a pool at
+        its floor sees a burst, until `stopping` is set."""
         while not stopping.is_set():
             started = time.monotonic()
             self.step(source())
-            stopping.wait(max(self.interval - (time.monotonic() - started), 0.0))
+            after_pass()
+            self._sleep(stopping, started + self.interval)
+
+    def _sleep(self, stopping: Stopping, until: float) -> None:
+        """Until the monotonic time `until`, `stopping`, or the early-wake check says a pass is due."""
+        while not stopping.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            stopping.wait(min(left, WAKE_CHECK_SECONDS) if self.wake else left)
+            if self.wake is not None and not stopping.is_set() and self.wake.due():
+                return
 
 
 def controller_hooks(
@@ -157,6 +199,14 @@ def controller_hooks(
         return [member_of(hostname) for hostname in busy]
 
     return limits, drain
+
+
+def _early_wake(pool: CeleryWorkerPool, sources: Sources, result: PassResult) -> EarlyWake | None:
+    """The check to run between polls when this pass left the pool at its floor, else None."""
+    decision, autoscaling = result.decision, pool.spec.autoscaling
+    if decision is None or decision.terms.concurrency is None or decision.replicas > autoscaling.min_replicas:
+        return None
+    return EarlyWake(sources.probe, tuple(pool.spec.queues), decision.replicas, autoscaling, decision.terms.concurrency)
 
 
 def _generation(source: Mapping[str, Any] | CeleryWorkerPool) -> int | None:

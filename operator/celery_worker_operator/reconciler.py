@@ -255,6 +255,7 @@ def observation(now: float, measured: Measurements) -> Observation:
         queues=queues,
         measured_at=now if measured.stats is not None else None,
         arrival_rate=telemetry.arrival_rate if telemetry else None,
+        arrival_rate_recent=telemetry.arrival_rate_recent if telemetry else None,
         service_time_mean=telemetry.service_time_mean if telemetry else None,
         service_time_p95=telemetry.service_time_p95 if telemetry else None,
         busy_slots=telemetry.busy_slots if telemetry and telemetry.live_workers else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,34 @@ def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: 
     step_until(local_run, lambda: local_run.workload.observe().replicas == 0, timeout=40)
     assert local_run.reporter.scale_events >= 2
     assert ran(local_run, "started") == ran(local_run, "ended"), "scale-down interrupted a running task"
+
+
+def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with local_pool_run(
+        redis_url, monkeypatch, "wake", concurrency=2, max_replicas=2, scale_down_seconds=0, poll_seconds=60
+    ) as run:
+        stop = threading.Event()
+        loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not run.reporter.status_now and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert run.reporter.status_now.get("replicas") == 0, "the first pass leaves the pool at zero"
+            sent = time.time()
+            send(run, 3, 0.1)
+            while run.reporter.scale_events == 0 and time.monotonic() < deadline + 10:
+                time.sleep(0.05)
+            scaled_at = next(at for at, _, reason, _ in run.reporter.events if reason == "ScaledUp")
+            assert scaled_at - sent < 5, "a burst at zero must not wait out the 60 s poll"
+            while sum(ran(run, "ended").values()) < 3 and time.monotonic() < deadline + 40:
+                time.sleep(0.2)  # the loop thread runs the passes: this one only watches
+            assert sum(ran(run, "ended").values()) == 3
+        finally:
+            stop.set()
+            loop.join(timeout=10)
 
 
 def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:

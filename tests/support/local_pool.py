@@ -29,10 +29,11 @@ def local_pool_run(
     max_replicas: int,
     scale_down_seconds: float,
     metrics: PoolMetrics | None = None,
+    poll_seconds: float = 1,
     app: str = "tests.support.local_app:app",
     min_replicas: int = 0,
 ) -> Iterator[LocalRun]:
-    """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards."""
+    """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -46,7 +47,8 @@ def local_pool_run(
                 "queues": [name],
                 "worker": {"app": app, "image": "local", "concurrency": concurrency},
                 "autoscaling": {
-                    "minReplicas": min_replicas, "maxReplicas": max_replicas, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "minReplicas": min_replicas, "maxReplicas": max_replicas, "pollSeconds": poll_seconds,
+                    "targetWaitSeconds": 5,
                     "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
                 },
             },
@@ -57,7 +59,7 @@ def local_pool_run(
         yield run
     finally:
         run.close()
-        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended", f"{name}:waits")
 
 
 def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) -> int:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember
+from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember, wakes_early
 from celery_worker_operator.spec import AutoscalingSpec, ScaleDown, ScaleUp
 
 NOW = 1000.0
@@ -117,13 +117,58 @@ CASES = [
         "step limit",
     ),
     (
-        "step down: at most max(5 pods, 50 % of 20) per poll",
-        observe(current=20, busy_slots=0, service_time_mean=1.0),
+        "step down: at most max(5 pods, 50 % of 20) per poll while busy slots are unknown",
+        observe(current=20, service_time_mean=1.0),
         scaling(min_replicas=1, scale_down=ScaleDown(stabilization_seconds=0)),
         4,
         (),
         10,
         "scale down 20 -> 10",
+    ),
+    (
+        "workers measured idle with nothing waiting all go in one step: 80 slots, 4 busy",
+        observe(current=20, busy_slots=4, service_time_mean=1.0),
+        scaling(min_replicas=1, scale_down=ScaleDown(stabilization_seconds=0)),
+        4,
+        (),
+        1,
+        "scale down 20 -> 1",
+    ),
+    (
+        "with a task waiting, idle slots are not trusted: the step limit holds",
+        observe(depth=1, current=20, busy_slots=4, service_time_mean=1.0),
+        scaling(min_replicas=1, scale_down=ScaleDown(stabilization_seconds=0)),
+        4,
+        (),
+        10,
+        "step limit",
+    ),
+    (
+        "a served burst lingers in the minute rate, not the recent one: 2/s x 1.75 s / 0.8 = 4.4 slots",
+        observe(current=6, arrival_rate=6.0, arrival_rate_recent=2.0, service_time_mean=1.75, busy_slots=3),
+        scaling(scale_down=ScaleDown(stabilization_seconds=0)),
+        4,
+        (),
+        2,
+        "2/s (recent)",
+    ),
+    (
+        "a rising rate is sized at the minute rate; what that misses waits, and the backlog term drains it",
+        observe(depth=10, current=2, arrival_rate=2.0, arrival_rate_recent=6.0, service_time_mean=1.75, busy_slots=8),
+        scaling(target_wait_seconds=10),
+        4,
+        (),
+        3,
+        "2/s (window)",
+    ),
+    (
+        "busy slots floor the steady term without headroom: 10 busy of 12 holds 3 workers",
+        observe(current=3, arrival_rate=0.0, service_time_mean=1.0, busy_slots=10),
+        scaling(),
+        4,
+        (),
+        3,
+        "hold 3",
     ),
     (
         "down window: the highest recent recommendation wins",
@@ -175,7 +220,7 @@ CASES = [
         observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
         scaling(),
         4,
-        past(1, ago=20),
+        past(1, ago=5),
         1,
         "stabilization window keeps 1",
     ),
@@ -184,7 +229,7 @@ CASES = [
         observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
         scaling(),
         4,
-        past(0, ago=20) + past(1, ago=31),
+        past(0, ago=5) + past(1, ago=11),
         0,
         "scale down 1 -> 0",
     ),
@@ -260,6 +305,33 @@ def test_guide_example_terms_show_the_working() -> None:
     assert terms.slots == pytest.approx(100.0)
     assert terms.recommendation == 25
     assert terms.service_time_source == "measured"
+
+
+def test_terms_name_the_rate_and_the_idle_workers() -> None:
+    obs = observe(current=6, arrival_rate=6.0, arrival_rate_recent=2.0, service_time_mean=1.75, busy_slots=3)
+    terms = decide(obs, scaling(), 4).terms
+    assert (terms.arrival_rate, terms.rate_source) == (2.0, "recent")
+    assert terms.offered_load == pytest.approx(3.5)
+    assert terms.idle_workers == (24 - 3) // 4
+
+
+# (case, waiting, replicas, spec, concurrency, wakes)
+WAKE_CASES = [
+    ("at zero, one ready message wakes the loop", 1, 0, scaling(), 4, True),
+    ("at zero, nothing waits: sleep on", 0, 0, scaling(), 4, False),
+    ("at minReplicas 1, more ready than 4 slots wakes it", 5, 1, scaling(min_replicas=1), 4, True),
+    ("at minReplicas 1, as many ready as slots: prefetch may take them", 4, 1, scaling(min_replicas=1), 4, False),
+    ("above the floor the regular poll decides", 50, 2, scaling(min_replicas=1), 4, False),
+    ("at maxReplicas there is nowhere to grow", 50, 1, scaling(min_replicas=1, max_replicas=1), 4, False),
+    ("autoscaling off never wakes", 50, 0, scaling(enabled=False), 4, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("waiting", "replicas", "spec", "concurrency", "wakes"), [c[1:] for c in WAKE_CASES], ids=[c[0] for c in WAKE_CASES]
+)
+def test_wake_rule(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int, wakes: bool) -> None:
+    assert wakes_early(waiting, replicas, spec, concurrency) is wakes
 
 
 def test_remember_keeps_only_the_windows() -> None:

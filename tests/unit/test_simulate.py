@@ -65,6 +65,18 @@ def test_keda_ignores_reserved_messages() -> None:
     assert keda.desired(obs) == 1
 
 
+@pytest.mark.parametrize(("scaler", "after_a_minute"), [(KedaScaler.tuned(1, 10, 4), 1), (KedaScaler(1, 10, 4), 10)])
+def test_keda_shrinks_to_the_highest_recommendation_of_its_down_window(scaler: KedaScaler, after_a_minute: int) -> None:
+    """Tuned: a 60 s window lets 10 replicas go a minute after the queue emptied; defaults hold 300 s."""
+
+    def seen(at: float, depth: int, current: int) -> Observation:
+        return Observation(time=at, current_replicas=current, queues=(QueueObservation("q", depth),), measured_at=at)
+
+    assert scaler.desired(seen(0.0, 40, 1)) == 5  # grows by max(4 pods, 100 %) per sync
+    assert scaler.desired(seen(30.0, 0, 10)) == 10
+    assert scaler.desired(seen(61.0, 0, 10)) == after_a_minute
+
+
 def test_union_length_merges_overlaps() -> None:
     assert union_length([(0, 10), (5, 12), (20, 21), (20.5, 20.7)]) == pytest.approx(13.0)
 

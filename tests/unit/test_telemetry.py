@@ -71,6 +71,17 @@ def test_early_rates_divide_by_the_time_watched_not_the_whole_window() -> None:
     assert telemetry.arrival_rate == pytest.approx(2, rel=0.05)
 
 
+def test_a_burst_leaves_the_recent_rate_long_before_the_windowed_one() -> None:
+    aggregator = EventAggregator(window=60.0)
+    aggregator.observe_from(T0)
+    burst = [pair for i in range(200) for pair in lifecycle("orders@pod-1", T0 + i / 100)]
+    trickle = [pair for i in range(60) for pair in lifecycle("orders@pod-1", T0 + 2 + i / 2)]
+    feed_all(aggregator, sorted(burst + trickle, key=lambda pair: pair[0]))
+    telemetry = aggregator.snapshot("orders", T0 + 32)
+    assert telemetry.arrival_rate == pytest.approx((200 + 60) / 32, rel=0.05)
+    assert telemetry.arrival_rate_recent == pytest.approx(2, rel=0.1)
+
+
 def test_old_events_slide_out_of_the_window() -> None:
     aggregator = EventAggregator(window=10.0)
     feed_all(aggregator, steady("orders@pod-1", rate=10, seconds=5))

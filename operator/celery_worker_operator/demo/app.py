@@ -1,7 +1,8 @@
 """The Celery app `make demo` scales: one task that sleeps, and records how long it waited.
 
 The broker comes from CELERY_BROKER_URL (Celery reads it itself), as in the operator's pods.
-Each run appends `wait,run` seconds to a Redis list so the demo can report the p95 wait.
+Each run appends `wait,run` seconds to a Redis list so the demo (and the real-workload benchmark)
+can report the p95 wait.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ app.conf.update(
 
 
 @app.task(name="demo.work")  # type: ignore[untyped-decorator]  # celery ships no types
-def work(seconds: float, sent_at: float) -> float:
-    """Sleep `seconds`, having waited `now - sent_at` in the queue."""
+def work(seconds: float, sent_at: float, key: str = WAITS_KEY) -> float:
+    """Sleep `seconds`, having waited `now - sent_at` in the queue; `key` is the list it is recorded
+    in (benchmarks and tests give each run its own)."""
     wait = time.time() - sent_at
     time.sleep(seconds)
-    redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).rpush(WAITS_KEY, f"{wait:.3f},{seconds:.3f}")
+    redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).rpush(key, f"{wait:.3f},{seconds:.3f}")
     return wait

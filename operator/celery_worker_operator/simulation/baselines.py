@@ -6,6 +6,9 @@ messages only: prefetched ones are invisible to it) within a 10 % tolerance, gro
 max(4 pods, 100 %) per sync, shrinks to the highest recommendation of the last 300 s, and the
 ReplicaSet removes the youngest pods, busy or not. KEDA itself polls every 30 s to activate a
 pool from zero and returns it to zero after a 300 s cooldown with an empty queue.
+
+`KedaScaler.tuned()` is the same scaler as a careful user sets it up: KEDA polling and the HPA
+sync every 5 s, a 60 s scale-down window and a 60 s cooldown.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ HPA_TOLERANCE = 0.1
 HPA_DOWN_WINDOW = 300.0
 KEDA_POLLING_SECONDS = 30.0
 KEDA_COOLDOWN_SECONDS = 300.0
+TUNED_POLL_SECONDS = 5.0
+TUNED_WINDOW_SECONDS = 60.0
 
 
 @dataclass
@@ -50,7 +55,7 @@ class OurScaler:
 
 @dataclass
 class KedaScaler:
-    """KEDA's queue-length scaler with its and the HPA's default behaviour."""
+    """KEDA's queue-length scaler with its and the HPA's default behaviour (or `tuned()`)."""
 
     min_replicas: int
     max_replicas: int
@@ -58,9 +63,26 @@ class KedaScaler:
     name: str = "keda"
     removal: Removal = "youngest"
     poll_seconds: float = HPA_SYNC_SECONDS
+    down_window: float = HPA_DOWN_WINDOW
+    activation_seconds: float = KEDA_POLLING_SECONDS
+    cooldown_seconds: float = KEDA_COOLDOWN_SECONDS
     recent: deque[tuple[float, int]] = field(default_factory=deque)
     last_active: float = 0.0
     last_keda_poll: float = -math.inf
+
+    @classmethod
+    def tuned(cls, min_replicas: int, max_replicas: int, target_per_replica: float) -> KedaScaler:
+        """A 5 s poll (KEDA and HPA), a 60 s down window and cooldown: the fastest a user would set."""
+        return cls(
+            min_replicas,
+            max_replicas,
+            target_per_replica,
+            name="keda-tuned",
+            poll_seconds=TUNED_POLL_SECONDS,
+            down_window=TUNED_WINDOW_SECONDS,
+            activation_seconds=TUNED_POLL_SECONDS,
+            cooldown_seconds=TUNED_WINDOW_SECONDS,
+        )
 
     def initial_replicas(self) -> int:
         return self.min_replicas
@@ -72,12 +94,12 @@ class KedaScaler:
             self.last_active = obs.time
         if current == 0:
             return self._activate(obs.time, ready_messages)
-        if self.min_replicas == 0 and obs.time - self.last_active >= KEDA_COOLDOWN_SECONDS:
+        if self.min_replicas == 0 and obs.time - self.last_active >= self.cooldown_seconds:
             return 0
         return self._hpa(obs.time, current, ready_messages)
 
     def _activate(self, now: float, ready_messages: int) -> int:
-        if now - self.last_keda_poll < KEDA_POLLING_SECONDS:
+        if now - self.last_keda_poll < self.activation_seconds - self.poll_seconds / 2:  # nearest sync: jitter-proof
             return 0
         self.last_keda_poll = now
         return 1 if ready_messages > 0 else 0
@@ -87,7 +109,7 @@ class KedaScaler:
         wanted = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(metric / self.target_per_replica)
         wanted = min(max(wanted, 1, self.min_replicas), self.max_replicas)
         self.recent.append((now, wanted))
-        while self.recent and now - self.recent[0][0] >= HPA_DOWN_WINDOW:
+        while self.recent and now - self.recent[0][0] >= self.down_window:
             self.recent.popleft()
         if wanted < current:
             return max(wanted, min(current, max(r for _, r in self.recent)))

@@ -123,7 +123,7 @@ FIXED_LIMIT = 10000  # maxReplicas' bound
 
 
 def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
-    """Scalers by name: `ours`, `keda`, `fixed:N`."""
+    """Scalers by name: `ours`, `keda`, `keda-tuned`, `fixed:N`."""
     spec, pool = scenario.autoscaling, scenario.pool
     made: list[Scaler] = []
     for name in names:
@@ -131,12 +131,14 @@ def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
             made.append(OurScaler(spec, pool.concurrency))
         elif name == "keda":
             made.append(KedaScaler(spec.min_replicas, spec.max_replicas, target_per_replica=pool.concurrency))
+        elif name == "keda-tuned":
+            made.append(KedaScaler.tuned(spec.min_replicas, spec.max_replicas, target_per_replica=pool.concurrency))
         elif (fixed := re.fullmatch(r"fixed:([0-9]{1,5})", name)) and 1 <= int(fixed[1]) <= FIXED_LIMIT:
             made.append(FixedScaler(int(fixed[1])))
         elif name.startswith("fixed:"):
             raise ValueError(f"{name!r}: fixed:N takes 1 to {FIXED_LIMIT} workers (0 would never run a task)")
         else:
-            raise ValueError(f"unknown policy {name!r}: use ours, keda or fixed:N")
+            raise ValueError(f"unknown policy {name!r}: use ours, keda, keda-tuned or fixed:N")
     return made
 
 

@@ -26,6 +26,7 @@ Event = Mapping[str, Any]
 
 EXPIRE_BEATS = 2.0  # Celery's HEARTBEAT_EXPIRE_WINDOW (200 %): offline after two missed heartbeats
 DEFAULT_FREQ = 2.0  # Celery's default worker heartbeat interval, for workers not yet heard from
+RECENT_SECONDS = 10.0  # the recent arrival rate's window (rounded to whole buckets, at least one)
 UNNAMED = ""  # the series of tasks whose name was lost (record expired): in the totals, not in `tasks`
 MAX_TASK_NAMES = 100  # task names counted apart per pool; the rest add up under OTHER_TASKS
 OTHER_TASKS = "other"
@@ -412,14 +413,20 @@ class EventAggregator:
         window_start = (int(now / self._width) - self._count + 1) * self._width
         return now - max(window_start, self._since if self._since is not None else now)
 
+    def _recent(self, now: float) -> tuple[int, float]:
+        """The first bucket index of the recent window, and the seconds it covers."""
+        buckets = max(1, min(self._count, round(RECENT_SECONDS / self._width)))
+        first = int(now / self._width) - buckets + 1
+        return first, now - max(first * self._width, self._since if self._since is not None else now)
+
     def _event_stats(
         self, state: _Pool | None, groups: list[SeriesGroup], now: float
     ) -> tuple[TaskStats, dict[str, TaskStats]]:
-        span = self._span(now)
+        span, recent = self._span(now), self._recent(now)
         received = state.series if state else SeriesGroup(self._width, self._count)
 
         def stats(name: str | None) -> TaskStats:
-            return _stats(received.live(now, name), [b for g in groups for b in g.live(now, name)], span)
+            return _stats(received.live(now, name), [b for g in groups for b in g.live(now, name)], span, recent)
 
         names = set(received.tasks).union(*(g.tasks for g in groups)) - {UNNAMED}
         return stats(None), {name: stats(name) for name in sorted(names)}
@@ -437,20 +444,22 @@ class EventAggregator:
         return TaskStats(completion_rate=rate, service_time_mean=busy / rate if rate > 0 else None)
 
 
-def _stats(received: list[Bucket], sent: list[Bucket], span: float) -> TaskStats:
-    """Rates and durations of one pool or task over its live buckets.
+def _stats(received: list[Bucket], sent: list[Bucket], span: float, recent: tuple[int, float]) -> TaskStats:
+    """Rates and durations of one pool or task over its live buckets (and the recent ones among them).
 
     Arrivals are the larger of task-received (always there with -E) and task-sent (only from
     clients that enable it, but counts tasks still queued): either alone undercounts sometimes.
     """
     if span <= 0:
         return TaskStats()
+    first, recent_span = recent
     succeeded, failed = sum(b.succeeded for b in received), sum(b.failed for b in received)
     runtime = summarize(b.runtime for b in received)
     wait = summarize(b.wait for b in received)
     sent_wait = summarize(b.sent_wait for b in received)
     return TaskStats(
-        arrival_rate=max(sum(b.arrived for b in received), sum(b.arrived for b in sent)) / span,
+        arrival_rate=_arrivals(received, sent) / span,
+        arrival_rate_recent=_arrivals(received, sent, first) / recent_span if recent_span > 0 else None,
         completion_rate=(succeeded + failed) / span,
         failure_rate=failed / span,
         completed=succeeded + failed,
@@ -461,6 +470,11 @@ def _stats(received: list[Bucket], sent: list[Bucket], span: float) -> TaskStats
         sent_wait_mean=sent_wait.mean,
         sent_wait_p95=sent_wait.p95,
     )
+
+
+def _arrivals(received: list[Bucket], sent: list[Bucket], first: int = -1) -> int:
+    """Arrivals in the buckets from index `first` on: the larger of the received and the sent count."""
+    return max(sum(b.arrived for b in received if b.index >= first), sum(b.arrived for b in sent if b.index >= first))
 
 
 def _pool_task_events(workers: Iterable[WorkerTelemetry]) -> bool | None:

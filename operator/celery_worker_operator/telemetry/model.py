@@ -16,6 +16,7 @@ class TaskStats:
     """
 
     arrival_rate: float | None = None
+    arrival_rate_recent: float | None = None  # over the last RECENT_SECONDS: a burst leaves it first
     completion_rate: float | None = None
     failure_rate: float | None = None
     completed: int = 0

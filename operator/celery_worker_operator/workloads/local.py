@@ -174,6 +174,12 @@ class LocalWorkload:
         alive = [*self._running.values(), *self._stopping.values()]
         return self._finished_seconds + sum(now - p.started for p in alive)
 
+    def alive(self) -> int:
+        """Worker processes that exist right now, serving or shutting down: what a cost sampler counts.
+        Safe to call from another thread than the one that scales."""
+        processes = [*self._running.values(), *self._stopping.values()]
+        return sum(process.popen.poll() is None for process in processes)
+
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         self._desired = replicas
         victims = removal_order(list(self._running), load)

@@ -1,0 +1,304 @@
+"""Real workers on real Redis: our local mode against a KEDA-style process scaler, tuned and default.
+
+    .venv/bin/python benchmarks/real_workload.py [--url redis://127.0.0.1:6379/14] [--workloads NAMES] [--tail 45]
+    .venv/bin/python benchmarks/real_workload.py --reaction 10
+
+Each workload (burst-trickle: 240 tasks at once, then 2/s for 60 s; steady-spikes: 1.5/s for 90 s
+with 60 tasks at once at 20 s and 60 s; tasks sleep 0.5-3 s) is published in real time to a fresh
+queue, one scaler after the other in this one run, each scaling real `celery worker` processes
+(concurrency 4, at most 6, prefetch 1, acks late, the same command line for all):
+  ours        `local` mode: the operator's pool loop, pollSeconds 5, targetWaitSeconds 10;
+  keda-tuned  KEDA's queue-length scaler behind the HPA as simulation/baselines.py models it
+              (ceil(ready messages / 4), activation, highest recommendation of the down window),
+              polled every 5 s with a 60 s down window and cooldown;
+  keda        the same with KEDA's and the HPA's defaults (15 s sync, 30 s activation, 300 s window);
+  limit       six workers ready before the first task: no scaler waits less (the physical limit).
+Waits are the tasks' own start minus the publish time they carry; worker-seconds are sampled the
+same way for all (worker processes alive, every 0.5 s, until the trace ends plus `--tail`); a task
+lost is one published and never finished. Targets (issue 15): ours p95 <= 0.9x keda-tuned's on
+each workload; worker-seconds <= 0.6x keda-tuned's on burst-trickle, <= 0.8x on the others; 0 lost.
+
+`--reaction N` instead times a burst landing on a pool at zero until the scale call, N times for
+ours with pollSeconds 10 (target: median <= 1.5 s) and a third as often for keda-tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from celery_worker_operator.brokers import ProbeRegistry
+from celery_worker_operator.demo.app import app, work
+from celery_worker_operator.localmode import LocalRun
+from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.policy import Observation, QueueObservation
+from celery_worker_operator.simulation.baselines import KedaScaler
+from celery_worker_operator.simulation.engine import percentile
+from celery_worker_operator.spec import CeleryWorkerPool
+from celery_worker_operator.workloads.local import LocalWorkload
+
+HERE = Path(__file__).resolve().parent
+CONCURRENCY, MAX_REPLICAS, TARGET_WAIT = 4, 6, 10.0
+SAMPLE_SECONDS = 0.5
+Sends = list[tuple[float, float]]  # (seconds after the start, task duration)
+
+
+def burst_trickle(rng: random.Random) -> Sends:
+    burst = [(i / 240, rng.uniform(0.5, 3.0)) for i in range(240)]
+    return burst + [(1 + i / 2, rng.uniform(0.5, 3.0)) for i in range(120)]
+
+
+def steady_spikes(rng: random.Random) -> Sends:
+    sends, now = [], 0.0
+    while (now := now + rng.expovariate(1.5)) < 90:
+        sends.append((now, rng.uniform(0.5, 3.0)))
+    for at in (20.0, 60.0):
+        sends += [(at + i / 60, rng.uniform(0.5, 3.0)) for i in range(60)]
+    return sorted(sends)
+
+
+WORKLOADS: dict[str, Callable[[random.Random], Sends]] = {
+    "burst-trickle": burst_trickle,
+    "steady-spikes": steady_spikes,
+}
+
+
+def make_pool(name: str, url: str, poll_seconds: float) -> CeleryWorkerPool:
+    return parse_pool(
+        {
+            "apiVersion": "celery-operator.dev/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": name},
+            "spec": {
+                "broker": {"url": url},
+                "queues": [name],
+                "worker": {"app": "celery_worker_operator.demo.app:app", "image": "local", "concurrency": CONCURRENCY},
+                "autoscaling": {
+                    "minReplicas": 0,
+                    "maxReplicas": MAX_REPLICAS,
+                    "pollSeconds": poll_seconds,
+                    "targetWaitSeconds": TARGET_WAIT,
+                    "taskDurationSeconds": 1.75,
+                },
+            },
+        }
+    )
+
+
+class Scaling(Protocol):
+    """One scaler running its pool in the background."""
+
+    workload: LocalWorkload
+    scale_calls: list[float]  # when it first asked for more replicas than it had, each time
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Ours:
+    """`local` mode: LocalRun's loop on its own thread."""
+
+    pool: CeleryWorkerPool
+    url: str
+    scale_calls: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run = LocalRun(self.pool, self.url, cwd=HERE)
+        self.workload = self.run.workload
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run.run, args=(self.stopping, self._seen), daemon=True)
+        self.thread.start()
+
+    def _seen(self, run: LocalRun) -> None:
+        """After each pass, on the loop's thread: the scale-ups so far, from the reporter's Events."""
+        self.scale_calls[:] = [at for at, _, reason, _ in run.reporter.events if reason == "ScaledUp"]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.run.close()
+
+
+@dataclass
+class KedaStyle:
+    """KEDA's queue-length scaler as a process: the simulator's KedaScaler deciding, real workers acting."""
+
+    pool: CeleryWorkerPool
+    url: str
+    scaler: KedaScaler
+    scale_calls: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workload = LocalWorkload(self.pool, self.url, cwd=HERE)
+        self.probes = ProbeRegistry()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        queue = self.pool.metadata.name
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            current = self.workload.observe().replicas
+            depth = self.probes.probe(self.url).stats([queue])[queue].depth
+            now = time.time()
+            obs = Observation(now, current, (QueueObservation(queue, depth),), measured_at=now)
+            wanted = self.scaler.desired(obs)
+            if wanted > current:
+                self.scale_calls.append(time.time())
+            self.workload.scale(wanted, {})  # the ReplicaSet picks by age: no load to go by
+            self.stopping.wait(max(self.scaler.poll_seconds - (time.monotonic() - started), 0.0))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.workload.close()
+        self.probes.close()
+
+
+@dataclass
+class Limit:
+    """Every allowed worker started and given time to connect before the first task."""
+
+    pool: CeleryWorkerPool
+    url: str
+    scale_calls: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workload = LocalWorkload(self.pool, self.url, cwd=HERE)
+        self.workload.scale(MAX_REPLICAS, {})
+        time.sleep(8.0)  # a worker here consumes 2-3 s after it starts; 8 s leaves margin on a busy machine
+
+    def stop(self) -> None:
+        self.workload.close()
+
+
+SCALERS: dict[str, Callable[[CeleryWorkerPool, str], Scaling]] = {
+    "ours": lambda pool, url: Ours(pool, url),
+    "keda-tuned": lambda pool, url: KedaStyle(pool, url, KedaScaler.tuned(0, MAX_REPLICAS, CONCURRENCY)),
+    "keda": lambda pool, url: KedaStyle(pool, url, KedaScaler(0, MAX_REPLICAS, CONCURRENCY)),
+    "limit": lambda pool, url: Limit(pool, url),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    waits: list[float]
+    worker_seconds: float
+    lost: int
+
+
+def publish(queue: str, sends: Sends) -> None:
+    """The trace in real time; each task carries its publish time."""
+    start = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for offset, seconds in sends:
+            time.sleep(max(start + offset - time.monotonic(), 0.0))
+            work.apply_async((seconds, time.time(), f"{queue}:waits"), queue=queue, producer=producer)
+
+
+def sample_cost(workload: LocalWorkload, until: float) -> float:
+    """Worker-seconds from counting live worker processes every SAMPLE_SECONDS until `until`."""
+    total = 0.0
+    while time.monotonic() < until:
+        total += workload.alive() * SAMPLE_SECONDS
+        time.sleep(SAMPLE_SECONDS)
+    return total
+
+
+def run_one(url: str, scaler: str, sends: Sends, tail: float) -> Outcome:
+    queue = f"bench-{scaler}-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(url)
+    scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=5), url)
+    try:
+        time.sleep(1.0)  # the scaler's first pass, at zero
+        until = time.monotonic() + sends[-1][0] + tail
+        publisher = threading.Thread(target=publish, args=(queue, sends), daemon=True)
+        publisher.start()
+        cost = sample_cost(scaling.workload, until)
+        publisher.join()
+        deadline = time.monotonic() + 120
+        while client.llen(f"{queue}:waits") < len(sends) and time.monotonic() < deadline:
+            time.sleep(0.5)  # recorded when a task ends: the count of finished tasks
+        waits = [float(line.split(b",")[0]) for line in client.lrange(f"{queue}:waits", 0, -1)]
+        return Outcome(waits, cost, len(sends) - len(waits))
+    finally:
+        scaling.stop()
+        client.delete(queue, f"{queue}:waits")
+
+
+def compare(url: str, names: list[str], tail: float, seed: int) -> None:
+    header = f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4}"
+    print(f"{header} {'p95/tuned':>9} {'cost/tuned':>10}")
+    for name in names:
+        sends = WORKLOADS[name](random.Random(seed))
+        outcomes = {scaler: run_one(url, scaler, sends, tail) for scaler in SCALERS}
+        tuned_p95, tuned_cost = percentile(outcomes["keda-tuned"].waits, 95), outcomes["keda-tuned"].worker_seconds
+        for scaler, outcome in outcomes.items():
+            p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
+            print(
+                f"{name:14} {scaler:10} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
+                f"{p95 / tuned_p95 if tuned_p95 else float('inf'):9.2f} {outcome.worker_seconds / tuned_cost:10.2f}",
+                flush=True,
+            )
+
+
+def reaction(url: str, scaler: str, poll_seconds: float, repetitions: int) -> list[float]:
+    """Seconds from a burst landing on the pool at zero to the scaler's call for workers, per repetition."""
+    queue = f"react-{scaler}-{uuid.uuid4().hex[:6]}"
+    scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=poll_seconds), url)
+    times = []
+    try:
+        for _ in range(repetitions):
+            while scaling.workload.alive() or redis.Redis.from_url(url).llen(queue):
+                time.sleep(0.2)  # back at zero, queue empty
+            time.sleep(random.uniform(0, poll_seconds))  # land anywhere between two polls
+            calls, sent = len(scaling.scale_calls), time.time()
+            with app.producer_or_acquire() as producer:
+                for _ in range(8):
+                    work.apply_async((0.2, time.time(), f"{queue}:waits"), queue=queue, producer=producer)
+            while len(scaling.scale_calls) == calls:
+                time.sleep(0.02)
+            times.append(scaling.scale_calls[calls] - sent)
+            print(f"  {scaler}: scale call {times[-1]:.2f} s after the burst", flush=True)
+    finally:
+        scaling.stop()
+        redis.Redis.from_url(url).delete(queue, f"{queue}:waits")
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--tail", type=float, default=45.0, help="seconds of cost counted after the last publish")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--reaction", type=int, default=0, help="time N bursts at zero instead")
+    args = parser.parse_args()
+    os.environ["CELERY_BROKER_URL"] = args.url
+    app.conf.broker_url = args.url
+    if args.reaction:
+        ours = reaction(args.url, "ours", 10.0, args.reaction)
+        tuned = reaction(args.url, "keda-tuned", 5.0, max(args.reaction // 3, 1))
+        print(
+            f"burst at zero -> scale call, median: ours {statistics.median(ours):.2f} s (pollSeconds 10, "
+            f"{len(ours)} runs), keda-tuned {statistics.median(tuned):.2f} s (5 s polling, {len(tuned)} runs), "
+            f"ratio {statistics.median(ours) / statistics.median(tuned):.2f}"
+        )
+        return
+    compare(args.url, [n.strip() for n in args.workloads.split(",") if n.strip()], args.tail, args.seed)
+
+
+if __name__ == "__main__":
+    main()
