@@ -82,6 +82,16 @@ class _Commands(click.Group):
             raise InternalError(f"{what} (run with --debug for the traceback)") from None
 
 
+class _Path(click.Path):
+    """click.Path that answers a path the OS cannot take (a NUL byte) with a usage error, not a crash."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except ValueError as error:
+            self.fail(f"{value!r} is not a usable path: {error}", param, ctx)
+
+
 class _Parsed(click.ParamType[float]):
     """A click type from one of the parsers in units.py, from 0 to a bound, so bad input gets a usage error."""
 
@@ -109,7 +119,7 @@ TARGET_WAIT = _Parsed("duration", parse_duration, " s", 86400, zero_ok=False)
 STARTUP = _Parsed("duration", parse_duration, " s", 3600)
 
 
-PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+PEM_FILE = _Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -201,7 +211,7 @@ def crd() -> None:
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, allow_dash=True, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=_Path(exists=True, allow_dash=True, path_type=Path))
 def validate(sources: tuple[Path, ...]) -> None:
     """Check pool manifests as the operator would: files, directories (their *.yaml, *.yml) or - for stdin.
 
@@ -258,7 +268,7 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
 
 
 @main.command()
-@click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("pool_file", type=_Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--broker",
     callback=_broker_url,
@@ -269,7 +279,7 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
 @click.option("--broker-cert", type=PEM_FILE, help="Client certificate for a rediss:// broker (broker.tls.certFrom).")
 @click.option("--broker-key", type=PEM_FILE, help="Key of the client certificate (broker.tls.keyFrom).")
 @click.option("--name", help="Which pool of the file, when it holds several.")
-@click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
+@click.option("--worker-log", type=_Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
 @logging_options
 def local(
@@ -419,13 +429,11 @@ def plan(
 
 @main.command()
 @click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), help="A bundled workload.")
-@click.option(
-    "--trace", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CSV: timestamp,task,duration."
-)
+@click.option("--trace", type=_Path(exists=True, dir_okay=False, path_type=Path), help="CSV: timestamp,task,duration.")
 @click.option(
     "--pool",
     "pool_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_Path(exists=True, dir_okay=False, path_type=Path),
     help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
 )
 @click.option(
@@ -443,7 +451,7 @@ def plan(
     help="Comma list: ours, keda, keda-tuned, fixed:N.",
 )
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
+@click.option("--plot", type=_Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
 def simulate(
     scenario: str | None,
     trace: Path | None,

@@ -105,7 +105,7 @@ def read_documents(source: Path) -> list[Document]:
     origin = "<stdin>" if source == STDIN else str(source)
     try:
         text = sys.stdin.read() if source == STDIN else source.read_text()
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: undecodable bytes, or a NUL in the path
         raise InvalidPool(f"{origin}: cannot read: {getattr(error, 'strerror', None) or error}") from None
     try:
         return [doc for doc in _documents(origin, text) if doc.content is not None]
