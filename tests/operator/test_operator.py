@@ -354,7 +354,8 @@ def test_drain_mode_unsubscribes_the_worker_it_removes(
         apply_pool(kube_api, ns, manifest)
         wait_for(lambda: replicas(kube_api, ns, name), lambda r: r == 1, timeout=60)
         wait_for(lambda: ready_pods(kube_api, ns, name), lambda p: p == [busy_pod], timeout=60)
-        assert kubelet.signals(idle_pod, ns)[:1] == ["SIGTERM"], "the drained pod was not the one removed"
+        # ready_pods drops a pod once it is marked for deletion, a moment before the kubelet signals it
+        wait_for(lambda: kubelet.signals(idle_pod, ns)[:1], lambda sent: sent == ["SIGTERM"], timeout=30)
         assert kubelet.signals(busy_pod, ns) == [], "the busy worker was disturbed"
         assert worker_running(sender, name, queue, 0) == busy_pod, "the busy worker's task was not left alone"
         wait_for(lambda: ledger(redis_url, queue, "ended"), lambda done: done == Counter([0]), timeout=60)
