@@ -97,9 +97,13 @@ class PassResult:
 
     decision: Decision | None
     status: Mapping[str, Any]
-    busy_slots: int | None = None
     blocked: str | None = None
     telemetry: PoolTelemetry | None = None
+
+    @property
+    def busy_slots(self) -> int | None:
+        """Slots running a task at the pass, from the workers' heartbeats."""
+        return self.telemetry.busy_slots if self.telemetry else None
 
 
 class Reconciler:
@@ -131,8 +135,7 @@ class Reconciler:
             status, reason, message = sources.limits(pool)
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
-        busy = measured.telemetry.busy_slots if measured.telemetry else None
-        return PassResult(decision, self.memory.last_status or {}, busy, telemetry=measured.telemetry)
+        return PassResult(decision, self.memory.last_status or {}, telemetry=measured.telemetry)
 
     def blocked(self, reason: str, message: str, generation: int | None) -> PassResult:
         """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
