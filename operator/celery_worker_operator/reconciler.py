@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .naming import member_of
-from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
+from .policy import Decision, Limit, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadState, removal_order
@@ -52,6 +52,7 @@ class PoolMemory:
     last_status: dict[str, Any] | None = None
     conditions: dict[str, Condition] = field(default_factory=dict)
     last_decision: LastDecision | None = None
+    capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -115,6 +116,7 @@ class Reconciler:
         concurrency = measured.workload.concurrency or 1
         decision = decide(observation(now, measured), pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
+        self._note_cap(decision)
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
         if sources.limits is not None:
@@ -164,6 +166,13 @@ class Reconciler:
             kind=decision.kind,
             limit=decision.limit,
         )
+
+    def _note_cap(self, decision: Decision) -> None:
+        """One Event when maxConcurrentTasks starts binding, so the user sees the downstream cap at work."""
+        capped = decision.limit is Limit.TOO_MANY_TASKS
+        if capped and not self.memory.capped:
+            self.reporter.event("Normal", Limit.TOO_MANY_TASKS.value, decision.reason)
+        self.memory.capped = capped
 
     def _drain(
         self, pool: CeleryWorkerPool, drain: Drainer, workload: WorkloadState, load: dict[str, int], count: int

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -28,8 +29,12 @@ def local_pool_run(
     max_replicas: int,
     scale_down_seconds: float,
     metrics: PoolMetrics | None = None,
+    spec: Mapping[str, Any] | None = None,
 ) -> Iterator[LocalRun]:
-    """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards."""
+    """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards.
+
+    `spec` adds fields to the pool's spec, section by section (`{"autoscaling": {...}, "limits": {...}}`).
+    """
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -49,9 +54,20 @@ def local_pool_run(
             },
         }
     )  # fmt: skip
+    if spec:
+        pool = parse_pool(_merged(pool.model_dump(mode="json", by_alias=True, exclude_none=True), {"spec": spec}))
     run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0, metrics=metrics or PoolMetrics())
     try:
         yield run
     finally:
         run.close()
         redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+
+
+def _merged(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `more` laid over it, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in more.items():
+        old = merged.get(key)
+        merged[key] = _merged(old, value) if isinstance(old, Mapping) and isinstance(value, Mapping) else value
+    return merged

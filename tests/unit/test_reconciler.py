@@ -128,6 +128,22 @@ def test_a_scale_is_one_event_with_its_reason_and_status_is_written_only_on_chan
     assert len(reporter.statuses) == writes and len(reporter.events) == 1 and workload.scaled == []
 
 
+def test_max_concurrent_tasks_says_once_when_it_starts_binding() -> None:
+    probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
+    rec, reporter, clock = reconciler(probe, workload)
+    for _ in range(3):
+        rec.reconcile(pool(maxConcurrentTasks=6))
+        clock.now += 1
+    assert workload.replicas == 3  # 6 tasks / concurrency 2
+    capped = [message for _, reason, message in reporter.events if reason == "TooManyTasks"]
+    assert len(capped) == 1 and "maxConcurrentTasks 6 / concurrency 2 caps at 3" in capped[0]
+    probe.depth = 0
+    rec.reconcile(pool(maxConcurrentTasks=6))
+    probe.depth = 300
+    rec.reconcile(pool(maxConcurrentTasks=6))
+    assert [reason for _, reason, _ in reporter.events].count("TooManyTasks") == 2, "a new episode is told again"
+
+
 def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:
     probe, workload = FakeProbe(down=True), FakeWorkload(replicas=3)
     rec, reporter, _ = reconciler(probe, workload)
