@@ -263,13 +263,13 @@ def _clamp_why(replicas: int, spec: AutoscalingSpec, concurrency: int, limit: Li
     The task cap wins over minReplicas: it protects something outside the pool (a database's
     connections), which a floor set for latency must not overrun.
     """
-    ceiling = task_ceiling(spec, concurrency)
-    if ceiling is not None and ceiling < spec.max_replicas and replicas > ceiling:
-        return ceiling, Limit.TOO_MANY_TASKS
     if replicas < spec.min_replicas:
-        return spec.min_replicas, Limit.TOO_FEW
-    if replicas > spec.max_replicas:
-        return spec.max_replicas, Limit.TOO_MANY
+        replicas, limit = spec.min_replicas, Limit.TOO_FEW
+    elif replicas > spec.max_replicas:
+        replicas, limit = spec.max_replicas, Limit.TOO_MANY
+    ceiling = task_ceiling(spec, concurrency)
+    if ceiling is not None and replicas > ceiling:
+        return ceiling, Limit.TOO_MANY_TASKS
     return replicas, limit
 
 

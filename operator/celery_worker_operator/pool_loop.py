@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .brokers import ProbeRegistry
@@ -125,8 +125,8 @@ def controller_hooks(
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        settings = PoolSettings.from_spec(pool.spec)
+    def limits(pool: CeleryWorkerPool, replicas: int) -> tuple[ConditionStatus, str, str]:
+        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=replicas)
         result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
         if result is None:
             return "Unknown", "Converging", "the first convergence pass is under way"

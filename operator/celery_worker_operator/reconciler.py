@@ -28,8 +28,8 @@ Clock = Callable[[], float]
 DRAINED = -1  # the load a drained member is marked with: below any idle one
 Drainer = Callable[[CeleryWorkerPool, list[str]], list[str]]  # members -> those still busy at the deadline
 LimitsConverger = Callable[
-    [CeleryWorkerPool], tuple[ConditionStatus, str, str]
-]  # -> LimitsApplied (status, reason, message)
+    [CeleryWorkerPool, int], tuple[ConditionStatus, str, str]
+]  # (pool, replicas it is set to) -> LimitsApplied (status, reason, message)
 
 
 class Telemetry(Protocol):
@@ -120,7 +120,7 @@ class Reconciler:
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
         if sources.limits is not None:
-            status, reason, message = sources.limits(pool)
+            status, reason, message = sources.limits(pool, decision.replicas)
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
         busy = measured.telemetry.busy_slots if measured.telemetry else None

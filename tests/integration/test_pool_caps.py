@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
+import redis
 
+from celery_worker_operator.localmode import LocalRun
+from celery_worker_operator.spec import CeleryWorkerPool
 from tests.integration.test_local_mode import send, step_until
 from tests.support.local_pool import local_pool_run
+from tests.support.rate_app import app as rate_app
+from tests.support.rate_app import stamp
 
 
 def test_max_concurrent_tasks_never_lets_a_large_backlog_grow_past_the_cap(
@@ -31,3 +38,70 @@ def test_max_concurrent_tasks_never_lets_a_large_backlog_grow_past_the_cap(
         assert run.reporter.status_now["lastDecision"]["limit"] == "TooManyTasks"
         told = [message for _, _, reason, message in run.reporter.events if reason == "TooManyTasks"]
         assert len(told) == 1 and "maxConcurrentTasks 12 / concurrency 4 caps at 3" in told[0]
+
+
+POOL_RATE = 60  # per minute, for the whole pool
+WINDOW = 60.0  # seconds measured at each size: a minute, as the rate is stated
+
+
+def sized(pool: CeleryWorkerPool, replicas: int) -> CeleryWorkerPool:
+    """The pool held at `replicas` (min = max), as a user would pin it to change its size."""
+    scaling = pool.spec.autoscaling.model_copy(update={"min_replicas": replicas, "max_replicas": replicas})
+    return pool.model_copy(update={"spec": pool.spec.model_copy(update={"autoscaling": scaling})})
+
+
+def completions(run: LocalRun, start: float, end: float) -> int:
+    stamps = redis.Redis.from_url(run.broker_url).lrange(f"{run.pool.metadata.name}:done", 0, -1)
+    return sum(start <= float(at) < end for at in stamps)
+
+
+def shares_in_force(run: LocalRun) -> str:
+    conditions = {c["type"]: c for c in run.reporter.status_now.get("conditions", [])}
+    return str(conditions.get("LimitsApplied", {}).get("message", ""))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_pool_rate_holds_for_the_whole_pool_at_every_size_through_a_killed_worker(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = {
+        "worker": {"app": "tests.support.rate_app:app"},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 6},
+        "limits": {"poolRateLimits": {"rate.stamp": f"{POOL_RATE}/m"}},
+    }
+    with local_pool_run(
+        redis_url, monkeypatch, "prl", concurrency=2, max_replicas=6, scale_down_seconds=30, spec=spec
+    ) as run:
+        name = run.pool.metadata.name
+        rate_app.conf.broker_url = redis_url
+        with rate_app.producer_or_acquire() as producer:
+            for _ in range(400):  # more than 3 minutes at 60/m: the queue never runs dry
+                stamp.apply_async((name,), queue=name, producer=producer)
+        measured: dict[int, int] = {}
+        for replicas in (1, 3, 6):
+            run.pool = sized(run.pool, replicas)
+            share = f"{POOL_RATE // replicas}/m x {replicas}"
+            step_until(
+                run,
+                lambda replicas=replicas, share=share: (
+                    run.workload.observe().replicas == replicas and share in shares_in_force(run)
+                ),
+                timeout=40,
+            )
+            start = time.time()
+            while time.time() < start + WINDOW:
+                if replicas == 6 and time.time() > start + WINDOW / 3 and not killed(run):
+                    victim = run.workload.observe().members[0]
+                    os.killpg(run.workload.pid(victim), signal.SIGKILL)
+                run.step()
+                time.sleep(1.0)
+            measured[replicas] = completions(run, start, start + WINDOW)
+        print(f"completions per minute by pool size: {measured}")  # shown with -s, for the record
+        assert killed(run), "a worker was killed and replaced during the 6-worker minute"
+        for replicas, count in measured.items():
+            assert abs(count - POOL_RATE) <= POOL_RATE * 0.1, f"{count}/min at {replicas} workers: {measured}"
+
+
+def killed(run: LocalRun) -> bool:
+    return any(reason == "WorkerRestarted" for _, _, reason, _ in run.reporter.events)

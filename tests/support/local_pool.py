@@ -61,7 +61,7 @@ def local_pool_run(
         yield run
     finally:
         run.close()
-        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended")
+        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended", f"{name}:done")
 
 
 def _merged(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:

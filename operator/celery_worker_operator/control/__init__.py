@@ -17,8 +17,11 @@ from .plan import (
     PoolSettings,
     TimeLimits,
     WorkerSettings,
+    describe_shares,
     limits_condition,
     plan_convergence,
+    share_rates,
+    split_rate,
     validate,
     worker_start_settings,
 )
@@ -33,8 +36,11 @@ __all__ = [
     "PoolSettings",
     "TimeLimits",
     "WorkerSettings",
+    "describe_shares",
     "limits_condition",
     "plan_convergence",
+    "share_rates",
+    "split_rate",
     "validate",
     "worker_start_settings",
 ]

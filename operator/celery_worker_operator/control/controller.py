@@ -32,6 +32,7 @@ from .plan import (
     Outcome,
     PoolSettings,
     WorkerSettings,
+    describe_shares,
     limits_condition,
     plan_convergence,
     validate,
@@ -168,7 +169,7 @@ class PoolController:
         draining.intersection_update(discovered)  # a drained worker that is gone is done
         workers = [w for w in discovered if w not in draining]
         observed, errors, silent = self._observe(app, workers)
-        plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()))
+        plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()), live=workers)
         self._defaults[key] = plan.defaults
         confirmed, refused, unanswered = self._send(app, plan.commands)
         applied = [Outcome(worker, str(command)) for worker, command in confirmed]
@@ -179,7 +180,8 @@ class PoolController:
         pending = self._restart_pending.setdefault(key, set())
         pending.intersection_update(workers)  # a worker gone (or restarted under a new name) is done
         pending.update(worker for worker, command in confirmed if command.name == "time_limit")
-        condition = limits_condition(workers, errors, unreachable, pending)
+        shares = describe_shares(valid.pool_rate_limits, plan.shares)
+        condition = limits_condition(workers, errors, unreachable, pending, shares)
         return ConvergeResult(tuple(workers), tuple(applied), tuple(errors), tuple(unreachable), condition)
 
     def _discover(self, app: Celery, pool: str) -> list[str]:
