@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from .advice import Finding, PoolFacts, advise
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .naming import member_of
 from .policy import Decision, Limit, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadState, removal_order
+from .workloads.command import grace_seconds
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class PoolMemory:
     conditions: dict[str, Condition] = field(default_factory=dict)
     last_decision: LastDecision | None = None
     capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
+    advice: frozenset[str] = frozenset()  # the advisor's findings of the last pass: an Event only for new ones
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -119,6 +122,7 @@ class Reconciler:
         self._note_cap(decision)
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
+        self._advise(pool, measured, now, generation)
         if sources.limits is not None:
             status, reason, message = sources.limits(pool, decision.replicas)
             set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
@@ -167,6 +171,16 @@ class Reconciler:
             limit=decision.limit,
         )
 
+    def _advise(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
+        """The `Advice` condition and one Warning per finding as it starts; never touches the decision."""
+        grace = grace_seconds(pool.spec) if pool.spec.worker else None
+        findings = advise(PoolFacts(pool.spec, measured.telemetry, measured.stats, grace))
+        for finding in findings:
+            if finding.kind not in self.memory.advice:
+                self.reporter.event("Warning", finding.kind.value, str(finding))
+        self.memory.advice = frozenset(finding.kind.value for finding in findings)
+        set_condition(self.memory, "Advice", *advice_condition(findings), now, generation)
+
     def _note_cap(self, decision: Decision) -> None:
         """One Event when maxConcurrentTasks starts binding, so the user sees the downstream cap at work."""
         capped = decision.limit is Limit.TOO_MANY_TASKS
@@ -195,6 +209,13 @@ class Reconciler:
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
+
+
+def advice_condition(findings: Sequence[Finding]) -> tuple[ConditionStatus, str, str]:
+    """`Advice`: True while the advisor finds something (reason: the kinds, comma-separated), else False."""
+    if not findings:
+        return "False", "NoFindings", "nothing in the operations guide's pitfalls applies now"
+    return "True", ",".join(f.kind.value for f in findings), "; ".join(str(f) for f in findings)
 
 
 def set_condition(

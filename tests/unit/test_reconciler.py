@@ -50,9 +50,17 @@ class FakeProbe:
 
 @dataclass
 class FakeTelemetry:
+    task_events: bool = True
+
     def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
         return PoolTelemetry(
-            pool=pool, observed_seconds=60.0, task_events=True, busy_slots=0, live_workers=0, workers={}, tasks={}
+            pool=pool,
+            observed_seconds=60.0,
+            task_events=self.task_events,
+            busy_slots=0,
+            live_workers=0,
+            workers={},
+            tasks={},
         )
 
 
@@ -142,6 +150,25 @@ def test_max_concurrent_tasks_says_once_when_it_starts_binding() -> None:
     probe.depth = 300
     rec.reconcile(pool(maxConcurrentTasks=6))
     assert [reason for _, reason, _ in reporter.events].count("TooManyTasks") == 2, "a new episode is told again"
+
+
+def test_advice_is_one_warning_when_it_starts_a_condition_while_it_holds_and_never_moves_replicas() -> None:
+    probe, workload, telemetry = FakeProbe(depth=0), FakeWorkload(replicas=2), FakeTelemetry(task_events=False)
+    reporter, clock = FakeReporter(), Clock()
+    rec = Reconciler(reporter, None, clock)
+    sources = Sources(probe, telemetry, workload)
+    quiet = rec.reconcile(pool(minReplicas=2), sources)
+    for _ in range(2):
+        clock.now += 1
+        rec.reconcile(pool(minReplicas=2), sources)
+    assert [r for _, r, _ in reporter.events] == ["EventsDisabled"] and workload.scaled == []
+    advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
+    assert advice["status"] == "True" and "worker.events: true" in advice["message"]
+    assert quiet.decision is not None and quiet.decision.replicas == 2
+    telemetry.task_events = True
+    rec.reconcile(pool(minReplicas=2), sources)
+    advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
+    assert (advice["status"], advice["reason"]) == ("False", "NoFindings")
 
 
 def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:
