@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .brokers.base import QueueStats
+from .control.plan import WorkerStats
 from .spec import CeleryWorkerPoolSpec
 from .telemetry.model import PoolTelemetry
 
 MIXED_RATIO = 10.0  # the longest task type runs this many times the shortest: the guide's "route long and short apart"
 MIXED_MIN_SECONDS = 1.0  # ... and takes at least this long, so sub-second noise is no finding
 MIXED_MIN_COMPLETED = 5  # completions per task type in the window before its duration counts
+LEAK_MIN_KIB = 50 * 1024  # a worker's RSS grew this much since it was first seen ...
+LEAK_MIN_TASKS = 10  # ... over at least this many tasks: a leak, not a warm-up
+RECYCLE_HEADROOM_KIB = 200 * 1024  # suggested maxMemoryPerChild: the first-seen RSS plus this
+ETA_LIMIT_FLOOR = 10  # the smallest worker_eta_task_limit suggested
+REDIS_VISIBILITY_TIMEOUT = 3600.0  # kombu's default visibility_timeout on Redis
 
 
 class AdviceKind(StrEnum):
@@ -30,6 +36,9 @@ class AdviceKind(StrEnum):
     QUEUE_WITHOUT_CONSUMERS = "QueueWithoutConsumers"
     MIXED_DURATIONS = "MixedDurations"
     GRACE_TOO_SHORT = "GraceTooShort"
+    MEMORY_WITHOUT_RECYCLING = "MemoryWithoutRecycling"
+    PREFETCH_DRIFT = "PrefetchDrift"
+    VISIBILITY_TIMEOUT_TOO_SHORT = "VisibilityTimeoutTooShort"
 
 
 @dataclass(frozen=True)
@@ -46,17 +55,32 @@ class Finding:
 
 @dataclass(frozen=True)
 class PoolFacts:
-    """One pass's measurements as the advisor reads them; None where something was not measured."""
+    """One pass's measurements as the advisor reads them; None or empty where something was not measured.
+
+    `workers` is each worker's `inspect stats`/`conf` now, `baselines` the same when it was first seen.
+    """
 
     spec: CeleryWorkerPoolSpec
     telemetry: PoolTelemetry | None
     queues: Mapping[str, QueueStats] | None
     grace_seconds: float | None  # what a stopping worker gets before SIGKILL (managed pools)
+    workers: Mapping[str, WorkerStats] = field(default_factory=dict)
+    baselines: Mapping[str, WorkerStats] = field(default_factory=dict)
+    broker_url: str | None = None
 
 
 def advise(facts: PoolFacts) -> tuple[Finding, ...]:
     """Every finding that holds now, in a fixed order."""
-    checks = (_events_disabled, _prefetch_imbalance, _queue_without_consumers, _mixed_durations, _grace_too_short)
+    checks = (
+        _events_disabled,
+        _prefetch_imbalance,
+        _queue_without_consumers,
+        _mixed_durations,
+        _grace_too_short,
+        _memory_without_recycling,
+        _prefetch_drift,
+        _visibility_timeout_too_short,
+    )
     return tuple(finding for check in checks if (finding := check(facts)) is not None)
 
 
@@ -74,12 +98,15 @@ def _prefetch_imbalance(facts: PoolFacts) -> Finding | None:
     telemetry, queues = facts.telemetry, facts.queues
     if telemetry is None or not queues or any(q.reserved is None for q in queues.values()):
         return None
-    concurrency = facts.spec.worker.concurrency if facts.spec.worker else 1
+    worker = facts.spec.worker
+    if worker is not None and (worker.prefetch_multiplier == 1 or worker.disable_prefetch):
+        return None  # one message per slot: what waits on a worker is the next task of a free slot, no more
+    concurrency = worker.concurrency if worker else 1
     held = sum(q.reserved or 0 for q in queues.values()) - telemetry.busy_slots  # reserved, not running
     idle = sorted(h for h, w in telemetry.workers.items() if w.online and w.active == 0)
     if held < concurrency or not idle:
         return None
-    fix = "worker.prefetchMultiplier: 1" if facts.spec.worker else "--prefetch-multiplier=1 in the worker command"
+    fix = "worker.prefetchMultiplier: 1" if worker else "--prefetch-multiplier=1 in the worker command"
     seen = f"{held} tasks wait prefetched on busy workers while {len(idle)} worker(s) idle ({', '.join(idle[:3])})"
     return Finding(AdviceKind.PREFETCH_IMBALANCE, seen, fix)
 
@@ -127,3 +154,81 @@ def _grace_too_short(facts: PoolFacts) -> Finding | None:
         return None
     seen = f"p95 task run time {longest:.3g} s exceeds the {facts.grace_seconds:g} s grace period"
     return Finding(AdviceKind.GRACE_TOO_SHORT, seen, f"worker.softShutdownSeconds: {math.ceil(longest)}")
+
+
+def _memory_without_recycling(facts: PoolFacts) -> Finding | None:
+    """A worker's memory grows task after task and nothing recycles it."""
+    worker = facts.spec.worker
+    if worker is None or worker.max_memory_per_child is not None or worker.max_tasks_per_child is not None:
+        return None
+    grown = {name: g for name, now in facts.workers.items() if (g := _growth(now, facts.baselines.get(name)))}
+    leaking = {n: g for n, g in grown.items() if g[0] >= LEAK_MIN_KIB and g[1] >= LEAK_MIN_TASKS}
+    if not leaking:
+        return None
+    name, (growth, tasks, base_kib) = max(leaking.items(), key=lambda item: item[1][0])
+    seen = f"{name}: RSS grew {growth / 1024:.0f} MiB over {tasks} tasks and no maxMemoryPerChild recycles it"
+    fix = f"worker.maxMemoryPerChild: {base_kib + RECYCLE_HEADROOM_KIB}"
+    if worker.pool != "prefork":
+        fix += " with worker.pool: prefork (Celery recycles prefork children only)"
+    return Finding(AdviceKind.MEMORY_WITHOUT_RECYCLING, seen, fix)
+
+
+def _growth(now: WorkerStats, base: WorkerStats | None) -> tuple[int, int, int] | None:
+    """(RSS growth KiB, tasks run, first RSS KiB) since the baseline, when both samples have the numbers."""
+    if base is None or now.rss_kib is None or now.processed is None:
+        return None
+    if base.rss_kib is None or base.processed is None:
+        return None
+    return now.rss_kib - base.rss_kib, now.processed - base.processed, base.rss_kib
+
+
+def _prefetch_drift(facts: PoolFacts) -> Finding | None:
+    """A worker reserves more than concurrency x multiplier: Celery raises prefetch_count by one for
+    every ETA/countdown task it holds, without bound unless `worker_eta_task_limit` caps it."""
+    expected = _expected_prefetch(facts.spec)
+    if expected is None:
+        return None
+    drifted = {
+        name: stats.prefetch_count
+        for name, stats in facts.workers.items()
+        if stats.prefetch_count is not None and stats.prefetch_count > max(expected, stats.eta_task_limit or 0)
+    }
+    if not drifted:
+        return None
+    name, count = max(drifted.items(), key=lambda item: item[1])
+    seen = f"{name}: prefetch_count {count} above concurrency x multiplier = {expected} (ETA/countdown tasks held)"
+    limit = max(2 * expected, ETA_LIMIT_FLOOR)
+    return Finding(AdviceKind.PREFETCH_DRIFT, seen, f"worker.extraArgs: worker_eta_task_limit={limit}")
+
+
+def _expected_prefetch(spec: CeleryWorkerPoolSpec) -> int | None:
+    """What a managed worker reserves at most; an adopted pool's settings are not known to the advisor."""
+    worker = spec.worker
+    if worker is not None:
+        return worker.concurrency * (1 if worker.disable_prefetch else worker.prefetch_multiplier)
+    return None
+
+
+def _visibility_timeout_too_short(facts: PoolFacts) -> Finding | None:
+    """On Redis, a task running longer than visibility_timeout is delivered again while it runs."""
+    if not _on_redis(facts) or not facts.workers:
+        return None
+    timeouts = [s.visibility_timeout or REDIS_VISIBILITY_TIMEOUT for s in facts.workers.values()]
+    visibility = min(timeouts)
+    runtimes = [s.service_time_p95 for s in facts.telemetry.tasks.values()] if facts.telemetry else []
+    hard_limits = [t.hard for t in facts.spec.limits.time_limits.values()]
+    longest = max((t for t in [*runtimes, *hard_limits] if t is not None), default=None)
+    if longest is None or longest < visibility:
+        return None
+    seen = f"tasks run up to {longest:.3g} s (p95 or hard limit) and Redis redelivers after {visibility:g} s"
+    fix = (
+        f"visibility_timeout {math.ceil(2 * longest)} in broker_transport_options, on workers "
+        f"(worker.extraArgs: 'broker_transport_options=(json){{\"visibility_timeout\": {math.ceil(2 * longest)}}}') "
+        "and in the app's own config"
+    )
+    return Finding(AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT, seen, fix)
+
+
+def _on_redis(facts: PoolFacts) -> bool:
+    url = facts.broker_url or facts.spec.broker.url or ""
+    return url.startswith(("redis://", "rediss://"))

@@ -19,9 +19,19 @@ from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
-from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
+from .reconciler import (
+    Clock,
+    ControlReport,
+    Drainer,
+    LimitsConverger,
+    PassResult,
+    PoolMemory,
+    Reconciler,
+    Reporter,
+    Sources,
+)
 from .secrets import SecretMissing
-from .spec import CeleryWorkerPool, ConditionStatus
+from .spec import CeleryWorkerPool
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
 from .workloads.command import grace_seconds
@@ -125,14 +135,14 @@ def controller_hooks(
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool, replicas: int) -> tuple[ConditionStatus, str, str]:
+    def limits(pool: CeleryWorkerPool, replicas: int) -> ControlReport:
         settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=replicas)
         result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
         if result is None:
-            return "Unknown", "Converging", "the first convergence pass is under way"
+            return ControlReport("Unknown", "Converging", "the first convergence pass is under way")
         if fresh:
             on_result(pool, result)
-        return result.condition
+        return ControlReport(*result.condition, workers=result.stats)
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
         hostnames = [worker_hostname(pool.metadata.name, member) for member in members]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .advice import Finding, PoolFacts, advise
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
+from .control import WorkerStats
 from .naming import member_of
 from .policy import Decision, Limit, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
@@ -29,9 +30,19 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 DRAINED = -1  # the load a drained member is marked with: below any idle one
 Drainer = Callable[[CeleryWorkerPool, list[str]], list[str]]  # members -> those still busy at the deadline
-LimitsConverger = Callable[
-    [CeleryWorkerPool, int], tuple[ConditionStatus, str, str]
-]  # (pool, replicas it is set to) -> LimitsApplied (status, reason, message)
+
+
+@dataclass(frozen=True)
+class ControlReport:
+    """What the latest finished control pass found: the LimitsApplied condition and each worker's health."""
+
+    status: ConditionStatus
+    reason: str
+    message: str
+    workers: Mapping[str, WorkerStats] = field(default_factory=dict)
+
+
+LimitsConverger = Callable[[CeleryWorkerPool, int], ControlReport]  # (pool, the replicas it is set to)
 
 
 class Telemetry(Protocol):
@@ -56,6 +67,7 @@ class PoolMemory:
     last_decision: LastDecision | None = None
     capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
     advice: frozenset[str] = frozenset()  # the advisor's findings of the last pass: an Event only for new ones
+    baselines: dict[str, WorkerStats] = field(default_factory=dict)  # each worker's health when first seen
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -122,10 +134,12 @@ class Reconciler:
         self._note_cap(decision)
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
-        self._advise(pool, measured, now, generation)
-        if sources.limits is not None:
-            status, reason, message = sources.limits(pool, decision.replicas)
-            set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
+        control = sources.limits(pool, decision.replicas) if sources.limits is not None else None
+        if control is not None:
+            set_condition(
+                self.memory, "LimitsApplied", control.status, control.reason, control.message, now, generation
+            )
+        self._advise(pool, sources, measured, control.workers if control else {}, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
         busy = measured.telemetry.busy_slots if measured.telemetry else None
         return PassResult(decision, self.memory.last_status or {}, busy)
@@ -171,10 +185,29 @@ class Reconciler:
             limit=decision.limit,
         )
 
-    def _advise(self, pool: CeleryWorkerPool, measured: Measurements, now: float, generation: int | None) -> None:
+    def _advise(
+        self,
+        pool: CeleryWorkerPool,
+        sources: Sources,
+        measured: Measurements,
+        workers: Mapping[str, WorkerStats],
+        now: float,
+        generation: int | None,
+    ) -> None:
         """The `Advice` condition and one Warning per finding as it starts; never touches the decision."""
-        grace = grace_seconds(pool.spec) if pool.spec.worker else None
-        findings = advise(PoolFacts(pool.spec, measured.telemetry, measured.stats, grace))
+        if workers:  # a worker's first numbers are its baseline for as long as it lives
+            kept = {w: b for w, b in self.memory.baselines.items() if w in workers}
+            self.memory.baselines = {**workers, **kept}
+        facts = PoolFacts(
+            pool.spec,
+            measured.telemetry,
+            measured.stats,
+            grace_seconds(pool.spec) if pool.spec.worker else None,
+            workers=workers,
+            baselines=self.memory.baselines,
+            broker_url=sources.broker_url,
+        )
+        findings = advise(facts)
         for finding in findings:
             if finding.kind not in self.memory.advice:
                 self.reporter.event("Warning", finding.kind.value, str(finding))
@@ -212,10 +245,11 @@ class Reconciler:
 
 
 def advice_condition(findings: Sequence[Finding]) -> tuple[ConditionStatus, str, str]:
-    """`Advice`: True while the advisor finds something (reason: the kinds, comma-separated), else False."""
+    """`Advice`: True while the advisor finds something (reason: the kinds, comma-separated; message: a
+    line per finding), else False."""
     if not findings:
         return "False", "NoFindings", "nothing in the operations guide's pitfalls applies now"
-    return "True", ",".join(f.kind.value for f in findings), "; ".join(str(f) for f in findings)
+    return "True", ",".join(f.kind.value for f in findings), "\n".join(str(f) for f in findings)
 
 
 def set_condition(

@@ -8,6 +8,8 @@ import pytest
 
 from celery_worker_operator.advice import AdviceKind, PoolFacts, advise
 from celery_worker_operator.brokers import QueueStats
+from celery_worker_operator.control import WorkerStats
+from celery_worker_operator.control.wire import worker_stats
 from celery_worker_operator.metrics import PoolMetrics
 from celery_worker_operator.reconciler import advice_condition
 from celery_worker_operator.spec import CeleryWorkerPoolSpec
@@ -127,3 +129,77 @@ def test_the_advice_metric_is_one_per_finding_and_zero_for_the_rest() -> None:
     labels = {"namespace": "ns", "pool": "p"}
     assert value("celery_worker_operator_advice", {**labels, "kind": "PrefetchImbalance"}) == 1.0
     assert value("celery_worker_operator_advice", {**labels, "kind": "EventsDisabled"}) == 0.0
+
+
+def stats(rss_mib: int = 60, processed: int = 0, prefetch: int = 4, visibility: float | None = None) -> WorkerStats:
+    return WorkerStats(rss_mib * 1024, processed, prefetch, None, visibility)
+
+
+MANAGED = SPEC.model_copy(update={"worker": SPEC.worker.model_copy(update={"prefetch_multiplier": 1})})  # type: ignore[union-attr]
+LONG = telemetry(1, tasks=tasks(app_report=(7.5, 8.2)))
+
+# (case, facts, the kinds found, words the fix must hold)
+HEALTH_CASES = [
+    (
+        "a worker leaking 5 MiB per task with no recycling",
+        PoolFacts(MANAGED, HEALTHY, queue(), 30.0, {"p@w1": stats(160, 20)}, {"p@w1": stats(60, 0)}),
+        [AdviceKind.MEMORY_WITHOUT_RECYCLING],
+        "worker.maxMemoryPerChild: 266240",
+    ),
+    (
+        "warm-up growth over a few tasks is no leak",
+        PoolFacts(MANAGED, HEALTHY, queue(), 30.0, {"p@w1": stats(160, 3)}, {"p@w1": stats(60, 0)}),
+        [],
+        "",
+    ),
+    (
+        "a new worker has no baseline yet",
+        PoolFacts(MANAGED, HEALTHY, queue(), 30.0, {"p@w2": stats(160, 20)}, {}),
+        [],
+        "",
+    ),
+    (
+        "prefetch_count drifted above concurrency x multiplier on Redis",
+        PoolFacts(MANAGED, HEALTHY, queue(), 30.0, {"p@w1": stats(prefetch=612)}),
+        [AdviceKind.PREFETCH_DRIFT],
+        "worker.extraArgs: worker_eta_task_limit=10",
+    ),
+    (
+        "a worker_eta_task_limit the user set is what bounds it",
+        PoolFacts(MANAGED, HEALTHY, queue(), 30.0, {"p@w1": WorkerStats(prefetch_count=10, eta_task_limit=10)}),
+        [],
+        "",
+    ),
+    (
+        "visibility_timeout 5 s with 8 s tasks on Redis",
+        PoolFacts(MANAGED, LONG, queue(), 30.0, {"p@w1": stats(visibility=5.0)}),
+        [AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT],
+        '"visibility_timeout": 17',
+    ),
+    (
+        "the default hour is long enough for 8 s tasks",
+        PoolFacts(MANAGED, LONG, queue(), 30.0, {"p@w1": stats()}),
+        [],
+        "",
+    ),
+    (
+        "RabbitMQ has no visibility timeout",
+        PoolFacts(MANAGED, LONG, queue(), 30.0, {"p@w1": stats(visibility=5.0)}, broker_url="amqp://r//"),
+        [],
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("facts", "kinds", "fix"), [c[1:] for c in HEALTH_CASES], ids=[c[0] for c in HEALTH_CASES])
+def test_finding_from_worker_stats(facts: PoolFacts, kinds: list[AdviceKind], fix: str) -> None:
+    findings = advise(facts)
+    assert [f.kind for f in findings] == kinds
+    assert all(fix in f.fix for f in findings)
+
+
+def test_worker_stats_read_from_celery_replies() -> None:
+    reply = {"rusage": {"maxrss": 53588}, "total": {"a.b": 3, "a.c": 2}, "prefetch_count": 2, "pid": 1}
+    conf = {"broker_transport_options": {"visibility_timeout": 8}, "worker_eta_task_limit": 12}
+    assert worker_stats(reply, conf) == WorkerStats(53588, 5, 2, 12, 8.0)
+    assert worker_stats({"rusage": "N/A"}, None) == WorkerStats()

@@ -99,6 +99,22 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class WorkerStats:
+    """What one worker's `inspect stats` and `inspect conf` say of its health; None where they do not.
+
+    rss_kib: the main process's peak RSS (`rusage.maxrss`, KiB on Linux): prefork children are not in it.
+    processed: tasks it has run since it started. prefetch_count: its current QoS prefetch count.
+    eta_task_limit / visibility_timeout: from its configuration (None: Celery's defaults, no limit and 3600 s).
+    """
+
+    rss_kib: int | None = None
+    processed: int | None = None
+    prefetch_count: int | None = None
+    eta_task_limit: int | None = None
+    visibility_timeout: float | None = None
+
+
+@dataclass(frozen=True)
 class Defaults:
     """Per task, the limit workers had before the operator first changed it: what a reset restores."""
 
