@@ -15,7 +15,7 @@ import pytest
 from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool
-from tests.support.advice_app import app, leak, sleep
+from tests.support.advice_app import app, leak, quick, sleep
 from tests.support.local_pool import local_pool_run
 
 
@@ -158,3 +158,32 @@ def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
 def prefetch_count(hostname: str) -> int | None:
     replies = app.control.inspect([hostname], timeout=1.0).stats() or {}
     return replies.get(hostname, {}).get("prefetch_count")
+
+
+def test_workers_without_events_until_they_send_them(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with advised_pool(redis_url, monkeypatch, "adv-ev", replicas=1, worker={"events": False}) as run:
+        passes_until(run, lambda: run.telemetry().live_workers >= 1, timeout=30)
+        for _ in range(6):
+            sleep.apply_async((0.2,), queue=run.pool.metadata.name)
+        passes_until(run, lambda: AdviceKind.EVENTS_DISABLED in advice(run), timeout=20)
+        assert "fix: worker.events: true" in advice(run)[AdviceKind.EVENTS_DISABLED]
+        restart_with(run, with_worker(run.pool, events=True))
+        for _ in range(6):
+            sleep.apply_async((0.2,), queue=run.pool.metadata.name)
+        passes_until(run, lambda: AdviceKind.EVENTS_DISABLED not in advice(run), timeout=40)
+        assert warned_once(run, AdviceKind.EVENTS_DISABLED)
+
+
+def test_long_and_short_tasks_in_one_pool_are_mixed_durations(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with advised_pool(redis_url, monkeypatch, "adv-mix", replicas=1, worker={"concurrency": 4}) as run:
+        passes_until(run, heard(run, 1), timeout=30)
+        name = run.pool.metadata.name
+        for _ in range(6):
+            sleep.apply_async((2.5,), queue=name)
+            quick.apply_async(queue=name)
+        passes_until(run, lambda: AdviceKind.MIXED_DURATIONS in advice(run), timeout=20)
+        found = advice(run)[AdviceKind.MIXED_DURATIONS]
+        assert "a second CeleryWorkerPool with its own queue for advice.sleep " in found, found
+        # The events of the mix leave the 10 s window: nothing mixes any more, so it clears.
+        passes_until(run, lambda: AdviceKind.MIXED_DURATIONS not in advice(run), timeout=30)
+        assert warned_once(run, AdviceKind.MIXED_DURATIONS)

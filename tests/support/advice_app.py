@@ -24,6 +24,11 @@ def sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+@app.task(name="advice.quick")
+def quick() -> None:
+    time.sleep(0.05)
+
+
 @app.task(name="advice.leak")
 def leak(mib: int) -> None:
     _kept.append(b"\x01" * (mib * 1024 * 1024))  # written, so resident
