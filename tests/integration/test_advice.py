@@ -15,8 +15,8 @@ import pytest
 from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool
-from tests.support.advice_app import app, leak, quick, sleep
 from tests.support.local_pool import local_pool_run
+from tests.support.task_app import app, leak, quick, sleep
 
 
 @contextmanager
@@ -25,7 +25,7 @@ def advised_pool(
 ) -> Iterator[LocalRun]:
     """A pool of `replicas` workers of the advice app, fields of `worker` laid over the defaults."""
     spec = {
-        "worker": {"app": "tests.support.advice_app:app", **worker},
+        "worker": {"app": "tests.support.task_app:app", **worker},
         "autoscaling": {"minReplicas": replicas, "maxReplicas": replicas},
     }
     concurrency = worker.get("concurrency", 2)
@@ -183,7 +183,7 @@ def test_long_and_short_tasks_in_one_pool_are_mixed_durations(redis_url: str, mo
             quick.apply_async(queue=name)
         passes_until(run, lambda: AdviceKind.MIXED_DURATIONS in advice(run), timeout=20)
         found = advice(run)[AdviceKind.MIXED_DURATIONS]
-        assert "a second CeleryWorkerPool with its own queue for advice.sleep " in found, found
+        assert "a second CeleryWorkerPool with its own queue for tasks.sleep " in found, found
         # The events of the mix leave the 10 s window: nothing mixes any more, so it clears.
         passes_until(run, lambda: AdviceKind.MIXED_DURATIONS not in advice(run), timeout=30)
         assert warned_once(run, AdviceKind.MIXED_DURATIONS)

@@ -13,8 +13,8 @@ from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool
 from tests.integration.test_local_mode import send, step_until
 from tests.support.local_pool import local_pool_run
-from tests.support.rate_app import app as rate_app
-from tests.support.rate_app import stamp
+from tests.support.task_app import app as task_app
+from tests.support.task_app import stamp
 
 
 def test_max_concurrent_tasks_never_lets_a_large_backlog_grow_past_the_cap(
@@ -66,16 +66,16 @@ def test_a_pool_rate_holds_for_the_whole_pool_at_every_size_through_a_killed_wor
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = {
-        "worker": {"app": "tests.support.rate_app:app"},
+        "worker": {"app": "tests.support.task_app:app"},
         "autoscaling": {"minReplicas": 1, "maxReplicas": 6},
-        "limits": {"poolRateLimits": {"rate.stamp": f"{POOL_RATE}/m"}},
+        "limits": {"poolRateLimits": {"tasks.stamp": f"{POOL_RATE}/m"}},
     }
     with local_pool_run(
         redis_url, monkeypatch, "prl", concurrency=2, max_replicas=6, scale_down_seconds=30, spec=spec
     ) as run:
         name = run.pool.metadata.name
-        rate_app.conf.broker_url = redis_url
-        with rate_app.producer_or_acquire() as producer:
+        task_app.conf.broker_url = redis_url
+        with task_app.producer_or_acquire() as producer:
             for _ in range(400):  # more than 3 minutes at 60/m: the queue never runs dry
                 stamp.apply_async((name,), queue=name, producer=producer)
         measured: dict[int, int] = {}

@@ -106,13 +106,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("facts", "kinds", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_finding(facts: PoolFacts, kinds: list[AdviceKind], fix: str) -> None:
-    findings = advise(facts)
-    assert [f.kind for f in findings] == kinds
-    assert all(fix in f.fix for f in findings)
-
-
 def test_the_condition_names_every_finding_and_clears_when_they_go() -> None:
     findings = advise(PoolFacts(SPEC, telemetry(4, 0, task_events=False), queue(0, 30), 30.0))
     status, reason, message = advice_condition(findings)
@@ -138,7 +131,7 @@ def stats(rss_mib: int = 60, processed: int = 0, prefetch: int = 4, visibility: 
 MANAGED = SPEC.model_copy(update={"worker": SPEC.worker.model_copy(update={"prefetch_multiplier": 1})})  # type: ignore[union-attr]
 LONG = telemetry(1, tasks=tasks(app_report=(7.5, 8.2)))
 
-# (case, facts, the kinds found, words the fix must hold)
+# The same, for findings from the workers' inspect stats and conf.
 HEALTH_CASES = [
     (
         "a worker leaking 5 MiB per task with no recycling",
@@ -191,8 +184,10 @@ HEALTH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("facts", "kinds", "fix"), [c[1:] for c in HEALTH_CASES], ids=[c[0] for c in HEALTH_CASES])
-def test_finding_from_worker_stats(facts: PoolFacts, kinds: list[AdviceKind], fix: str) -> None:
+@pytest.mark.parametrize(
+    ("facts", "kinds", "fix"), [c[1:] for c in CASES + HEALTH_CASES], ids=[c[0] for c in CASES + HEALTH_CASES]
+)
+def test_finding(facts: PoolFacts, kinds: list[AdviceKind], fix: str) -> None:
     findings = advise(facts)
     assert [f.kind for f in findings] == kinds
     assert all(fix in f.fix for f in findings)
