@@ -5,8 +5,11 @@
 # and no kubelet: tests run tests/support/kubelet.py, which binds pods and runs them as processes.
 #   scripts/cluster.sh build            build .cluster/bin/cwo-cluster from tools/cluster (Go modules,
 #                                        k8s.io/kubernetes v1.37.2; ~10 min cold on 2 cores, seconds warm)
+#   scripts/cluster.sh ensure           build only when the binaries are missing or stale
 #   scripts/cluster.sh start            build if needed, start what is not running, wait for /readyz,
 #                                        write the admin kubeconfig; a running control plane is reused
+#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data);
+#                                        restart-controller-manager likewise
 #   scripts/cluster.sh stop             stop the control plane this state folder started
 #   scripts/cluster.sh env              print `export KUBECONFIG=...` (eval "$(scripts/cluster.sh env)")
 #   scripts/cluster.sh status           exit 0 when the API server answers /readyz
@@ -41,7 +44,7 @@ go_build() {
   done
   say "building $bin_dir/cwo-cluster (etcd, kube-apiserver, kube-controller-manager, kubectl $k8s_version)"
   mkdir -p "$bin_dir"
-  (cd "$root/tools/cluster" && GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
+  (cd "$root/tools/cluster" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
   for name in "${components[@]}"; do ln -sf cwo-cluster "$bin_dir/$name"; done
   say "built in $((SECONDS - started)) s"
 }
@@ -134,15 +137,12 @@ free_port() {
 
 launch() { # name binary args... : own session (pid == process group), output to <name>.log
   local name=$1; shift
-  setsid "$@" > "$state_dir/$name.log" 2>&1 < /dev/null &
+  printf '%q ' "$@" > "$state_dir/$name.cmd"  # for `restart-apiserver` and the like
+  setsid "$@" >> "$state_dir/$name.log" 2>&1 < /dev/null &
   echo $! > "$state_dir/$name.pid"
 }
 
-alive() { # name
-  local pid
-  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null
-}
+alive() { ours "$1"; }
 
 log_tail() { # name
   echo "---- last lines of $state_dir/$1.log ----" >&2
@@ -181,19 +181,45 @@ running() { # the API server of this state folder answers /readyz
   load_ports && alive kube-apiserver && readyz
 }
 
-stop_one() { # name
+ours() { # name : the pid file names a live process of this state folder (not a reused pid)
   local pid
-  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$state_dir/$1.pid"
+  pid=$(cat "$state_dir/$1.pid" 2>/dev/null) || return 1
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$state_dir"
 }
 
-stop_all() {
-  for name in kube-controller-manager kube-apiserver etcd; do stop_one "$name"; done
+stop_all() { # SIGTERM every component's process group at once, wait up to 10 s, then SIGKILL
+  local names=() name
+  for name in kube-controller-manager kube-apiserver etcd; do
+    if ours "$name"; then names+=("$name"); kill -TERM -- "-$(cat "$state_dir/$name.pid")" 2>/dev/null || true; fi
+  done
+  for _ in $(seq 1 100); do
+    local left=0
+    for name in "${names[@]}"; do ours "$name" && left=1; done
+    [ $left = 0 ] && break
+    sleep 0.1
+  done
+  for name in "${names[@]}"; do
+    ours "$name" && kill -KILL -- "-$(cat "$state_dir/$name.pid")" 2>/dev/null || true
+  done
+  rm -f "$state_dir"/*.pid
+}
+
+relaunch() { # name readiness-command... : stop one component and start it again as it was started
+  local name=$1; shift
+  load_ports && [ -f "$state_dir/$name.cmd" ] || fail "no $name started from $state_dir"
+  local started=$SECONDS pid
+  if ours "$name"; then
+    pid=$(cat "$state_dir/$name.pid")
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do ours "$name" || break; sleep 0.1; done  # kube-apiserver lingers on open watches
+    ours "$name" && { kill -KILL -- "-$pid" 2>/dev/null || true; sleep 0.5; }
+  fi
+  local command
+  eval "command=($(cat "$state_dir/$name.cmd"))"
+  echo "---- restarted by scripts/cluster.sh ----" >> "$state_dir/$name.log"
+  launch "$name" "${command[@]}"
+  wait_until "$name" 120 "$@"
+  say "$name restarted, ready again after $((SECONDS - started)) s"
 }
 
 start() {
@@ -250,19 +276,26 @@ start() {
     # The serviceaccount controller at work: namespace default gets its ServiceAccount.
     wait_until kube-controller-manager 60 admin_curl /api/v1/namespaces/default/serviceaccounts/default --fail
   fi
+  echo "${kcm_bin:+$controllers}" > "$state_dir/controllers"
   say "control plane ready in $((SECONDS - started)) s$([ "$build_seconds" -gt 1 ] && echo " (plus $build_seconds s of build)"): export KUBECONFIG=$state_dir/kubeconfig"
 }
 
 case "${1:-}" in
   build) go_build ;;
+  ensure)  # build only when the binaries are missing or older than tools/cluster
+    resolve_binaries; say "binaries: $apiserver_bin ${kcm_bin:-(no kube-controller-manager)}" ;;
   start) start ;;
   stop)
     if [ -d "$state_dir" ]; then stop_all; say "stopped"; else say "nothing to stop"; fi ;;
+  restart-apiserver) relaunch kube-apiserver readyz ;;
+  restart-controller-manager)
+    load_ports || fail "no control plane in $state_dir"
+    relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz" ;;
   env) echo "export KUBECONFIG=$state_dir/kubeconfig" ;;
   status)
     if running; then say "ready on https://127.0.0.1:$apiserver_port"; else say "not running"; exit 1; fi ;;
   kubectl)
     shift; resolve_binaries
     exec "$kubectl_bin" --kubeconfig "$state_dir/kubeconfig" "$@" ;;
-  *) echo "usage: $0 build|start|stop|env|status|kubectl ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 build|ensure|start|stop|restart-apiserver|restart-controller-manager|env|status|kubectl ARGS..." >&2; exit 2 ;;
 esac

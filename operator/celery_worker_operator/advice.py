@@ -221,10 +221,11 @@ def _visibility_timeout_too_short(facts: PoolFacts) -> Finding | None:
     if longest is None or longest < visibility:
         return None
     seen = f"tasks run up to {longest:.3g} s (p95 or hard limit) and Redis redelivers after {visibility:g} s"
+    enough = math.ceil(2 * longest)
     fix = (
-        f"visibility_timeout {math.ceil(2 * longest)} in broker_transport_options, on workers "
-        f"(worker.extraArgs: 'broker_transport_options=(json){{\"visibility_timeout\": {math.ceil(2 * longest)}}}') "
-        "and in the app's own config"
+        f"broker.transportOptions.visibility_timeout: {enough} (and the same in the app's own config)"
+        if facts.spec.worker
+        else f"visibility_timeout {enough} in the app's broker_transport_options"
     )
     return Finding(AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT, seen, fix)
 

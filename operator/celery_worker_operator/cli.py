@@ -4,53 +4,124 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
+import math
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 from rich.console import Console
 from rich.live import Live
-from rich.logging import RichHandler
 from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
 from .localmode import LocalRun
-from .manifests import InvalidPool, load_pools
+from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
+from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
 from .redact import redact
+from .simulation.charts import MISSING as MATPLOTLIB_MISSING
+from .simulation.charts import can_plot
 from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
-from .spec import AutoscalingSpec
+from .spec import BROKER_SCHEME, AutoscalingSpec, CeleryWorkerPool
 from .units import parse_duration, parse_rate
+
+MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
+
+
+class BadInput(click.ClickException):
+    """Input a command cannot use: one message naming the file, line, field or option; exit code 2."""
+
+    exit_code = 2
+
+
+class InternalError(click.ClickException):
+    """A bug, not the user's input: a one-line summary; `--debug` shows the traceback."""
+
+    exit_code = 1
+
+
+class _Commands(click.Group):
+    """Every command's errors take one path: a message and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except (InvalidPool, OSError) as error:
+            if ctx.params.get("debug"):
+                raise
+            raise BadInput(redact(str(error))) from None
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            what = redact(f"{type(error).__name__}: {error}")
+            raise InternalError(f"{what} (run with --debug for the traceback)") from None
 
 
 class _Parsed(click.ParamType[float]):
-    """A click type from one of the parsers in units.py, so bad input gets click's usage error."""
+    """A click type from one of the parsers in units.py, from 0 to a bound, so bad input gets a usage error."""
 
-    def __init__(self, name: str, parse: Callable[[str], float]) -> None:
-        self.name, self.parse = name, parse
+    def __init__(
+        self, name: str, parse: Callable[[str], float], unit: str, high: float, *, zero_ok: bool = True
+    ) -> None:
+        self.name, self.parse, self.unit = name, parse, unit
+        self.high, self.zero_ok = high, zero_ok
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
         try:
-            return self.parse(str(value))
+            parsed = value if isinstance(value, float) else self.parse(str(value))
         except ValueError as error:
             self.fail(str(error), param, ctx)
+        if parsed > self.high or (parsed == 0 and not self.zero_ok):
+            low = "0" if self.zero_ok else f"more than 0{self.unit}"
+            self.fail(f"{value!r} is out of range: give {low} to {self.high:g}{self.unit}", param, ctx)
+        return parsed
 
 
-RATE = _Parsed("rate", parse_rate)
-DURATION = _Parsed("duration", parse_duration)
+log = logging.getLogger(__name__)
+RATE = _Parsed("rate", parse_rate, "/s", 1e9)
+TASK_DURATION = _Parsed("duration", parse_duration, " s", 604800, zero_ok=False)
+TARGET_WAIT = _Parsed("duration", parse_duration, " s", 86400, zero_ok=False)
+STARTUP = _Parsed("duration", parse_duration, " s", 3600)
 
 
-@click.group()
+def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A broker URL option, checked before anything connects; the message never repeats the URL."""
+    if value is not None and not re.match(BROKER_SCHEME, value):
+        raise click.BadParameter("expected a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://")
+    return value
+
+
+def logging_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`--log-format` and `--log-level`, the same on every long-running command."""
+    command = click.option(
+        "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True
+    )(command)
+    return click.option(
+        "--log-format",
+        type=click.Choice(LOG_FORMATS),
+        default="auto",
+        show_default=True,
+        help="auto: rich on a terminal, `time level logger message` lines elsewhere; json: one object a line.",
+    )(command)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="celery-worker-operator")
-def main() -> None:
-    """Size, drain and configure Celery worker pools from what the broker and the workers report."""
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of a one-line message.")
+def main(debug: bool) -> None:
+    """Size, drain and configure Celery worker pools from what the broker and the workers report.
+
+    Every command answers bad input with one message naming the file, line, field or option, and
+    exit code 2.
+    """
 
 
 @main.command()
@@ -59,18 +130,31 @@ def main() -> None:
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True, help="kopf's liveness URL.")
 @click.option("--peering", help="Peering name, to run several replicas with one active; default: standalone.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Serves /metrics.")
+@logging_options
 def run(
-    namespaces: tuple[str, ...], all_namespaces: bool, liveness: str, peering: str | None, metrics_port: int
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    liveness: str,
+    peering: str | None,
+    metrics_port: int,
+    log_format: LogFormat,
+    log_level: str,
 ) -> None:
     """Run the operator (kopf embedded) with in-cluster credentials or the current kubeconfig."""
     import kopf
+    from kubernetes.config import ConfigException
 
     from .handlers import registry
     from .kube import Operator, kubernetes_client
 
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
-    state = Operator(kubernetes_client())
+    configure_logging("text" if log_format == "auto" else log_format, log_level.upper())
+    try:
+        api = kubernetes_client()
+    except ConfigException as error:
+        raise BadInput(f"no Kubernetes credentials: not in a pod, and {error}") from None
+    state = Operator(api)
     state.shared.metrics.serve(metrics_port)
     kopf.run(
         registry=registry,
@@ -83,105 +167,152 @@ def run(
     )
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """YAML without anchors and aliases (`&id001`), which some kustomize versions refuse."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 @main.command()
 def crd() -> None:
     """Print the CeleryWorkerPool CustomResourceDefinition (generated from the pydantic models)."""
-    click.echo(yaml.safe_dump(build_crd(), sort_keys=False, width=120), nl=False)
+    click.echo(yaml.dump(build_crd(), Dumper=_PlainDumper, sort_keys=False, width=120), nl=False)
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def validate(files: tuple[Path, ...]) -> None:
-    """Check pool manifests as the operator would; exit 1 naming each bad field."""
-    failed = False
-    for path in files:
-        try:
-            pools = load_pools(path)
-        except InvalidPool as error:
-            click.echo(f"{path}: {error}", err=True)
-            failed = True
-            continue
-        for pool in pools:
-            click.echo(f"{path}: CeleryWorkerPool {pool.metadata.name} is valid")
-    sys.exit(1 if failed else 0)
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, allow_dash=True, path_type=Path))
+def validate(sources: tuple[Path, ...]) -> None:
+    """Check pool manifests as the operator would: files, directories (their *.yaml, *.yml) or - for stdin.
+
+    Every problem of every file is reported in one pass; exit code 2 when there is any.
+    """
+    problems = 0
+    for source in sources:
+        files = manifest_files(source)
+        if not files:
+            click.echo(f"{source}: no .yaml or .yml files", err=True)
+            problems += 1
+        for path in files:
+            checked = check_file(path)
+            for pool in checked.pools:
+                click.echo(f"{checked.origin}: CeleryWorkerPool {pool.metadata.name} is valid")
+            for problem in checked.problems:
+                click.echo(problem, err=True)
+            problems += len(checked.problems)
+    if problems:
+        raise BadInput(f"{problems} problem{'s' if problems > 1 else ''} found")
 
 
 @main.command()
-@click.option("--broker", help="Broker URL (default: the bundled pool's, a Redis on 127.0.0.1:6379/0).")
+@click.option(
+    "--broker",
+    callback=_broker_url,
+    help="Broker URL (default: the bundled pool's, a Redis on 127.0.0.1:6379/0).",
+)
 def demo(broker: str | None) -> None:
     """Scale the bundled demo pool live through a burst, a steady and a quiet phase, then summarize."""
     pool = load_pools(DEMO_POOL)[0]
     url = broker or pool.spec.broker.url or ""
     console = Console()
-    _log_to(console, logging.ERROR)  # workers still booting miss a control reply or two: not news in a demo
+    configure_logging("auto", logging.ERROR, console)  # workers still booting miss a control reply or two
     console.print(f"demo: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops it cleanly")
     with Live(console=console, refresh_per_second=2, transient=True) as live:
         summary = run_demo(url, lambda run: live.update(run.view()), console.print)
     console.print("\n".join(summary.lines()))
 
 
-def _log_to(console: Console, level: int) -> None:
-    """Log lines printed above the live view instead of through it."""
-    logging.basicConfig(level=level, handlers=[RichHandler(console=console, show_path=False)], force=True)
-
-
-@main.command()
-@click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--broker", help="Broker URL; needed when the pool reads it from a Secret (urlFrom).")
-@click.option("--name", help="Which pool of the file, when it holds several.")
-@click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
-def local(pool_file: Path, broker: str | None, name: str | None, worker_log: Path | None) -> None:
-    """Run a pool's control loop on this machine, scaling real `celery worker` processes."""
+def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
+    """The one pool of the file local mode can run: it must start its own workers (spec.worker)."""
     pools = [p for p in load_pools(pool_file) if name is None or p.metadata.name == name]
     if len(pools) != 1:
         raise click.UsageError(f"{pool_file} holds {len(pools)} matching pools: choose one with --name")
     pool = pools[0]
+    if pool.spec.worker is None:
+        target = pool.spec.scale_target_ref.name if pool.spec.scale_target_ref else "?"
+        raise BadInput(
+            f"{pool_file}: pool {pool.metadata.name} adopts Deployment {target} (scaleTargetRef): local mode "
+            "starts workers from spec.worker, so give the pool a worker section to run it here"
+        )
+    return pool
+
+
+@main.command()
+@click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--broker", callback=_broker_url, help="Broker URL; needed when the pool reads it from a Secret.")
+@click.option("--name", help="Which pool of the file, when it holds several.")
+@click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
+@logging_options
+def local(
+    pool_file: Path,
+    broker: str | None,
+    name: str | None,
+    worker_log: Path | None,
+    metrics_port: int | None,
+    log_format: LogFormat,
+    log_level: str,
+) -> None:
+    """Run a pool's control loop on this machine, scaling real `celery worker` processes.
+
+    On a terminal a live view shows the pool; elsewhere (a file, a pipe) only log lines are written,
+    one per scale decision among them."""
+    pool = _local_pool(pool_file, name)
     url = broker or pool.spec.broker.url
     if not url:
         raise click.UsageError("this pool reads its broker URL from a Secret: give it with --broker")
     console = Console()
-    _log_to(console, logging.WARNING)
+    live_view = configure_logging(log_format, log_level.upper(), console)
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(worker_log.open("ab")) if worker_log else None
         run = LocalRun(pool, url, worker_output=output)
         stack.callback(run.close)
-        console.print(f"local: pool {pool.metadata.name} on {redact(url)}; Ctrl-C stops every worker")
-        live = stack.enter_context(Live(console=console, refresh_per_second=2))
+        if metrics_port is not None:
+            log.info("serving /metrics on port %d", run.metrics.serve(metrics_port))
+            stack.callback(run.metrics.stop)
+        log.info("pool %s on %s; Ctrl-C stops every worker", pool.metadata.name, redact(url))
+        live = stack.enter_context(Live(console=console, refresh_per_second=2)) if live_view else None
         try:
-            run.run(stop, lambda r: live.update(r.view()))
+            run.run(stop, lambda r: live.update(r.view()) if live else None)
         except KeyboardInterrupt:
-            console.print("stopping workers...")
+            log.info("stopping workers...")
 
 
 @main.command()
 @click.option("--arrival", type=RATE, required=True, help="Arrival rate: 5/s, 10/m, 200/h.")
-@click.option("--duration", type=DURATION, required=True, help="Mean task duration: 250ms, 30s, 10m.")
-@click.option("--concurrency", type=click.IntRange(min=1), required=True, help="Task slots per worker.")
-@click.option("--target-wait", type=DURATION, default="30s", show_default=True, help="Acceptable queue wait.")
+@click.option("--duration", type=TASK_DURATION, required=True, help="Mean task duration: 250ms, 30s, 10m.")
+@click.option("--concurrency", type=click.IntRange(1, 1000), required=True, help="Task slots per worker.")
+@click.option("--target-wait", type=TARGET_WAIT, default="30s", show_default=True, help="Acceptable queue wait.")
 @click.option("--utilization", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
-@click.option("--backlog", type=click.IntRange(min=0), default=0, show_default=True, help="Tasks already waiting.")
+@click.option("--backlog", type=click.IntRange(0, 10**9), default=0, show_default=True, help="Tasks already waiting.")
+@click.option(
+    "--max-replicas", type=click.IntRange(1, MOST_REPLICAS), default=MOST_REPLICAS, show_default=True, help="The cap."
+)
 def plan(
-    arrival: float, duration: float, concurrency: int, target_wait: float, utilization: float, backlog: int
+    arrival: float,
+    duration: float,
+    concurrency: int,
+    target_wait: float,
+    utilization: float,
+    backlog: int,
+    max_replicas: int,
 ) -> None:
     """Size a pool with the capacity formula and show the working."""
     spec = AutoscalingSpec(
-        min_replicas=0, max_replicas=10000, target_wait_seconds=target_wait, target_utilization=utilization
+        min_replicas=0, max_replicas=max_replicas, target_wait_seconds=target_wait, target_utilization=utilization
     )
     terms = plan_pool(arrival, duration, backlog, spec, concurrency).terms
-    if terms.offered_load is not None and terms.steady_slots is not None and terms.backlog_slots is not None:
-        click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {terms.offered_load:.4g} busy slots")
-        click.echo(
-            f"steady slots   {terms.offered_load:.4g} / {utilization:.2g} utilization = {terms.steady_slots:.4g}"
-        )
-        click.echo(
-            f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {terms.backlog_slots:.4g}"
-        )
-    else:  # no task duration: the formula falls back to counting what waits
-        click.echo(f"no task duration: {backlog} waiting / {utilization:.2g} utilization")
+    offered, steady, drain = terms.offered_load or 0.0, terms.steady_slots or 0.0, terms.backlog_slots or 0.0
+    click.echo(f"offered load   {arrival:.4g}/s x {duration:.4g} s = {offered:.4g} busy slots")
+    click.echo(f"steady slots   {offered:.4g} / {utilization:.2g} utilization = {steady:.4g}")
+    click.echo(f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {drain:.4g}")
     slots = terms.slots or 0.0
+    wanted = math.ceil(slots / concurrency)
     click.echo(f"slots          {slots:.4g}")
-    click.echo(f"replicas       ceil({slots:.4g} / {concurrency}) = {terms.recommendation}")
+    click.echo(f"replicas       ceil({slots:.4g} / {concurrency}) = {wanted}")
+    if wanted > max_replicas:
+        click.echo(f"capped         at maxReplicas {max_replicas}: the formula asks for {wanted}")
 
 
 @main.command()
@@ -195,7 +326,7 @@ def plan(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With --trace: take autoscaling and concurrency from this CeleryWorkerPool.",
 )
-@click.option("--startup", type=DURATION, default="10s", show_default=True, help="With --trace: worker start-up delay.")
+@click.option("--startup", type=STARTUP, default="10s", show_default=True, help="With --trace: worker start-up delay.")
 @click.option("--policy", "policies", default="ours,keda", show_default=True, help="Comma list: ours, keda, fixed:N.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart (needs matplotlib).")
@@ -209,8 +340,14 @@ def simulate(
     plot: Path | None,
 ) -> None:
     """Replay a workload through scaling policies and compare waits and cost."""
+    if plot and not can_plot():
+        raise BadInput(MATPLOTLIB_MISSING)
+    if plot and not plot.parent.is_dir():
+        raise click.BadParameter(f"{plot.parent} is not a directory", param_hint="--plot")
     chosen = _scenario_from(scenario, trace, pool_file, startup)
     names = [name.strip() for name in policies.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("name at least one policy: ours, keda or fixed:N", param_hint="--policy")
     try:
         results = run_scenario(chosen, names, seed)
     except ValueError as error:
@@ -230,10 +367,13 @@ def _scenario_from(scenario: str | None, trace: Path | None, pool_file: Path | N
     if scenario is not None:
         return SCENARIOS[scenario]
     assert trace is not None
-    tasks = parse_trace(trace.read_text().splitlines())
     if pool_file is None:
         raise click.UsageError("--trace needs --pool, a CeleryWorkerPool whose autoscaling and worker to use")
     pool = load_pools(pool_file)[0]
+    try:
+        tasks = parse_trace(trace.read_text().splitlines())
+    except ValueError as error:  # a bad row, or bytes that are not text
+        raise BadInput(f"{trace}: {error}") from None
     concurrency = pool.spec.worker.concurrency if pool.spec.worker else 1
     horizon = max((t.arrival for t in tasks), default=0.0)
     return Scenario(

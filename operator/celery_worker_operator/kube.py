@@ -104,7 +104,8 @@ class Operator:
 
     def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
         workload = KubernetesWorkload(self.api, pool)
-        return self.shared.sources(namespace, name, broker_urls(client.CoreV1Api(self.api), pool), workload)
+        broker = broker_urls(client.CoreV1Api(self.api), pool)
+        return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 
     def ensure_workload(self, pool: CeleryWorkerPool, uid: str) -> None:
         """Create or roll the managed Deployment; adopted ones are left to their owners."""

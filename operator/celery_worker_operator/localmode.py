@@ -6,7 +6,6 @@ keeps the latest status and decisions for a live terminal view instead of the AP
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -23,9 +22,7 @@ from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PassResult
 from .spec import CeleryWorkerPool
 from .telemetry import PoolTelemetry, TelemetryMonitors
-from .workloads.local import LocalWorkload
-
-log = logging.getLogger(__name__)
+from .workloads.local import LocalWorkload, WorkerExit
 
 EVENTS_SHOWN = 8
 
@@ -41,7 +38,6 @@ class LocalReporter:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append((time.time(), type_, reason, message))
         self.scale_events += reason in ("ScaledUp", "ScaledDown")
-        log.info("%s %s: %s", type_, reason, message)
 
     def status(self, status: dict[str, Any]) -> None:
         self.status_now = status
@@ -62,14 +58,16 @@ class LocalRun:
     def __post_init__(self) -> None:
         self.shared = SharedResources(telemetry=TelemetryMonitors(window=self.telemetry_window), metrics=self.metrics)
         self.workload = LocalWorkload(
-            self.pool, self.broker_url, cwd=self.cwd, log_stream=self.worker_output, on_restart=self._restarted
+            self.pool, self.broker_url, cwd=self.cwd, log_stream=self.worker_output, on_exit=self._exited
         )
         namespace, name = self.pool.metadata.namespace, self.pool.metadata.name
         self.loop = PoolLoop(
             namespace=namespace,
             name=name,
             reporter=self.reporter,
-            sources=lambda pool: self.shared.sources(namespace, name, (self.broker_url, None), self.workload),
+            sources=lambda pool: self.shared.sources(
+                namespace, name, (self.broker_url, None), self.workload, pool.spec.broker.transport_options
+            ),
             metrics=self.metrics,
         )
         self.shared.telemetry.monitor(self.broker_url).wait_connected(10.0)  # hear the workers from the first pass
@@ -93,8 +91,8 @@ class LocalRun:
         """The pool's numbers from its workers' events, now."""
         return self.shared.telemetry.snapshot(self.broker_url, self.pool.metadata.name, self.pool.spec.queues)
 
-    def _restarted(self, member: str, code: int) -> None:
-        self.reporter.event("Warning", "WorkerRestarted", f"worker {member} exited with {code}; replaced")
+    def _exited(self, exit_: WorkerExit) -> None:
+        self.reporter.event("Warning", "WorkerExited", exit_.message())
 
     def view(self) -> Group:
         """The live terminal view: queues, rates, slots, replicas and the latest decisions."""

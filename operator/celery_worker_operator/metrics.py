@@ -7,6 +7,12 @@ measurement that goes missing, disappears from `/metrics` instead of lingering a
 
 Labels stay low in cardinality: namespace, pool, queue, broker (redacted), scale direction and
 a small fixed set of reason kinds — never the free-text reason of a decision.
+
+Next to ours, the series of danihodovic/celery-exporter under its names and labels (plus
+namespace and pool), so dashboards and alerts written for it work unchanged: queue length per
+`queue_name`, `celery_worker_up` / `celery_worker_tasks_active` per `hostname`, task counters and
+the runtime histogram per task `name`. They come from what the probe and the event telemetry
+already measure; task names are capped per pool by telemetry (the rest count as "other").
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Histogram, Info, start_http_server
 from prometheus_client import Counter as CounterMetric
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -29,6 +35,9 @@ from .advice import AdviceKind
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .policy import Decision, DecisionKind
 from .redact import redact
+from .spec import AutoscalingSpec
+from .telemetry import PoolTelemetry
+from .telemetry.model import HistogramTotals
 
 PREFIX = "celery_worker_operator"
 METRICS_PORT = 9090
@@ -57,6 +66,12 @@ POOL_GAUGES = (
     ("pool_ready_replicas", "readyReplicas", "Ready replicas of the pool's workload."),
     ("pool_desired_replicas", "desiredReplicas", "Replicas the last decision asked for."),
 )
+# (metric suffix, AutoscalingSpec attribute, help): what alerts compare the measurements with.
+SPEC_GAUGES = (
+    ("pool_target_wait_seconds", "target_wait_seconds", "spec.autoscaling.targetWaitSeconds of the pool."),
+    ("pool_min_replicas", "min_replicas", "spec.autoscaling.minReplicas of the pool."),
+    ("pool_max_replicas", "max_replicas", "spec.autoscaling.maxReplicas of the pool."),
+)
 # (metric suffix, key of one status.queues entry, help)
 QUEUE_GAUGES = (
     ("queue_depth_messages", "depth", "Messages waiting in the queue (all priorities)."),
@@ -65,6 +80,15 @@ QUEUE_GAUGES = (
     ("queue_oldest_message_age_seconds", "oldestAgeSeconds", "Age of the oldest waiting message."),
 )
 POOL_LABELS = ("namespace", "pool")
+CONDITION_STATUSES = ("True", "False", "Unknown")
+# celery-exporter's task counters: (event, attribute of TaskTotals, help)
+TASK_COUNTERS = (
+    ("received", "received", "Tasks received by a worker."),
+    ("started", "started", "Tasks a worker started running."),
+    ("succeeded", "succeeded", "Tasks that ran successfully."),
+    ("failed", "failed", "Tasks whose run raised."),
+    ("retried", "retried", "Tasks that failed and will be retried."),
+)
 
 
 def reason_kind(decision: Decision) -> str:
@@ -78,6 +102,8 @@ class _Pool:
 
     status: Mapping[str, Any] = field(default_factory=dict)
     busy_slots: int | None = None
+    telemetry: PoolTelemetry | None = None
+    autoscaling: AutoscalingSpec | None = None
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     broadcast_errors: int = 0
 
@@ -109,11 +135,15 @@ class PoolMetrics(Collector):
         status: Mapping[str, Any],
         decision: Decision | None,
         busy_slots: int | None = None,
+        telemetry: PoolTelemetry | None = None,
+        autoscaling: AutoscalingSpec | None = None,
     ) -> None:
-        """Keep one pass's status (as `reconciler.build_status` shapes it); count its scale, if any."""
+        """Keep one pass's status (as `reconciler.build_status` shapes it), telemetry and targets
+        (alerts compare the wait with targetWaitSeconds, desired with maxReplicas); count its scale."""
         with self._lock:
             state = self._pools.setdefault((namespace, pool), _Pool())
-            state.status, state.busy_slots = dict(status), busy_slots
+            state.status, state.busy_slots, state.telemetry = dict(status), busy_slots, telemetry
+            state.autoscaling = autoscaling or state.autoscaling
         current = status.get("replicas")
         if decision is not None and current is not None and decision.replicas != current:
             direction: Direction = "up" if decision.replicas > current else "down"
@@ -167,6 +197,10 @@ class PoolMetrics(Collector):
         yield from _queue_gauges(pools)
         yield from _pool_counters(pools)
         yield _advice(pools)
+        yield _conditions(pools)
+        yield from _exporter_queue_gauges(pools)
+        yield from _exporter_worker_gauges(pools)
+        yield from _exporter_task_series(pools)
 
 
 Pools = Mapping[tuple[str, str], _Pool]
@@ -178,6 +212,12 @@ def _pool_gauges(pools: Pools) -> Iterator[Metric]:
         for labels, pool in pools.items():
             if pool.status.get(key) is not None:
                 family.add_metric(labels, float(pool.status[key]))
+        yield family
+    for suffix, attribute, help_ in SPEC_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=POOL_LABELS)
+        for labels, pool in pools.items():
+            if pool.autoscaling is not None:
+                family.add_metric(labels, float(getattr(pool.autoscaling, attribute)))
         yield family
     busy = GaugeMetricFamily(f"{PREFIX}_pool_busy_slots", "Task slots running a task.", labels=POOL_LABELS)
     for labels, pool in pools.items():
@@ -225,6 +265,77 @@ def _advice(pools: Pools) -> Metric:
         for kind in AdviceKind:
             family.add_metric((*labels, kind.value), float(kind.value in found))
     return family
+
+
+def _conditions(pools: Pools) -> Metric:
+    """kube-state-metrics' shape: one series per condition and status, 1 for the one that holds."""
+    family = GaugeMetricFamily(
+        f"{PREFIX}_pool_condition",
+        "The pool's status conditions: 1 for the status each condition has now, 0 for the others.",
+        labels=(*POOL_LABELS, "type", "status"),
+    )
+    for labels, pool in pools.items():
+        for condition in pool.status.get("conditions", []):
+            for status in CONDITION_STATUSES:
+                family.add_metric((*labels, condition["type"], status.lower()), float(condition["status"] == status))
+    return family
+
+
+def _exporter_queue_gauges(pools: Pools) -> Iterator[Metric]:
+    """celery-exporter's per-queue gauges: length (all priorities), consumers, workers online."""
+    labels = (*POOL_LABELS, "queue_name")
+    length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue (all priorities).", labels=labels)
+    consumers = GaugeMetricFamily("celery_active_consumer_count", "Consumers of the queue (RabbitMQ).", labels=labels)
+    workers = GaugeMetricFamily("celery_active_worker_count", "Workers online consuming the queue.", labels=labels)
+    for key, pool in pools.items():
+        for queue in pool.status.get("queues", []):
+            length.add_metric((*key, queue["name"]), float(queue["depth"]))
+            if queue.get("consumers") is not None:
+                consumers.add_metric((*key, queue["name"]), float(queue["consumers"]))
+            if pool.telemetry is not None:
+                workers.add_metric((*key, queue["name"]), float(pool.telemetry.live_workers))
+    yield from (length, consumers, workers)
+
+
+def _exporter_worker_gauges(pools: Pools) -> Iterator[Metric]:
+    labels = (*POOL_LABELS, "hostname")
+    up = GaugeMetricFamily("celery_worker_up", "1 while the worker sends heartbeats.", labels=labels)
+    active = GaugeMetricFamily("celery_worker_tasks_active", "Tasks the worker is running.", labels=labels)
+    for key, pool in pools.items():
+        for hostname, worker in (pool.telemetry.workers if pool.telemetry else {}).items():
+            up.add_metric((*key, hostname), float(worker.online))
+            active.add_metric((*key, hostname), float(worker.active if worker.online else 0))
+    yield from (up, active)
+
+
+def _exporter_task_series(pools: Pools) -> Iterator[Metric]:
+    """celery-exporter's task counters and runtime histogram, and the wait before a task started."""
+    labels = (*POOL_LABELS, "name")
+    counters = {
+        attribute: CounterMetricFamily(f"celery_task_{event}", help_, labels=labels)
+        for event, attribute, help_ in TASK_COUNTERS
+    }
+    runtime = HistogramMetricFamily("celery_task_runtime", "Run time of finished tasks, seconds.", labels=labels)
+    wait = HistogramMetricFamily(
+        "celery_task_queue_wait_seconds",
+        "Time from task-received to task-started (prefetched on a worker, waiting for a slot), seconds.",
+        labels=labels,
+    )
+    for key, pool in pools.items():
+        for name, totals in (pool.telemetry.totals if pool.telemetry else {}).items():
+            for attribute, family in counters.items():
+                family.add_metric((*key, name), getattr(totals, attribute))
+            runtime.add_metric((*key, name), *_histogram(totals.runtime))
+            wait.add_metric((*key, name), *_histogram(totals.wait))
+    yield from (*counters.values(), runtime, wait)
+
+
+def _histogram(totals: HistogramTotals) -> tuple[list[tuple[str, float]], float]:
+    buckets = [
+        ("+Inf" if bound == float("inf") else repr(bound), float(count))
+        for bound, count in zip(totals.bounds, totals.counts, strict=True)
+    ]
+    return buckets, totals.total
 
 
 class TimedProbe:

@@ -31,7 +31,7 @@ from .reconciler import (
     Sources,
 )
 from .secrets import SecretMissing
-from .spec import CeleryWorkerPool
+from .spec import CeleryWorkerPool, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
 from .workloads.command import grace_seconds
@@ -65,9 +65,17 @@ class SharedResources:
     controller: PoolController = field(default_factory=PoolController)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
 
-    def sources(self, namespace: str, name: str, broker: tuple[str, str | None], workload: Workload) -> Sources:
+    def sources(
+        self,
+        namespace: str,
+        name: str,
+        broker: tuple[str, str | None],
+        workload: Workload,
+        transport_options: TransportOptions | None = None,
+    ) -> Sources:
         """A pass's sources for pool `namespace/name` on `broker` (URL, management URL): the shared
-        probe (timed), event monitor and control broadcasts (broadcast errors counted for the pool)."""
+        probe (timed, reading the broker as the pool's transport options lay it out), event monitor and
+        control broadcasts (broadcast errors counted for the pool)."""
         url, management = broker
 
         def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
@@ -75,7 +83,7 @@ class SharedResources:
                 self.metrics.record_broadcast_error(namespace, name, len(result.errors))
 
         limits, drain = controller_hooks(self.controller, url, count_errors)
-        probe = TimedProbe(self.probes.probe(url, management), self.metrics, url)
+        probe = TimedProbe(self.probes.probe(url, management, transport_options), self.metrics, url)
         return Sources(probe, self.telemetry.monitor(url), workload, limits, drain, broker_url=url)
 
     def close(self) -> None:
@@ -99,12 +107,13 @@ class PoolLoop:
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
 
     def __post_init__(self) -> None:
-        self.reconciler = Reconciler(self.reporter, self.memory, self.clock)
+        self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
 
     def step(self, source: Mapping[str, Any] | CeleryWorkerPool) -> PassResult:
         """One pass over the pool as `source` describes it now (kopf's live body, or a parsed pool)."""
         generation = _generation(source)
         self.interval = INVALID_SPEC_RETRY_SECONDS
+        pool: CeleryWorkerPool | None = None
         try:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
             self.interval = pool.spec.autoscaling.poll_seconds
@@ -113,7 +122,10 @@ class PoolLoop:
             result = self.reconciler.reconcile(pool, sources, generation)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
-        self.metrics.record_pass(self.namespace, self.name, result.status, result.decision, result.busy_slots)
+        autoscaling = pool.spec.autoscaling if pool else None
+        self.metrics.record_pass(
+            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry, autoscaling
+        )
         return result
 
     def run(self, stopping: Stopping, source: Callable[[], Mapping[str, Any] | CeleryWorkerPool]) -> None:

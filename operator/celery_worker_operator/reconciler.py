@@ -108,21 +108,31 @@ class Measurements:
 @dataclass(frozen=True)
 class PassResult:
     """What one pass did, for metrics and callers: the decision (None when blocked), the status as
-    written, the busy slots measured, and the reason the pool could not be sized, if so."""
+    written, the busy slots measured, the reason the pool could not be sized, if so, and the
+    telemetry the pass read."""
 
     decision: Decision | None
     status: Mapping[str, Any]
     busy_slots: int | None = None
     blocked: str | None = None
+    telemetry: PoolTelemetry | None = None
 
 
 class Reconciler:
     """Runs passes for one pool and remembers what it needs between them. Not thread-safe: one loop per pool."""
 
-    def __init__(self, reporter: Reporter, memory: PoolMemory | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self, reporter: Reporter, memory: PoolMemory | None = None, clock: Clock = time.time, name: str = ""
+    ) -> None:
         self.reporter = reporter
         self.memory = memory or PoolMemory()
         self.clock = clock
+        self.name = name  # `namespace/pool`, for log lines
+
+    def _event(self, type_: str, reason: str, message: str) -> None:
+        """An Event, and the same line in the log: logs are where people look first, Events expire."""
+        log.log(logging.INFO if type_ == "Normal" else logging.WARNING, "pool %s %s: %s", self.name, reason, message)
+        self.reporter.event(type_, reason, message)
 
     def reconcile(self, pool: CeleryWorkerPool, sources: Sources, generation: int | None = None) -> PassResult:
         """One pass; raises WorkloadMissing (from the workload) when there is nothing to size."""
@@ -142,13 +152,13 @@ class Reconciler:
         self._advise(pool, sources, measured, control.workers if control else {}, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
         busy = measured.telemetry.busy_slots if measured.telemetry else None
-        return PassResult(decision, self.memory.last_status or {}, busy)
+        return PassResult(decision, self.memory.last_status or {}, busy, telemetry=measured.telemetry)
 
     def blocked(self, reason: str, message: str, generation: int | None) -> PassResult:
         """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
         old = self.memory.conditions.get("Ready")
         if old is None or old.status != "False" or old.reason != reason:
-            self.reporter.event("Warning", reason, message)
+            self._event("Warning", reason, message)
         set_condition(self.memory, "Ready", "False", reason, message, self.clock(), generation)
         report(self.memory, self.reporter, None, None, generation)
         return PassResult(None, self.memory.last_status or {}, blocked=reason)
@@ -175,7 +185,7 @@ class Reconciler:
             load = self._drain(pool, sources.drain, measured.workload, load, current - decision.replicas)
         sources.workload.scale(decision.replicas, load)
         reason = "ScaledUp" if decision.replicas > current else "ScaledDown"
-        self.reporter.event("Normal", reason, decision.reason)
+        self._event("Normal", reason, decision.reason)
         self.memory.last_decision = LastDecision(
             time=_utc(now),
             from_=current,
@@ -230,7 +240,7 @@ class Reconciler:
         still_busy = drain(pool, victims)
         if still_busy:
             message = f"{', '.join(still_busy)} still busy when the drain timed out; acks_late redelivers their tasks"
-            self.reporter.event("Warning", "DrainTimeout", message)
+            self._event("Warning", "DrainTimeout", message)
         return {**load, **dict.fromkeys(victims, DRAINED)}
 
     def _conditions(self, measured: Measurements, now: float, generation: int | None) -> None:
@@ -242,6 +252,13 @@ class Reconciler:
         ready = measured.workload.ready_replicas
         message = f"{ready} of {measured.workload.replicas} workers ready"
         set_condition(self.memory, "Ready", "True", "WorkloadFound", message, now, generation)
+        if measured.workload.crash_loop is None:
+            set_condition(
+                self.memory, "WorkersRunning", "True", "NoCrashLoop", "no worker keeps exiting", now, generation
+            )
+        else:
+            crashing = measured.workload.crash_loop
+            set_condition(self.memory, "WorkersRunning", "False", "CrashLoopBackOff", crashing, now, generation)
 
 
 def advice_condition(findings: Sequence[Finding]) -> tuple[ConditionStatus, str, str]:

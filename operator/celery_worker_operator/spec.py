@@ -8,14 +8,25 @@ pools that reach the operator some other way); tests hold the two to the same ve
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 GROUP = "celery-operator.dev"
 VERSION = "v1alpha1"
@@ -30,12 +41,24 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 TASK_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 QUEUE_NAME = r"^[A-Za-z0-9_.:-]+$"
-RATE = r"^[0-9]+(\.[0-9]+)?/[smh]$"
+# A positive rate: Celery reads 0/m as "no limit", the opposite of what it seems to ask for.
+RATE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)/[smh]$"
 BROKER_SCHEME = r"^(redis|rediss|amqp|amqps|pyamqp)://"
 # Userinfo with a password, or a password query parameter (redis-py accepts `?password=`).
 INLINE_PASSWORD = r"^[^:/]+://[^/@]*:[^/@]*@|[?&]password="
 # Worker flags the operator sets itself; a second copy in extraArgs would silently win or clash.
 OWNED_FLAGS = r"^(-A|--app|-c|--concurrency|-P|--pool|-Q|--queues|-n|--hostname|-E|--events|--task-events)(=.*)?$"
+
+# What each pattern asks for, in words: error messages say this instead of the regex.
+PATTERN_MEANING = {
+    DNS1123_LABEL: "a DNS-1123 label: lower-case letters, digits and '-', starting and ending with a letter or digit",
+    DNS1123_SUBDOMAIN: "a DNS-1123 name: lower-case letters, digits, '-' and '.', such as my-secret",
+    SECRET_KEY: "a Secret key: letters, digits, '-', '_' and '.'",
+    TASK_NAME: "a task name such as app.tasks.send_email",
+    QUEUE_NAME: "a queue name: letters, digits, '_', '.', ':' and '-', no spaces",
+    RATE: "a rate above zero such as 10/s, 200/m or 1.5/h (Celery reads 0 as no limit)",
+    BROKER_SCHEME: "a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://",
+}
 
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS1123_LABEL, max_length=63)]
 DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS1123_SUBDOMAIN, max_length=253)]
@@ -66,11 +89,69 @@ class Rule:
         """`.field: message`, relative to the model, so callers can prefix where the model sits."""
         return f"{self.field_path}: {self.message}" if self.field_path else self.message
 
+    def error(self, node: object) -> InitErrorDetails:
+        """This rule's failure as a pydantic error located at its field, relative to the model."""
+        loc = tuple(self.field_path.lstrip(".").split(".")) if self.field_path else ()
+        return InitErrorDetails(type=PydanticCustomError("rule", self.message), loc=loc, input=node)
+
 
 def _add_rules(schema: dict[str, Any], cls: type) -> None:
     rules: tuple[Rule, ...] = getattr(cls, "RULES", ())
     if rules:
         schema["x-kubernetes-validations"] = [rule.as_k8s() for rule in rules]
+
+
+class _Unchecked:
+    """The fields of a node that validated on their own: a rule reading any other field is skipped."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+@functools.cache
+def _field_adapter(cls: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    info = cls.model_fields[name]
+    annotation: Any = info.annotation
+    return TypeAdapter(Annotated[annotation, *info.metadata] if info.metadata else annotation)
+
+
+def _valid_fields(cls: type[BaseModel], data: object) -> _Unchecked:
+    """Every field of `data` that is valid by itself (defaults for those left out), for rules to read."""
+    fields: dict[str, Any] = {}
+    if not isinstance(data, dict):
+        return _Unchecked(fields)
+    for name, info in cls.model_fields.items():
+        key = info.alias if info.alias in data else name
+        if key not in data:
+            if not info.is_required():
+                fields[name] = info.get_default(call_default_factory=True)
+            continue
+        try:
+            fields[name] = _field_adapter(cls, name).validate_python(data[key])
+        except ValidationError:
+            continue
+    return _Unchecked(fields)
+
+
+def _rule_errors(rules: tuple[Rule, ...], node: object) -> list[InitErrorDetails]:
+    """The rules `node` breaks; a rule that reads a field which is itself invalid is left out."""
+    broken = []
+    for rule in rules:
+        try:
+            holds = rule.holds(node)
+        except (AttributeError, TypeError):
+            continue
+        if not holds:
+            broken.append(rule.error(node))
+    return broken
+
+
+def _as_details(error: ValidationError) -> list[InitErrorDetails]:
+    """Errors already found, to raise again together with more: their type, place and message kept."""
+    return [
+        InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"])
+        for e in error.errors()
+    ]
 
 
 class Model(BaseModel):
@@ -85,17 +166,32 @@ class Model(BaseModel):
     )
     RULES: ClassVar[tuple[Rule, ...]] = ()
 
-    @model_validator(mode="after")
-    def _check_rules(self) -> Model:
-        broken = [rule.explain() for rule in self.RULES if not rule.holds(self)]
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_rules(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Field errors and broken rules together, so one pass reports every problem of a manifest.
+
+        When some fields are invalid, the rules are still checked on the fields that are valid, as
+        the API server checks its CEL rules next to its schema errors.
+        """
+        try:
+            model = handler(data)
+        except ValidationError as invalid:
+            broken = _rule_errors(cls.RULES, _valid_fields(cls, data))
+            if not broken:
+                raise
+            raise ValidationError.from_exception_data(cls.__name__, _as_details(invalid) + broken) from None
+        broken = _rule_errors(cls.RULES, model)
         if broken:
-            raise ValueError("\n".join(broken))
-        return self
+            raise ValidationError.from_exception_data(cls.__name__, broken)
+        return model
 
 
 def section(model: type[Model], description: str) -> Any:
-    """A nested object that is always present: `default: {}` lets the API server fill its defaults."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    """A nested object that is always present, defaulted whole: kube-apiserver checks a default
+    against the section's own CEL rules as it stands, so `{}` would fail a rule that reads its fields."""
+    defaults = model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    return Field(default_factory=model, description=description, json_schema_extra={"default": defaults})
 
 
 class SecretKeyRef(Model):
@@ -109,6 +205,39 @@ class ValueFrom(Model):
     secret_key_ref: SecretKeyRef = Field(description="The Secret key holding the value.")
 
 
+class TransportOptions(Model):
+    """Celery's `broker_transport_options` that decide where messages sit, with Celery's own keys.
+
+    The probe reads the broker the way the app writes to it, and managed workers start with the
+    same options, so an app that changes the Redis layout is neither under-counted nor split.
+    """
+
+    model_config = ConfigDict(alias_generator=None)
+
+    priority_steps: list[Annotated[int, Field(ge=0, le=255)]] | None = Field(
+        None,
+        min_length=1,
+        description="Redis priority buckets, ascending (kombu's default [0, 3, 6, 9]; list(range(10)) for 0-9).",
+        json_schema_extra={"maxItems": 256, "x-kubernetes-list-type": "set"},
+    )
+    sep: Annotated[str, StringConstraints(min_length=1, max_length=16)] | None = Field(
+        None, description="Separator between a queue name and its priority (kombu's default is \\x06\\x16)."
+    )
+    global_keyprefix: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        None, description="Prefix of every Redis key kombu writes (kombu's global_keyprefix)."
+    )
+    queue_order_strategy: Literal["round_robin", "priority", "sorted"] | None = Field(
+        None, description="How a worker picks among its queues (workers only; the probe counts all)."
+    )
+    visibility_timeout: float | None = Field(
+        None, gt=0, le=31536000, description="Seconds before an unacknowledged Redis message is redelivered."
+    )
+
+    def as_celery(self) -> dict[str, Any]:
+        """The options set, as Celery's `broker_transport_options` holds them."""
+        return self.model_dump(exclude_none=True)
+
+
 class BrokerSpec(Model):
     url: Annotated[str, StringConstraints(pattern=BROKER_SCHEME, max_length=2048)] | None = Field(
         None, description="Broker URL without a password (redis://, rediss://, amqp://, amqps://)."
@@ -116,6 +245,9 @@ class BrokerSpec(Model):
     url_from: ValueFrom | None = Field(None, description="Broker URL read from a Secret; use this for credentials.")
     management_url_from: ValueFrom | None = Field(
         None, description="RabbitMQ management API URL (http[s]://user:pass@host:15672) read from a Secret."
+    )
+    transport_options: TransportOptions | None = Field(
+        None, description="Celery's broker_transport_options (same keys); the probe and the workers use them."
     )
 
     RULES = (

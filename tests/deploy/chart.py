@@ -20,7 +20,11 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "peering-cluster-wide": {"peering": {"enabled": True}, "replicaCount": 2},
     "peering-namespaced": {"peering": {"enabled": True}, "replicaCount": 3, "watch": {"clusterWide": False}},
     "monitoring": {
-        "metrics": {"port": 9300, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "port": 9300,
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "waitOverTargetFor": "3m"},
+        },
         "health": {"port": 8181},
         "dashboard": {"enabled": False},
         "fullnameOverride": "celery-ops",
@@ -31,16 +35,16 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def render(values: dict[str, Any]) -> dict[str, str]:
-    """Template path -> rendered text, for an install of release `cwo` in namespace `ops`."""
+def render(values: dict[str, Any], namespace: str = NAMESPACE) -> dict[str, str]:
+    """Template path -> rendered text, for an install of release `cwo` in `namespace` (default `ops`)."""
     with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return chart.render(values, name=RELEASE, namespace=namespace, is_install=True)
 
 
-def manifests(values: dict[str, Any]) -> list[dict[str, Any]]:
+def manifests(values: dict[str, Any], namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     """Every object the release would create (templates only: crds/ is Helm's separate step)."""
     objects: list[dict[str, Any]] = []
-    for path, text in sorted(render(values).items()):
+    for path, text in sorted(render(values, namespace).items()):
         if path.endswith(".yaml"):
             objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return objects

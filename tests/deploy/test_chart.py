@@ -15,6 +15,8 @@ from prometheus_client import generate_latest
 from celery_worker_operator.cli import run
 from celery_worker_operator.metrics import PoolMetrics
 from celery_worker_operator.policy import Decision, DecisionKind, Limit, Terms
+from celery_worker_operator.spec import AutoscalingSpec
+from celery_worker_operator.telemetry import EventAggregator
 
 from .chart import CHART, COMBINATIONS, NAMESPACE, RELEASE, ROOT, chart_crds, manifests, of_kind, render
 
@@ -51,8 +53,8 @@ def test_every_manifest_validates_strictly(values: dict[str, Any], kube_version:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if (obj["apiVersion"], obj["kind"]) in crd_schemas:
             jsonschema.validate(obj, crd_schemas[obj["apiVersion"], obj["kind"]])
-        elif obj["kind"] == "ServiceMonitor":
-            continue  # prometheus-operator's CRD ships no offline schema: see test_service_monitor_*
+        elif obj["kind"] in ("ServiceMonitor", "PrometheusRule"):
+            continue  # prometheus-operator's CRDs ship no offline schema: see the tests of each below
         else:
             try:
                 kubernetes_validate.validate(obj, kube_version, strict=True)
@@ -177,18 +179,62 @@ def test_service_monitor_only_when_enabled_and_it_scrapes_the_metrics_service(va
     assert monitor["metadata"]["labels"]["release"] == values["metrics"]["serviceMonitor"]["labels"]["release"]
 
 
-def test_dashboard_queries_only_metrics_the_operator_exports() -> None:
+SERIES = re.compile(r"\b(celery_\w+)")
+SELECTOR = re.compile(r'\{(\s*\w+\s*(=~|!~|!=|=)\s*"[^"]*"\s*,?)*\}')
+
+
+def well_formed(expr: str) -> bool:
+    """What can be checked of PromQL without Prometheus: brackets balance and every label selector
+    is a list of `label op "value"` matchers."""
+    depth = {"(": 0, "[": 0}
+    for char in SELECTOR.sub("", expr):
+        if char in "{}":
+            return False  # a selector that did not match the matcher grammar
+        if char in "([":
+            depth[char] += 1
+        elif char in ")]":
+            depth["(" if char == ")" else "["] -= 1
+            if min(depth.values()) < 0:
+                return False
+    return not any(depth.values())
+
+
+def test_dashboard_queries_are_well_formed_and_name_only_series_the_operator_exports() -> None:
     (config_map,) = [o for o in manifests({}) if o["kind"] == "ConfigMap"]
     dashboard = json.loads(config_map["data"]["celery-worker-operator.json"])
-    queried = {
-        name
-        for panel in dashboard["panels"]
-        for target in panel["targets"]
-        for name in re.findall(r"\bcelery_worker_operator_\w+", target["expr"])
-    }
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert not well_formed('sum(rate(x{a="b"}[5m])') and not well_formed("x{a=b}"), "the check can fail"
+    assert [expr for expr in exprs if not well_formed(expr)] == []
+    queried = {name for expr in exprs for name in SERIES.findall(expr)}
     titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
-    assert all(word in titles for word in ("queue depth", "wait", "replicas vs desired", "decisions"))
+    assert all(word in titles for word in ("queue depth", "wait", "replicas vs desired", "decisions", "runtime"))
+    assert {"celery_task_runtime_bucket", "celery_queue_length", "celery_worker_up"} <= queried
     assert queried <= exported_names(), queried - exported_names()
+
+
+@combinations
+def test_alert_rules_only_when_enabled_each_on_an_exported_series(values: dict[str, Any]) -> None:
+    rules = of_kind(manifests(values), "PrometheusRule")
+    wanted = values.get("metrics", {}).get("prometheusRule", {})
+    if not wanted.get("enabled"):
+        assert rules == []
+        return
+    (rule,) = rules
+    assert rule["metadata"]["labels"]["release"] == wanted["labels"]["release"]
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {
+        "CeleryWorkerPoolWaitOverTarget", "CeleryWorkerPoolAtMaxReplicas", "CeleryWorkerPoolMetricsUnavailable",
+        "CeleryWorkerPoolLimitsNotApplied", "CeleryWorkerPoolBlocked", "CeleryWorkerPoolCrashLooping",
+    }  # fmt: skip
+    assert alerts["CeleryWorkerPoolWaitOverTarget"]["for"] == wanted["waitOverTargetFor"]
+    for name, alert in alerts.items():
+        assert well_formed(alert["expr"]), name
+        assert set(SERIES.findall(alert["expr"])) <= exported_names(), name
+        assert "{{ $labels.namespace }}/{{ $labels.pool }}" in alert["annotations"]["summary"], name
+        assert name in README, f"{name} has no runbook line in the README"
+
+
+README = (ROOT / "README.md").read_text()
 
 
 def exported_names() -> set[str]:
@@ -198,13 +244,20 @@ def exported_names() -> set[str]:
         "replicas": 1, "readyReplicas": 1, "desiredReplicas": 2, "depth": 3, "waitSeconds": 4.0,
         "arrivalRate": 1.0, "serviceTimeSeconds": 0.5, "workersOnline": 1,
         "queues": [{"name": "q", "depth": 3, "reserved": 0, "consumers": 1, "oldestAgeSeconds": 4.0}],
+        "conditions": [{"type": "Ready", "status": "True"}],
     }  # fmt: skip
+    events = EventAggregator()
+    task = {"hostname": "p@pod-1", "uuid": "t", "timestamp": 1.0, "name": "app.task"}
+    for kind in ("task-received", "task-started", "task-succeeded"):
+        events.feed({**task, "type": kind, "runtime": 0.1}, 1.0)
     metrics.record_pass(
         "ns",
         "p",
         status,
         Decision(2, DecisionKind.STEADY, Limit.WITHIN_RANGE, "scale up", 2, Terms(1, 2, 2, slots=2.0)),
         busy_slots=1,
+        telemetry=events.snapshot("p", 1.0),
+        autoscaling=AutoscalingSpec(),
     )
     metrics.record_broadcast_error("ns", "p", 1)
     metrics.record_probe("redis://h", 0.01, error=True)

@@ -3,8 +3,6 @@ processes in local mode appears within two polls with its fix, and goes when the
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,7 +12,7 @@ import pytest
 
 from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
-from celery_worker_operator.spec import CeleryWorkerPool
+from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
 from tests.support.local_pool import local_pool_run
 from tests.support.task_app import app, leak, quick, sleep
 
@@ -66,10 +64,10 @@ def warned_once(run: LocalRun, kind: AdviceKind) -> bool:
 
 
 def restart_with(run: LocalRun, pool: CeleryWorkerPool) -> None:
-    """Apply a fix the way a rollout does: the new spec, and every worker replaced by one started from it."""
+    """Apply a fix the way a rollout does: the new spec, and every worker warm-stopped; the next passes
+    start their replacements from the new spec."""
     run.pool = run.workload.pool = pool
-    for member in run.workload.observe().members:
-        os.killpg(run.workload.pid(member), signal.SIGKILL)
+    run.workload.scale(0, {})
 
 
 def with_worker(resource: CeleryWorkerPool, **fields: Any) -> CeleryWorkerPool:
@@ -105,9 +103,9 @@ def test_visibility_timeout_5s_with_8s_tasks_on_redis_until_the_fix_is_rolled_ou
         passes = passes_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT in advice(run), timeout=10)
         assert passes <= 2, f"the short visibility timeout was named after {passes} polls"
         found = advice(run)[AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT]
-        assert "after 5 s" in found and '"visibility_timeout": 17' in found
-        fix = ['broker_transport_options=(json){"visibility_timeout": 17}']
-        restart_with(run, with_worker(run.pool, extra_args=fix))
+        assert "after 5 s" in found and "broker.transportOptions.visibility_timeout: 17" in found, found
+        broker = run.pool.spec.broker.model_copy(update={"transport_options": TransportOptions(visibility_timeout=17)})
+        restart_with(run, run.pool.model_copy(update={"spec": run.pool.spec.model_copy(update={"broker": broker})}))
         passes_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT not in advice(run), timeout=40)
         assert warned_once(run, AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT)
 

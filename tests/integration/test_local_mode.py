@@ -80,6 +80,27 @@ def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun
     victim = busiest() or ""
     os.killpg(local_run.workload.pid(victim), signal.SIGKILL)
     step_until(local_run, lambda: victim not in local_run.workload.observe().members, timeout=10)
-    assert any(reason == "WorkerRestarted" for _, _, reason, _ in local_run.reporter.events)
+    assert any(reason == "WorkerExited" for _, _, reason, _ in local_run.reporter.events)
     step_until(local_run, lambda: set(ran(local_run, "ended")) == set(range(12)), timeout=90)
     assert max(ran(local_run, "started").values()) == 2, "the killed worker's tasks ran again elsewhere"
+
+
+def test_a_misspelled_app_is_reported_in_celerys_words_and_restarts_back_off(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with local_pool_run(
+        redis_url, monkeypatch, "typo", concurrency=1, max_replicas=1, scale_down_seconds=3,
+        app="cwo_typo_app", min_replicas=1,
+    ) as run:  # fmt: skip
+
+        def exits() -> list[tuple[float, str]]:
+            return [(at, message) for at, _, reason, message in run.reporter.events if reason == "WorkerExited"]
+
+        step_until(run, lambda: len(exits()) >= 3, timeout=120)
+        status = run.reporter.status_now
+    (first, said), (second, _), (third, _) = exits()[:3]
+    assert "Unable to load celery application" in said, said
+    assert second - first >= 10 and third - second >= 20, "restarts wait 10 s, then 20 s, as the kubelet's back-off"
+    crashing = next(c for c in status["conditions"] if c["type"] == "WorkersRunning")
+    assert (crashing["status"], crashing["reason"]) == ("False", "CrashLoopBackOff")
+    assert "Unable to load celery application" in crashing["message"]

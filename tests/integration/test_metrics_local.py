@@ -16,6 +16,7 @@ from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.metrics import PoolMetrics
 from tests.support.local_app import app, record
 from tests.support.local_pool import local_pool_run
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = 24
@@ -71,6 +72,7 @@ def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
     desired = first["celery_worker_operator_pool_desired_replicas"]
     assert desired == local_run.workload.observe().replicas > 0, "desired is what was started"
     assert first["celery_worker_operator_scale_decisions_total{direction=up,reason=from_zero}"] == 1
+    assert first[f"celery_queue_length{{queue_name={name}}}"] == TASKS, "celery-exporter's name, Redis' number"
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and int(broker.llen(f"{name}:ended")) < TASKS:
@@ -81,6 +83,21 @@ def test_scraped_depth_and_replicas_follow_the_real_queue_and_workers(
         assert now["celery_worker_operator_pool_depth_messages"] == local_run.reporter.status_now["depth"]
     assert int(broker.llen(f"{name}:ended")) == TASKS, "every task ran"
 
-    local_run.step()
-    last = scrape(port, name)
+    task = "{name=local.record}"
+
+    def settled() -> dict[str, float]:  # task events arrive in batches, a little after the tasks end
+        local_run.step()
+        return scrape(port, name)
+
+    last = wait_for(settled, lambda now: now.get(f"celery_task_succeeded_total{task}") == TASKS, timeout=30, interval=1)
     assert last["celery_worker_operator_pool_depth_messages"] == 0 == broker.llen(name)
+    assert last[f"celery_queue_length{{queue_name={name}}}"] == 0
+    ledger = int(broker.llen(f"{name}:ended"))
+    assert last[f"celery_task_succeeded_total{task}"] == ledger == last[f"celery_task_runtime_count{task}"]
+    assert last[f"celery_task_received_total{task}"] == last[f"celery_task_started_total{task}"] == ledger
+    assert last[f"celery_task_failed_total{task}"] == 0
+    assert last["celery_task_runtime_bucket{le=0.25,name=local.record}"] == 0, "every task sleeps 0.5 s"
+    assert last["celery_task_runtime_bucket{le=+Inf,name=local.record}"] == ledger
+    assert last[f"celery_task_runtime_sum{task}"] >= 0.5 * ledger
+    up = {key for key, value in last.items() if key.startswith("celery_worker_up{") and value == 1}
+    assert len(up) == local_run.reporter.status_now["workersOnline"] >= 1

@@ -29,6 +29,8 @@ def local_pool_run(
     max_replicas: int,
     scale_down_seconds: float,
     metrics: PoolMetrics | None = None,
+    app: str = "tests.support.local_app:app",
+    min_replicas: int = 0,
     spec: Mapping[str, Any] | None = None,
 ) -> Iterator[LocalRun]:
     """A fresh pool (queue named like it) polled every second; its workers and keys go afterwards.
@@ -46,9 +48,9 @@ def local_pool_run(
             "spec": {
                 "broker": {"url": redis_url},
                 "queues": [name],
-                "worker": {"app": "tests.support.local_app:app", "image": "local", "concurrency": concurrency},
+                "worker": {"app": app, "image": "local", "concurrency": concurrency},
                 "autoscaling": {
-                    "minReplicas": 0, "maxReplicas": max_replicas, "pollSeconds": 1, "targetWaitSeconds": 5,
+                    "minReplicas": min_replicas, "maxReplicas": max_replicas, "pollSeconds": 1, "targetWaitSeconds": 5,
                     "taskDurationSeconds": 0.5, "scaleDown": {"stabilizationSeconds": scale_down_seconds},
                 },
             },

@@ -167,7 +167,7 @@ HEALTH_CASES = [
         "visibility_timeout 5 s with 8 s tasks on Redis",
         PoolFacts(MANAGED, LONG, queue(), 30.0, {"p@w1": stats(visibility=5.0)}),
         [AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT],
-        '"visibility_timeout": 17',
+        "broker.transportOptions.visibility_timeout: 17",
     ),
     (
         "the default hour is long enough for 8 s tasks",

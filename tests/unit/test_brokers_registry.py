@@ -12,6 +12,7 @@ from celery_worker_operator.brokers import ProbeRegistry, QueueStats, open_probe
 from celery_worker_operator.brokers.rabbitmq import RabbitMQProbe
 from celery_worker_operator.brokers.redis import RedisProbe
 from celery_worker_operator.instrument import published_at, uninstrument
+from celery_worker_operator.spec import TransportOptions
 
 
 class FakeProbe:
@@ -28,7 +29,7 @@ class FakeProbe:
 def test_registry_shares_one_probe_per_broker() -> None:
     opened: list[tuple[str, str | None]] = []
 
-    def opener(url: str, management_url: str | None) -> FakeProbe:
+    def opener(url: str, management_url: str | None, options: TransportOptions | None) -> FakeProbe:
         opened.append((url, management_url))
         return FakeProbe()
 
@@ -37,7 +38,12 @@ def test_registry_shares_one_probe_per_broker() -> None:
     assert registry.probe("redis://r:6379/0") is first
     assert registry.probe("redis://r:6379/1") is not first
     assert registry.probe("amqp://h//", "http://m:15672") is not registry.probe("amqp://h//")
-    assert len(opened) == 4
+    colon = TransportOptions(sep=":")
+    assert registry.probe("redis://r:6379/0", None, colon) is not first, "another key layout, another probe"
+    assert registry.probe("redis://r:6379/0", None, TransportOptions(sep=":")) is registry.probe(
+        "redis://r:6379/0", None, colon
+    )
+    assert len(opened) == 5
     registry.close()
     assert isinstance(first, FakeProbe) and first.closed
     assert registry.probe("redis://r:6379/0") is not first

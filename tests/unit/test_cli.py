@@ -79,5 +79,5 @@ def test_validate_names_the_bad_field(tmp_path: Path) -> None:
     document["spec"]["autoscaling"]["maxReplicas"] = 0
     bad.write_text(yaml.safe_dump(document))
     code, output = run("validate", str(bad))
-    assert code == 1
+    assert code == 2
     assert "spec.autoscaling.maxReplicas" in output

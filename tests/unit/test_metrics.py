@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from celery_worker_operator.metrics import PoolMetrics, reason_kind
 from celery_worker_operator.policy import Observation, QueueObservation, decide
 from celery_worker_operator.spec import AutoscalingSpec
+from celery_worker_operator.telemetry import EventAggregator
 
 STATUS: dict[str, Any] = {
     "replicas": 2, "readyReplicas": 1, "desiredReplicas": 3, "depth": 7, "waitSeconds": 12.0,
@@ -32,8 +33,8 @@ def samples(metrics: PoolMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]]
     }
 
 
-def value(metrics: PoolMetrics, name: str, **labels: str) -> float | None:
-    return samples(metrics).get((name, frozenset(labels.items())))
+def value(metrics: PoolMetrics, metric: str, **labels: str) -> float | None:
+    return samples(metrics).get((metric, frozenset(labels.items())))
 
 
 def test_pool_and_queue_series_carry_the_status_values() -> None:
@@ -137,3 +138,34 @@ def test_serve_exposes_metrics_over_http() -> None:
     finally:
         metrics.stop()
     assert 'celery_worker_operator_pool_depth_messages{namespace="ns",pool="p"} 7.0' in body
+
+
+def test_celery_exporter_series_come_from_the_status_and_the_telemetry() -> None:
+    aggregator = EventAggregator(window=10.0)
+    for second in range(4):
+        task = {"hostname": "mail@pod-1", "uuid": f"t{second}", "timestamp": 100.0 + second}
+        aggregator.feed({**task, "type": "task-received", "name": "mail.send"}, 100.0 + second)
+        aggregator.feed({**task, "type": "task-started"}, 100.0 + second)
+        aggregator.feed({**task, "type": "task-succeeded", "runtime": 0.3}, 100.0 + second)
+    aggregator.feed({"type": "worker-heartbeat", "hostname": "mail@pod-1", "active": 1, "freq": 2.0}, 104.0)
+    conditions = [{"type": "Ready", "status": "True"}, {"type": "MetricsAvailable", "status": "False"}]
+    metrics = PoolMetrics()
+    metrics.record_pass(
+        "prod", "mail", STATUS | {"conditions": conditions}, None, 1, aggregator.snapshot("mail", 104.0)
+    )
+    pool = {"namespace": "prod", "pool": "mail"}
+    assert value(metrics, "celery_queue_length", **pool, queue_name="default") == 5
+    assert value(metrics, "celery_active_consumer_count", **pool, queue_name="mail") == 2
+    assert value(metrics, "celery_worker_up", **pool, hostname="mail@pod-1") == 1
+    assert value(metrics, "celery_worker_tasks_active", **pool, hostname="mail@pod-1") == 1
+    task = {**pool, "name": "mail.send"}
+    assert value(metrics, "celery_task_received_total", **task) == 4
+    assert value(metrics, "celery_task_succeeded_total", **task) == 4
+    assert value(metrics, "celery_task_failed_total", **task) == 0
+    assert value(metrics, "celery_task_runtime_count", **task) == 4
+    assert value(metrics, "celery_task_runtime_bucket", **task, le="0.25") == 0
+    assert value(metrics, "celery_task_runtime_bucket", **task, le="0.5") == 4
+    assert value(metrics, "celery_task_queue_wait_seconds_bucket", **task, le="0.005") == 4
+    assert value(metrics, "celery_worker_operator_pool_condition", **pool, type="Ready", status="true") == 1
+    assert value(metrics, "celery_worker_operator_pool_condition", **pool, type="MetricsAvailable", status="true") == 0
+    assert value(metrics, "celery_worker_operator_pool_condition", **pool, type="MetricsAvailable", status="false") == 1

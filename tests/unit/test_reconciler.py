@@ -68,12 +68,13 @@ class FakeTelemetry:
 class FakeWorkload:
     replicas: int = 1
     missing: bool = False
+    crash_loop: str | None = None
     scaled: list[tuple[int, dict[str, int]]] = field(default_factory=list)
 
     def observe(self) -> WorkloadState:
         if self.missing:
             raise WorkloadMissing("Deployment default/p not found")
-        return WorkloadState(self.replicas, self.replicas, concurrency=2)
+        return WorkloadState(self.replicas, self.replicas, concurrency=2, crash_loop=self.crash_loop)
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         self.scaled.append((replicas, dict(load)))
@@ -200,3 +201,37 @@ def test_a_resumed_pool_holds_its_last_desired_count_for_a_down_window() -> None
     assert rec.reconcile(spec).decision.replicas == 6  # type: ignore[union-attr]
     clock.now += 31
     assert rec.reconcile(spec).decision.replicas < 6  # type: ignore[union-attr]
+
+
+def test_a_spec_past_the_schema_is_one_warning_and_a_slow_retry() -> None:
+    """An old CRD or a webhook-less edit can store what the models refuse: the pool says why, nothing is sized."""
+    reporter, clock, workload = FakeReporter(), Clock(), FakeWorkload()
+    sources = Sources(FakeProbe(), FakeTelemetry(), workload)
+    loop = PoolLoop("default", "p", reporter, lambda pool: sources, PoolMetrics(), clock=clock)
+    body = pool(minReplicas=5).model_dump(by_alias=True, exclude_none=True)
+    body["spec"]["autoscaling"]["maxReplicas"] = 2
+    body["metadata"]["generation"] = 7
+    for _ in range(3):
+        assert loop.step(body).blocked == "InvalidSpec"
+    assert [(t, r) for t, r, _ in reporter.events] == [("Warning", "InvalidSpec")]
+    ready = next(c for c in reporter.statuses[-1]["conditions"] if c["type"] == "Ready")
+    assert "spec.autoscaling.maxReplicas" in ready["message"] and ready["observedGeneration"] == 7
+    assert loop.interval == 30 and workload.scaled == []
+
+
+def test_workers_that_keep_exiting_turn_workers_running_false_with_what_they_said() -> None:
+    workload = FakeWorkload(replicas=1)
+    rec, reporter, _ = reconciler(FakeProbe(depth=0), workload)
+    rec.reconcile(pool())
+    assert condition(reporter.statuses[-1], "WorkersRunning")["status"] == "True"
+    workload.crash_loop = (
+        "worker p-1 exited with 2 (2 in a row; next start in 20 s): Unable to load celery application."
+    )
+    rec.reconcile(pool())
+    crashing = condition(reporter.statuses[-1], "WorkersRunning")
+    assert (crashing["status"], crashing["reason"]) == ("False", "CrashLoopBackOff")
+    assert "Unable to load celery application" in crashing["message"]
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)

@@ -78,7 +78,7 @@ def test_oracle_packs_running_tasks_and_keeps_the_floor() -> None:
 def test_trace_csv_is_shifted_to_zero_and_checked() -> None:
     tasks = parse_trace(["timestamp,task,duration", "1700000010,a,2.5", "1700000000,b,1"])
     assert sorted((t.arrival, t.name, t.duration) for t in tasks) == [(0.0, "b", 1.0), (10.0, "a", 2.5)]
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match="line 1"):
         parse_trace(["10,a,-1"])
 
 

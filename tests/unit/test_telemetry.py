@@ -9,6 +9,7 @@ import pytest
 
 from celery_worker_operator.naming import pool_of
 from celery_worker_operator.telemetry import EventAggregator, EventMonitor, unbatch
+from celery_worker_operator.telemetry.aggregator import MAX_TASK_NAMES
 
 T0 = 1_000_000.0
 _ids = itertools.count()
@@ -252,3 +253,27 @@ def test_an_unreadable_event_is_counted_and_the_rest_of_its_message_still_counts
     assert aggregator.snapshot("p", T0 + 1).completed == 1
     with pytest.raises(KeyError):
         aggregator.feed(broken, T0)
+
+
+def test_totals_count_every_task_event_since_watching_began_with_runtime_and_wait_histograms() -> None:
+    aggregator = EventAggregator(window=10.0)
+    timed = [pair for i in range(30) for pair in lifecycle("orders@pod-1", T0 + i, runtime=0.3, failed=i % 10 == 0)]
+    retried = {"type": "task-retried", "hostname": "orders@pod-1", "uuid": "task-r", "timestamp": T0 + 31}
+    feed_all(aggregator, [*timed, (T0 + 30.5, {**timed[0][1], "uuid": "task-r"}), (T0 + 31, retried)])
+    totals = aggregator.snapshot("orders", T0 + 40).totals["app.work"]  # long after the window: totals stay
+    assert (totals.received, totals.started, totals.succeeded, totals.failed, totals.retried) == (31, 30, 27, 3, 1)
+    assert totals.runtime.counts[-1] == 30, "failed runs hold a slot too: their run time is in the histogram"
+    le_025, le_05 = (totals.runtime.counts[totals.runtime.bounds.index(b)] for b in (0.25, 0.5))
+    assert (le_025, le_05) == (0, 30)
+    assert totals.runtime.total == pytest.approx(27 * 0.3 + 3 * 0.3)
+    assert totals.wait.counts[-1] == 30 and totals.wait.total == pytest.approx(30 * 0.05)
+
+
+def test_task_names_past_the_cap_add_up_under_other() -> None:
+    aggregator = EventAggregator(window=10.0)
+    names = [f"app.task{n}" for n in range(MAX_TASK_NAMES + 50)]
+    feed_all(aggregator, [pair for i, name in enumerate(names) for pair in lifecycle("orders@pod-1", T0, name=name)])
+    totals = aggregator.snapshot("orders", T0 + 1).totals
+    assert len(totals) == MAX_TASK_NAMES + 1
+    assert totals["other"].succeeded == 50
+    assert sum(t.succeeded for t in totals.values()) == len(names)

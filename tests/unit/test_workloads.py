@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from celery_worker_operator.manifests import load_pools
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.workloads.command import concurrency_from_args, grace_seconds, worker_args
-from celery_worker_operator.workloads.kubernetes import build_deployment, merge_template
+from celery_worker_operator.workloads.kubernetes import build_deployment, crash_loop, merge_template
+from celery_worker_operator.workloads.local import CrashBackoff, WorkerExit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +53,7 @@ def test_deployment_for_a_managed_pool() -> None:
     assert "emails@$(POD_NAME)" in container["args"]
     assert container["env"][0] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "512Mi"}}  # from spec.worker.template
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError", "Celery's reason reaches the pod"
 
 
 def test_broker_url_comes_from_the_secret() -> None:
@@ -99,3 +102,56 @@ def test_template_overrides_merge_containers_by_name() -> None:
 )
 def test_concurrency_of_an_adopted_worker_command(args: list[str], expected: int | None) -> None:
     assert concurrency_from_args(args) == expected
+
+
+def test_restarts_back_off_like_the_kubelet_doubling_from_10_s_to_5_min() -> None:
+    backoff = CrashBackoff()
+    delays = [backoff.exited(now=0.0, ran_seconds=1.0) for _ in range(7)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
+    assert backoff.looping() and not backoff.may_start(299.0)
+    assert backoff.exited(now=0.0, ran_seconds=600.0) == 10, "a worker that ran 10 min resets the back-off"
+
+
+def test_a_worker_running_10_minutes_forgives_earlier_exits() -> None:
+    backoff = CrashBackoff()
+    backoff.exited(0.0, 1.0), backoff.exited(10.0, 1.0)
+    backoff.ran(599.0)
+    assert backoff.looping()
+    backoff.ran(600.0)
+    assert not backoff.looping()
+
+
+def test_a_worker_exit_quotes_its_last_lines() -> None:
+    tail = (
+        "Error: Invalid value for '-A' / '--app':",
+        "Unable to load celery application.",
+        "The module typo was not found.",
+    )
+    message = WorkerExit("typo-1", 2, tail, exits=1, restart_in=10.0).message()
+    assert message.startswith("worker typo-1 exited with 2 (1 in a row; next start in 10 s): Error:")
+    assert "Unable to load celery application. | The module typo was not found." in message
+
+
+def test_a_pod_in_crash_loop_back_off_is_reported_with_its_termination_message() -> None:
+    terminated = client.V1ContainerStateTerminated(
+        exit_code=2, message="Usage: celery [OPTIONS]\n\nUnable to load celery application.\n"
+    )
+    crashing = client.V1ContainerStatus(
+        name="worker", image="i", image_id="", ready=False, restart_count=3,
+        state=client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason="CrashLoopBackOff")),
+        last_state=client.V1ContainerState(terminated=terminated),
+    )  # fmt: skip
+    running = client.V1ContainerStatus(
+        name="worker", image="i", image_id="", ready=True, restart_count=0,
+        state=client.V1ContainerState(running=client.V1ContainerStateRunning()),
+    )  # fmt: skip
+
+    def pod(name: str, status: client.V1ContainerStatus) -> client.V1Pod:
+        return client.V1Pod(
+            metadata=client.V1ObjectMeta(name=name), status=client.V1PodStatus(container_statuses=[status])
+        )
+
+    assert crash_loop([pod("ok", running), client.V1Pod(metadata=client.V1ObjectMeta(name="new"))]) is None
+    assert crash_loop([pod("ok", running), pod("bad", crashing)]) == (
+        "pod bad exited with 2 (3 restarts): Usage: celery [OPTIONS] | Unable to load celery application."
+    )

@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueProbe, QueueStats, Rates
 from celery_worker_operator.brokers.rabbitmq import AMQP_SCHEMES, RabbitMQProbe
-from celery_worker_operator.brokers.redis import RedisProbe
+from celery_worker_operator.brokers.redis import KeyLayout, RedisProbe
 from celery_worker_operator.redact import redact
+from celery_worker_operator.spec import TransportOptions
 
 __all__ = [
     "BrokerAuthFailed",
@@ -23,34 +24,42 @@ __all__ = [
 
 REDIS_SCHEMES = ("redis", "rediss")
 
-Opener = Callable[[str, str | None], QueueProbe]
+Opener = Callable[[str, str | None, TransportOptions | None], QueueProbe]
 
 
-def open_probe(url: str, management_url: str | None = None) -> QueueProbe:
-    """The probe for `url`'s broker. Connects lazily: an unreachable broker fails `stats`, not this."""
+def open_probe(
+    url: str, management_url: str | None = None, transport_options: TransportOptions | None = None
+) -> QueueProbe:
+    """The probe for `url`'s broker, reading it as an app with these transport options writes it.
+
+    Connects lazily: an unreachable broker fails `stats`, not this.
+    """
     scheme = urlsplit(url).scheme.lower()
     if scheme in REDIS_SCHEMES:
         if management_url:
             raise ValueError(f"a management API applies to RabbitMQ only, not {redact(url)}")
-        return RedisProbe(url)
+        return RedisProbe(url, layout=KeyLayout.of(transport_options))
     if scheme in AMQP_SCHEMES:
         return RabbitMQProbe(url, management_url=management_url)
     raise ValueError(f"unsupported broker URL {redact(url)}: expected redis, rediss, amqp, amqps or pyamqp")
 
 
 class ProbeRegistry:
-    """Hands out one probe per (broker URL, management URL), shared by all pools that use it."""
+    """Hands out one probe per (broker URL, management URL, transport options), shared by all pools
+    that use it."""
 
     def __init__(self, opener: Opener = open_probe) -> None:
         self._opener = opener
-        self._probes: dict[tuple[str, str | None], QueueProbe] = {}
+        self._probes: dict[tuple[str, str | None, TransportOptions | None], QueueProbe] = {}
         self._lock = threading.Lock()
 
-    def probe(self, url: str, management_url: str | None = None) -> QueueProbe:
-        key = (url, management_url)
+    def probe(
+        self, url: str, management_url: str | None = None, transport_options: TransportOptions | None = None
+    ) -> QueueProbe:
+        key = (url, management_url, transport_options)
         with self._lock:
             if key not in self._probes:
-                self._probes[key] = self._opener(url, management_url)
+                self._probes[key] = self._opener(url, management_url, transport_options)
             return self._probes[key]
 
     def close(self) -> None:

@@ -4,7 +4,9 @@ kombu keeps a queue as up to four lists (`name`, `name\\x06\\x163`, `\\x06\\x166
 buckets, 0 = served first), LPUSHes new messages and BRPOPs the oldest from the tail. A message a
 worker has prefetched leaves the lists for the `unacked` hash (tag -> JSON `[envelope, exchange,
 routing_key]`), indexed by the `unacked_index` zset. Counting one list, as most tools do, misses the
-priority buckets and every prefetched task.
+priority buckets and every prefetched task. Apps may change the buckets, the separator and add a
+prefix to every key (`broker_transport_options`): the key names come from kombu's own channel code
+for the options the pool gives (`KeyLayout`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from kombu.transport.redis import Channel
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.retry import Retry
@@ -26,17 +30,59 @@ from redis.retry import Retry
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueStats
 from celery_worker_operator.instrument import published_at
 from celery_worker_operator.redact import url_secrets
+from celery_worker_operator.spec import TransportOptions
 
-PRIORITY_STEPS = (0, 3, 6, 9)
-SEP = "\x06\x16"
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
+PRIORITY_STEPS = tuple(Channel.priority_steps)
+SEP = Channel.sep
+UNACKED = Channel.unacked_key
+UNACKED_INDEX = Channel.unacked_index_key
 _CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
 
 
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where kombu's Redis channel keeps a queue, for the transport options an app sets.
+
+    `_q_for_pri` and `priority` are kombu's own methods, run on these fields, so the keys are the
+    ones the workers BRPOP; kombu's global_keyprefix client prefixes every key it sends the same way.
+    """
+
+    priority_steps: tuple[int, ...] = PRIORITY_STEPS
+    sep: str = SEP
+    global_keyprefix: str = ""
+
+    @classmethod
+    def of(cls, options: TransportOptions | None) -> KeyLayout:
+        if options is None:
+            return cls()
+        steps = tuple(options.priority_steps) if options.priority_steps is not None else PRIORITY_STEPS
+        return cls(steps, SEP if options.sep is None else options.sep, options.global_keyprefix or "")
+
+    priority = Channel.priority
+    _q_for_pri = Channel._q_for_pri
+
+    def priority_keys(self, queue: str) -> dict[int, str]:
+        """The list key of each priority bucket of `queue`, prefixed (as kombu's `_size` walks them)."""
+        keys: dict[str, int] = {}
+        for step in self.priority_steps:
+            keys.setdefault(self.global_keyprefix + self._q_for_pri(queue, step), step)  # type: ignore[misc,no-untyped-call]
+        return {step: key for key, step in keys.items()}
+
+    @property
+    def unacked(self) -> str:
+        return self.global_keyprefix + UNACKED
+
+    @property
+    def unacked_index(self) -> str:
+        return self.global_keyprefix + UNACKED_INDEX
+
+
+DEFAULT_LAYOUT = KeyLayout()
+
+
 def priority_keys(queue: str) -> dict[int, str]:
-    """The list key of each priority bucket of `queue`, as kombu names them."""
-    return {step: f"{queue}{SEP}{step}" if step else queue for step in PRIORITY_STEPS}
+    """The list key of each priority bucket of `queue` in kombu's default layout."""
+    return DEFAULT_LAYOUT.priority_keys(queue)
 
 
 def client_url(url: str) -> str:
@@ -140,6 +186,7 @@ class RedisProbe:
         self,
         url: str,
         *,
+        layout: KeyLayout = DEFAULT_LAYOUT,
         timeout: float = 5.0,
         scan_page: int = 1000,
         scan_pages_per_poll: int = 10,
@@ -147,6 +194,7 @@ class RedisProbe:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = url
+        self._layout = layout
         self._secrets = url_secrets(url)
         # One retry, at once: it replaces a pooled connection the server dropped; more would only
         # delay the BrokerUnavailable the caller needs to hold its pools.
@@ -174,25 +222,29 @@ class RedisProbe:
 
     def _measure(self, names: list[str]) -> dict[str, QueueStats]:
         pipe = self._client.pipeline(transaction=False)
-        for name in names:
-            for key in priority_keys(name).values():
+        layouts = {name: self._layout.priority_keys(name) for name in names}
+        for keys in layouts.values():
+            for key in keys.values():
                 pipe.llen(key)
                 pipe.lindex(key, -1)
-        pipe.zscan(UNACKED_INDEX, self._cursor, count=self._scan_page)
+        pipe.zscan(self._layout.unacked_index, self._cursor, count=self._scan_page)
         replies = pipe.execute()
         now = self._clock()
         self._follow_unacked(replies.pop())
         reserved = self._tally.counts()
-        width = 2 * len(PRIORITY_STEPS)
-        return {
-            name: self._queue_stats(name, replies[i * width : (i + 1) * width], reserved[name], now)
-            for i, name in enumerate(names)
-        }
+        stats, start = {}, 0
+        for name, keys in layouts.items():
+            end = start + 2 * len(keys)
+            stats[name] = self._queue_stats(name, keys, replies[start:end], reserved[name], now)
+            start = end
+        return stats
 
-    def _queue_stats(self, name: str, replies: Sequence[Any], reserved: int, now: float) -> QueueStats:
+    def _queue_stats(
+        self, name: str, keys: dict[int, str], replies: Sequence[Any], reserved: int, now: float
+    ) -> QueueStats:
         priorities: dict[int, int] = {}
         ages: list[tuple[float, bool]] = []
-        for (step, key), depth, tail in zip(priority_keys(name).items(), replies[0::2], replies[1::2], strict=True):
+        for (step, key), depth, tail in zip(keys.items(), replies[0::2], replies[1::2], strict=True):
             priorities[step] = depth
             if tail is None:
                 self._tails.forget(key)
@@ -215,11 +267,11 @@ class RedisProbe:
         for _ in range(self._scan_pages - 1):
             if not cursor:
                 break
-            cursor, page = self._client.zscan(UNACKED_INDEX, cursor, count=self._scan_page)  # type: ignore[assignment]
+            cursor, page = self._client.zscan(self._layout.unacked_index, cursor, count=self._scan_page)  # type: ignore[assignment]
             self._tally.seen(tag for tag, _ in page)
         unknown = self._tally.unknown(self._learn_limit)
         if unknown:
-            for tag, value in zip(unknown, self._client.hmget(UNACKED, unknown), strict=True):
+            for tag, value in zip(unknown, self._client.hmget(self._layout.unacked, unknown), strict=True):
                 self._tally.learn(tag, None if value is None else routing_key_of(value))
         if not cursor:
             self._tally.end_cycle()

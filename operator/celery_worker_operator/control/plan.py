@@ -218,10 +218,12 @@ def _task_ok(problems: list[str], task: str, what: str) -> bool:
 
 
 def _rate_problem(task: str, value: str) -> tuple[bool, str]:
-    if not isinstance(value, str) or not re.match(RATE, value):
-        return False, f"rate limit {value!r} for {task}: not N/s, N/m or N/h"
     # Celery reads a zero rate as "no limit", the opposite of what "0/m" seems to ask for.
-    return per_second(value) > 0, f"rate limit {value!r} for {task}: zero means unlimited to Celery; remove it"
+    if isinstance(value, str) and re.fullmatch(r"0+(\.0+)?/[smh]", value):
+        return False, f"rate limit {value!r} for {task}: zero means unlimited to Celery; remove it"
+    return isinstance(value, str) and re.match(RATE, value) is not None, (
+        f"rate limit {value!r} for {task}: not N/s, N/m or N/h"
+    )
 
 
 def _time_problem(task: str, value: TimeLimits) -> tuple[bool, str]:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .engine import Result
 
+MISSING = "--plot needs matplotlib: pip install 'celery-worker-operator[plot]'"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed: checked before a run, so a missing extra costs no wait."""
+    return importlib.util.find_spec("matplotlib") is not None
+
 
 def plot_results(results: list[Result], path: Path) -> None:
     """Queue depth, oldest wait and replicas over time, one line per policy."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise SystemExit("--plot needs matplotlib: pip install 'celery-worker-operator[plot]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
     for result in results:
         times = [s.time / 60 for s in result.samples]

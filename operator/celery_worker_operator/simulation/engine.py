@@ -390,26 +390,40 @@ def mixture(*parts: tuple[float, DurationFn]) -> DurationFn:
     return draw
 
 
+TRACE_SPAN_LIMIT = 7 * 86400.0  # a week of polls simulates in seconds; more is not a trace but a typo
+TASK_DURATION_LIMIT = 604800.0  # taskDurationSeconds' bound
+
+
 def parse_trace(lines: Iterable[str]) -> list[Task]:
     """Tasks from CSV rows `timestamp,task,duration` (seconds; a header row is allowed).
 
-    Timestamps may be epoch seconds or relative; the trace is shifted to start at 0.
+    Timestamps may be epoch seconds or relative; the trace is shifted to start at 0. A ValueError
+    names the first bad row by its line number in the file.
     """
-    rows = [row for row in csv.reader(lines) if row and not row[0].lstrip().startswith("#")]
-    if rows and not _is_number(rows[0][0]):
+    rows = [(number, row) for number, row in enumerate(csv.reader(lines), start=1) if _is_data(row)]
+    if rows and not _is_number(rows[0][1][0]):
         rows = rows[1:]
+    if not rows:
+        raise ValueError("the trace holds no tasks: expected rows of `timestamp,task,duration` in seconds")
     tasks = []
-    for number, row in enumerate(rows, start=1):
-        if len(row) != 3 or not _is_number(row[0]) or not _is_number(row[2]) or float(row[2]) < 0:
-            raise ValueError(f"trace row {number}: expected `timestamp,task,duration` in seconds, got {row}")
+    for number, row in rows:
+        if len(row) != 3 or not _is_number(row[0]) or not _is_number(row[2]):
+            raise ValueError(f"line {number}: expected `timestamp,task,duration` in seconds, got {','.join(row)!r}")
+        if not 0 <= float(row[2]) <= TASK_DURATION_LIMIT:
+            raise ValueError(f"line {number}: a duration lies between 0 and {TASK_DURATION_LIMIT:g} s, not {row[2]}")
         tasks.append(Task(float(row[0]), float(row[2]), row[1].strip()))
-    start = min((t.arrival for t in tasks), default=0.0)
+    start = min(t.arrival for t in tasks)
+    if max(t.arrival for t in tasks) - start > TRACE_SPAN_LIMIT:
+        raise ValueError(f"the trace spans more than {TRACE_SPAN_LIMIT / 86400:g} days: are the timestamps seconds?")
     return [Task(t.arrival - start, t.duration, t.name) for t in tasks]
+
+
+def _is_data(row: list[str]) -> bool:
+    return bool(row) and any(cell.strip() for cell in row) and not row[0].lstrip().startswith("#")
 
 
 def _is_number(text: str) -> bool:
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,6 +119,9 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+FIXED_LIMIT = 10000  # maxReplicas' bound
+
+
 def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
     """Scalers by name: `ours`, `keda`, `fixed:N`."""
     spec, pool = scenario.autoscaling, scenario.pool
@@ -127,8 +131,10 @@ def scalers_for(scenario: Scenario, names: list[str]) -> list[Scaler]:
             made.append(OurScaler(spec, pool.concurrency))
         elif name == "keda":
             made.append(KedaScaler(spec.min_replicas, spec.max_replicas, target_per_replica=pool.concurrency))
-        elif name.startswith("fixed:") and name[6:].isdigit():
-            made.append(FixedScaler(int(name[6:])))
+        elif (fixed := re.fullmatch(r"fixed:([0-9]{1,5})", name)) and 1 <= int(fixed[1]) <= FIXED_LIMIT:
+            made.append(FixedScaler(int(fixed[1])))
+        elif name.startswith("fixed:"):
+            raise ValueError(f"{name!r}: fixed:N takes 1 to {FIXED_LIMIT} workers (0 would never run a task)")
         else:
             raise ValueError(f"unknown policy {name!r}: use ours, keda or fixed:N")
     return made

@@ -10,6 +10,8 @@ from `task-sent`, which is stamped by the client.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,7 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..naming import pool_of
-from .model import PoolTelemetry, TaskStats, WorkerTelemetry
+from .model import HistogramTotals, PoolTelemetry, TaskStats, TaskTotals, WorkerTelemetry
 from .window import Bucket, SeriesGroup, summarize
 
 Event = Mapping[str, Any]
@@ -25,6 +27,14 @@ Event = Mapping[str, Any]
 EXPIRE_BEATS = 2.0  # Celery's HEARTBEAT_EXPIRE_WINDOW (200 %): offline after two missed heartbeats
 DEFAULT_FREQ = 2.0  # Celery's default worker heartbeat interval, for workers not yet heard from
 UNNAMED = ""  # the series of tasks whose name was lost (record expired): in the totals, not in `tasks`
+MAX_TASK_NAMES = 100  # task names counted apart per pool; the rest add up under OTHER_TASKS
+OTHER_TASKS = "other"
+UNKNOWN_TASK = "unknown"  # the totals' name for tasks whose name was lost
+# Prometheus client's default buckets, with room for tasks and waits of minutes to an hour.
+HISTOGRAM_BOUNDS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, float("inf"),
+)  # fmt: skip
 
 
 class _Task:
@@ -40,12 +50,60 @@ class _Task:
         self.started: float | None = None
 
 
+class _Histogram:
+    """Counts per bucket of HISTOGRAM_BOUNDS and the sum; one bisect per value, cumulated when read."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(HISTOGRAM_BOUNDS)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.counts[bisect.bisect_left(HISTOGRAM_BOUNDS, value)] += 1
+
+    def totals(self) -> HistogramTotals:
+        return HistogramTotals(HISTOGRAM_BOUNDS, tuple(itertools.accumulate(self.counts)), self.total)
+
+
+class _Totals:
+    """Task events of one task name since watching began (counters never go down)."""
+
+    __slots__ = ("failed", "received", "retried", "runtime", "started", "succeeded", "wait")
+
+    def __init__(self) -> None:
+        self.received = self.started = self.succeeded = self.failed = self.retried = 0
+        self.runtime, self.wait = _Histogram(), _Histogram()
+
+    def frozen(self) -> TaskTotals:
+        return TaskTotals(
+            received=self.received,
+            started=self.started,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            retried=self.retried,
+            runtime=self.runtime.totals(),
+            wait=self.wait.totals(),
+        )
+
+
 class _Pool:
-    __slots__ = ("series", "workers")
+    __slots__ = ("series", "totals", "workers")
 
     def __init__(self, width: float, count: int) -> None:
         self.series = SeriesGroup(width, count)
         self.workers: dict[str, _Worker] = {}
+        self.totals: dict[str, _Totals] = {}
+
+    def totals_of(self, name: str | None) -> _Totals:
+        """The counters of task `name`; past MAX_TASK_NAMES names, the shared OTHER_TASKS ones."""
+        key = name or UNKNOWN_TASK
+        totals = self.totals.get(key)
+        if totals is None:
+            key = key if len(self.totals) < MAX_TASK_NAMES else OTHER_TASKS
+            totals = self.totals.get(key) or self.totals.setdefault(key, _Totals())
+        return totals
 
 
 class _Worker:
@@ -130,7 +188,7 @@ class EventAggregator:
             "task-started": self._started,
             "task-succeeded": self._succeeded,
             "task-failed": self._failed,
-            "task-retried": self._ended,
+            "task-retried": self._retried,
             "task-revoked": self._ended,
             "task-rejected": self._ended,
             "worker-online": self._heartbeat,
@@ -197,6 +255,7 @@ class EventAggregator:
             live_workers=len(online),
             workers=reports,
             tasks=tasks,
+            totals={name: totals.frozen() for name, totals in state.totals.items()} if state else {},
         )
 
     # --- events -------------------------------------------------------------------------------
@@ -240,16 +299,20 @@ class EventAggregator:
         task.name = event.get("name") or task.name
         task.received = event["timestamp"]
         worker.pool.series.at(task.name or UNNAMED, now).arrived += 1
+        worker.pool.totals_of(task.name).received += 1
 
     def _started(self, event: Event, now: float) -> None:
         worker = self._task_worker(event, now)
         task = self._tasks.get(event["uuid"])
+        totals = worker.pool.totals_of(task.name if task else None)
+        totals.started += 1
         if task is None:  # received before we watched: nothing to measure the wait from
             return
         started = task.started = event["timestamp"]
         bucket = worker.pool.series.at(task.name or UNNAMED, now)
         if task.received is not None:
             bucket.wait.add(started - task.received, self._rng)
+            totals.wait.add(max(0.0, started - task.received))
         if task.sent is not None:  # client clock vs worker clock: never report a negative wait
             bucket.sent_wait.add(max(0.0, started - task.sent), self._rng)
 
@@ -259,8 +322,11 @@ class EventAggregator:
         runtime = event.get("runtime")
         bucket = self._outcome(worker, task, now)
         bucket.succeeded += 1
+        totals = worker.pool.totals_of(task.name if task else None)
+        totals.succeeded += 1
         if runtime is not None:
             bucket.runtime.add(float(runtime), self._rng)
+            totals.runtime.add(float(runtime))
 
     def _failed(self, event: Event, now: float) -> None:
         """A failure held a slot too: its run time (not in the event) counts towards service time."""
@@ -269,8 +335,17 @@ class EventAggregator:
         runtime = None if task is None or task.started is None else event["timestamp"] - task.started
         bucket = self._outcome(worker, task, now)
         bucket.failed += 1
+        totals = worker.pool.totals_of(task.name if task else None)
+        totals.failed += 1
         if runtime is not None:
             bucket.runtime.add(max(0.0, runtime), self._rng)
+            totals.runtime.add(max(0.0, runtime))
+
+    def _retried(self, event: Event, now: float) -> None:
+        """A retry ends this delivery; the task comes back as a new task-received."""
+        task = self._tasks.get(event["uuid"])
+        self._task_worker(event, now).pool.totals_of(task.name if task else None).retried += 1
+        self._ended(event, now)
 
     def _ended(self, event: Event, now: float) -> None:
         self._task_worker(event, now)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +28,29 @@ class TaskStats:
 
 
 @dataclass(frozen=True)
+class HistogramTotals:
+    """Counts since watching began, as a Prometheus histogram holds them: `counts[i]` values were
+    at most `bounds[i]` (cumulative; the last bound is +Inf), `total` is their sum."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskTotals:
+    """Task events of one task name since watching began: the counters celery-exporter exports."""
+
+    received: int = 0
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    runtime: HistogramTotals
+    wait: HistogramTotals  # task-started minus task-received
+
+
+@dataclass(frozen=True)
 class WorkerTelemetry:
     """One worker as its events show it; `active` is its busy slots at the last heartbeat."""
 
@@ -48,7 +71,8 @@ class PoolTelemetry(TaskStats):
     them processing tasks without any (workers started without -E: then `completion_rate` and
     `service_time_mean` are estimated from heartbeats and the other rates are None), and None
     when nothing tells yet. `observed_seconds` is how long the stream has been watched: rates
-    over a shorter time than the window are less certain.
+    over a shorter time than the window are less certain. `totals` counts task events since
+    watching began, per task name, at most a bounded number of names (the rest under "other").
     """
 
     pool: str
@@ -58,3 +82,4 @@ class PoolTelemetry(TaskStats):
     live_workers: int
     workers: Mapping[str, WorkerTelemetry]
     tasks: Mapping[str, TaskStats]
+    totals: Mapping[str, TaskTotals] = field(default_factory=dict)

@@ -17,6 +17,7 @@ class WorkloadState:
     replicas: the count the workload is set to (a Deployment's spec.replicas).
     members: the names that follow `<pool>@` in the workers' hostnames (pod or process names).
     concurrency: task slots per worker, when the workload can tell (managed spec or `-c` argument).
+    crash_loop: what the last worker said before exiting, while workers keep exiting unasked.
     """
 
     replicas: int
@@ -24,6 +25,7 @@ class WorkloadState:
     members: tuple[str, ...] = ()
     concurrency: int | None = None
     selector: str | None = None
+    crash_loop: str | None = None
 
 
 def removal_order(members: Sequence[str], load: Mapping[str, int]) -> list[str]:

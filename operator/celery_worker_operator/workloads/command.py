@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -37,6 +38,9 @@ def worker_args(pool_name: str, member: str, spec: CeleryWorkerPoolSpec, worker:
     args.append(f"task_acks_late={'true' if worker.acks_late else 'false'}")
     if worker.soft_shutdown_seconds:
         args.append(f"worker_soft_shutdown_timeout={worker.soft_shutdown_seconds:g}")
+    if spec.broker.transport_options is not None:  # the probe reads the broker with the same options
+        options = json.dumps(spec.broker.transport_options.as_celery(), separators=(",", ":"))
+        args.append(f"broker_transport_options=(json){options}")
     # Celery enforces time limits only as a worker starts with them: a change rolls the pods.
     args += [f"{key}={value}" for key, value in worker_start_settings(PoolSettings.from_spec(spec)).items()]
     return args

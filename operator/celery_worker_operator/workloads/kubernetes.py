@@ -9,7 +9,7 @@ removes the cheapest ready pods first.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -43,6 +43,23 @@ def broker_env(pool: CeleryWorkerPool) -> dict[str, Any]:
     return {"name": BROKER_ENV, "value": broker.url}
 
 
+def crash_loop(pods: Iterable[Any]) -> str | None:
+    """The first container waiting in CrashLoopBackOff, with the exit code and termination message
+    of its last run (the end of its log, with `FallbackToLogsOnError`); None when none is."""
+    for pod in pods:
+        for container in (pod.status.container_statuses if pod.status else None) or []:
+            waiting = container.state.waiting if container.state else None
+            if waiting is None or waiting.reason != "CrashLoopBackOff":
+                continue
+            last = container.last_state.terminated if container.last_state else None
+            said = " | ".join(line for line in (last.message or "").splitlines() if line.strip()) if last else ""
+            return (
+                f"pod {pod.metadata.name} exited with {last.exit_code if last else '?'} "
+                f"({container.restart_count} restarts): {said or 'no termination message'}"
+            )
+    return None
+
+
 def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[str, Any]:
     """The managed worker Deployment for a pool with `spec.worker`."""
     worker = pool.spec.worker
@@ -54,6 +71,8 @@ def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[st
         "image": worker.image,
         "command": ["celery"],
         "args": worker_args(pool.metadata.name, "$(POD_NAME)", pool.spec, worker),
+        # A worker that cannot start (a typo in the app) leaves Celery's reason in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             broker_env(pool),
@@ -149,6 +168,7 @@ class KubernetesWorkload:
             members=tuple(sorted(p.metadata.name for p in pods)),
             concurrency=self._concurrency(containers),
             selector=",".join(f"{k}={v}" for k, v in sorted(match.items())),
+            crash_loop=crash_loop(pods),
         )
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:

@@ -1,9 +1,12 @@
 """Pools on this machine: replicas are real `celery worker` processes, supervised.
 
 Same command line as the pods (workloads/command.py), hostname `<pool>@<pool>-<n>`. A worker that
-dies unasked is replaced and reported. Scale-down sends SIGTERM (Celery's warm shutdown: stop
-consuming, give back prefetched messages, finish running tasks) to the least busy workers and
-reaps them later without blocking the loop; `close()` stops every child, none is left behind.
+dies unasked is reported with the last lines it wrote (Celery's own reason: "Unable to load celery
+application") and replaced after a back-off that doubles from 10 s to 5 min, as the kubelet's
+CrashLoopBackOff does, so a pool with a typo in its app does not restart a worker every poll.
+Scale-down sends SIGTERM (Celery's warm shutdown: stop consuming, give back prefetched messages,
+finish running tasks) to the least busy workers and reaps them later without blocking the loop;
+`close()` stops every child, none is left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +33,93 @@ from .command import grace_seconds, worker_args
 log = logging.getLogger(__name__)
 
 BROKER_ENV = "CELERY_BROKER_URL"
+TAIL_LINES = 5  # lines of a dead worker's output quoted in its Warning
+TAIL_CHARS = 600  # and at most this much of them: an Event message holds 1024
+FIRST_BACKOFF_SECONDS = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubled per crash, up to 5 min,
+MAX_BACKOFF_SECONDS = 300.0
+BACKOFF_RESET_SECONDS = 600.0  # forgotten once a worker has run 10 min
+
+
+@dataclass
+class CrashBackoff:
+    """When the pool may start a worker again after workers exited unasked. All its workers run the
+    same command, so one back-off holds for the pool: a scale-up waits too, as a crash would repeat."""
+
+    first: float = FIRST_BACKOFF_SECONDS
+    cap: float = MAX_BACKOFF_SECONDS
+    reset_after: float = BACKOFF_RESET_SECONDS
+    exits: int = 0  # unasked exits in a row, none of them after a long enough run
+    until: float = 0.0  # no start before this (monotonic clock)
+
+    def exited(self, now: float, ran_seconds: float) -> float:
+        """A worker exited unasked after running `ran_seconds`: the delay before the next start."""
+        if ran_seconds >= self.reset_after:
+            self.exits = 0
+        delay = min(self.first * 2.0**self.exits, self.cap)
+        self.exits += 1
+        self.until = now + delay
+        return delay
+
+    def may_start(self, now: float) -> bool:
+        return now >= self.until
+
+    def ran(self, seconds: float) -> None:
+        """A worker has been running `seconds`: long enough, and the exits before it are forgiven."""
+        if seconds >= self.reset_after:
+            self.exits = 0
+
+    def looping(self) -> bool:
+        """Workers keep exiting: twice or more in a row without one running `reset_after`."""
+        return self.exits >= 2
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker that exited unasked: its code, its last output lines, and when it is replaced."""
+
+    member: str
+    code: int
+    tail: tuple[str, ...]
+    exits: int  # unasked exits in a row, this one included
+    restart_in: float
+
+    def message(self) -> str:
+        said = " | ".join(self.tail)[-TAIL_CHARS:]
+        return (
+            f"worker {self.member} exited with {self.code} ({self.exits} in a row; next start in "
+            f"{self.restart_in:.0f} s): {said or 'no output'}"
+        )
+
+
+class _Output:
+    """Reads a worker's output as it comes: passes it on to `sink` and keeps the last lines."""
+
+    def __init__(self, pipe: IO[bytes], sink: IO[bytes] | None, lock: threading.Lock) -> None:
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._thread = threading.Thread(target=self._pump, args=(pipe, sink, lock), daemon=True)
+        self._thread.start()
+
+    def _pump(self, pipe: IO[bytes], sink: IO[bytes] | None, lock: threading.Lock) -> None:
+        with pipe:
+            for line in pipe:
+                if text := line.decode(errors="replace").strip():
+                    self.tail.append(text)
+                if sink is not None:
+                    with lock:
+                        sink.write(line)
+                        sink.flush()
+
+    def last_lines(self, wait: float) -> tuple[str, ...]:
+        """The last lines, once the pipe closed (every process holding it is gone) or after `wait` s."""
+        self._thread.join(wait)
+        return tuple(self.tail)
 
 
 @dataclass
 class _Process:
     member: str
     popen: subprocess.Popen[bytes]
+    output: _Output
     started: float
     stopping_since: float | None = None
 
@@ -45,27 +131,37 @@ class LocalWorkload:
     pool: CeleryWorkerPool
     broker_url: str
     cwd: Path = field(default_factory=Path.cwd)
-    log_stream: IO[bytes] | None = None  # where the workers' output goes; None: discarded
-    on_restart: Callable[[str, int], None] = lambda member, code: None
+    log_stream: IO[bytes] | None = None  # where the workers' output goes; None: only their last lines are kept
+    on_exit: Callable[[WorkerExit], None] = lambda exit_: None
     python: str = sys.executable
+    backoff: CrashBackoff = field(default_factory=CrashBackoff)
+    _desired: int = 0  # replicas asked for; fewer run while a restart backs off
     _running: dict[str, _Process] = field(default_factory=dict)
     _stopping: dict[str, _Process] = field(default_factory=dict)
     _numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _finished_seconds: float = 0.0  # worker-seconds of processes that have exited
+    _last_exit: WorkerExit | None = None
+    _output_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.pool.spec.worker is None:
             raise ValueError("local mode runs managed pools (spec.worker); this pool adopts a Deployment")
 
     def observe(self) -> WorkloadState:
+        """Replicas are those asked for (a Deployment's spec.replicas); ready are those running."""
         self._reap_stopped()
-        self._replace_crashed()
+        self._reap_exited()
+        self._fill()
+        now = time.monotonic()
+        self.backoff.ran(max((now - p.started for p in self._running.values()), default=0.0))
         worker = self.pool.spec.worker
+        looping = self._last_exit is not None and self.backoff.looping()
         return WorkloadState(
-            replicas=len(self._running),
+            replicas=self._desired,
             ready_replicas=len(self._running),
             members=tuple(sorted(self._running)),
             concurrency=worker.concurrency if worker else None,
+            crash_loop=self._last_exit.message() if looping and self._last_exit else None,
         )
 
     def pid(self, member: str) -> int:
@@ -79,14 +175,15 @@ class LocalWorkload:
         return self._finished_seconds + sum(now - p.started for p in alive)
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
-        while len(self._running) < replicas:
-            self._start()
+        self._desired = replicas
         victims = removal_order(list(self._running), load)
         for member in victims[: max(len(self._running) - replicas, 0)]:
             self._stop(self._running.pop(member))
+        self._fill()
 
     def close(self, timeout: float | None = None) -> None:
         """Warm-stop every worker, wait up to the grace period, then kill what is left."""
+        self._desired = 0
         for process in list(self._running.values()):
             self._stop(process)
         self._running.clear()
@@ -107,11 +204,19 @@ class LocalWorkload:
         member = f"{self.pool.metadata.name}-{next(self._numbers)}"
         command = [self.python, "-m", "celery", *worker_args(self.pool.metadata.name, member, self.pool.spec, worker)]
         env = dict(os.environ, **{BROKER_ENV: self.broker_url})
-        output = self.log_stream if self.log_stream is not None else subprocess.DEVNULL
         popen = subprocess.Popen(
-            command, cwd=self.cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self._running[member] = _Process(member, popen, time.monotonic())
+        assert popen.stdout is not None
+        output = _Output(popen.stdout, self.log_stream, self._output_lock)
+        self._running[member] = _Process(member, popen, output, time.monotonic())
+
+    def _fill(self) -> None:
+        """Start workers up to the replicas asked for, unless a crash back-off holds starts."""
+        if not self.backoff.may_start(time.monotonic()):
+            return
+        while len(self._running) < self._desired:
+            self._start()
 
     def _stop(self, process: _Process) -> None:
         process.stopping_since = time.monotonic()
@@ -126,16 +231,20 @@ class LocalWorkload:
             elif process.stopping_since is not None and time.monotonic() - process.stopping_since > limit:
                 _kill_group(process.popen, signal.SIGKILL)  # the grace period, as the kubelet enforces it
 
-    def _replace_crashed(self) -> None:
+    def _reap_exited(self) -> None:
+        """Workers that exited unasked: reported with their last lines; replaced after the back-off."""
         for member, process in list(self._running.items()):
             code = process.popen.poll()
             if code is None:
                 continue
             self._retire(self._running.pop(member))
             _kill_group(process.popen, signal.SIGKILL)  # prefork children outlive a killed parent
-            log.warning("worker %s exited with %s: starting a replacement", member, code)
-            self.on_restart(member, code)
-            self._start()
+            now = time.monotonic()
+            delay = self.backoff.exited(now, now - process.started)
+            tail = process.output.last_lines(wait=2.0)
+            self._last_exit = WorkerExit(member, code, tail, self.backoff.exits, delay)
+            log.warning("pool %s: %s", self.pool.metadata.name, self._last_exit.message())
+            self.on_exit(self._last_exit)
 
     def _retire(self, process: _Process) -> None:
         self._finished_seconds += time.monotonic() - process.started
