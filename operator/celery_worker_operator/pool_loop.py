@@ -147,8 +147,8 @@ def controller_hooks(
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool, replicas: int) -> ControlReport:
-        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=replicas)
+    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
+        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=members)
         result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
         if result is None:
             return ControlReport("Unknown", "Converging", "the first convergence pass is under way")

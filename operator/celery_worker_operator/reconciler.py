@@ -42,7 +42,7 @@ class ControlReport:
     workers: Mapping[str, WorkerStats] = field(default_factory=dict)
 
 
-LimitsConverger = Callable[[CeleryWorkerPool, int], ControlReport]  # (pool, the replicas it is set to)
+LimitsConverger = Callable[[CeleryWorkerPool, int], ControlReport]  # (pool, workers it runs or is starting)
 
 
 class Telemetry(Protocol):
@@ -68,6 +68,7 @@ class PoolMemory:
     capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
     advice: frozenset[str] = frozenset()  # the advisor's findings of the last pass: an Event only for new ones
     baselines: dict[str, WorkerStats] = field(default_factory=dict)  # each worker's health when first seen
+    rate_members: tuple[tuple[float, int], ...] = ()  # (time, workers) over the down window: pool rate splits
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -144,7 +145,7 @@ class Reconciler:
         self._note_cap(decision)
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
-        control = sources.limits(pool, decision.replicas) if sources.limits is not None else None
+        control = sources.limits(pool, self._rate_members(pool, measured, decision, now)) if sources.limits else None
         if control is not None:
             set_condition(
                 self.memory, "LimitsApplied", control.status, control.reason, control.message, now, generation
@@ -223,6 +224,19 @@ class Reconciler:
                 self.reporter.event("Warning", finding.kind.value, str(finding))
         self.memory.advice = frozenset(finding.kind.value for finding in findings)
         set_condition(self.memory, "Advice", *advice_condition(findings), now, generation)
+
+    def _rate_members(self, pool: CeleryWorkerPool, measured: Measurements, decision: Decision, now: float) -> int:
+        """How many ways pool rates are split: the workers the pool runs or is starting (the new count
+        on a scale-up, so the running ones are lowered before the new ones take work), the highest
+        over the scale-down window. Shares fall at once and rise late: every change refills each
+        worker's token bucket, so a worker restarting within the window (a crash) changes nothing,
+        while one gone longer gives its share to the others."""
+        workload = measured.workload
+        members = decision.replicas if decision.replicas > workload.replicas else workload.ready_replicas
+        window = pool.spec.autoscaling.scale_down.stabilization_seconds
+        kept = [(at, count) for at, count in self.memory.rate_members if now - at < window]
+        self.memory.rate_members = (*kept, (now, members))
+        return max(count for _, count in self.memory.rate_members)
 
     def _note_cap(self, decision: Decision) -> None:
         """One Event when maxConcurrentTasks starts binding, so the user sees the downstream cap at work."""

@@ -12,7 +12,7 @@ from celery_worker_operator.brokers import BrokerUnavailable, QueueStats
 from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.metrics import PoolMetrics
 from celery_worker_operator.pool_loop import PoolLoop
-from celery_worker_operator.reconciler import PassResult, PoolMemory, Reconciler, Sources
+from celery_worker_operator.reconciler import ControlReport, PassResult, PoolMemory, Reconciler, Sources
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.telemetry import PoolTelemetry
 from celery_worker_operator.workloads import WorkloadMissing, WorkloadState
@@ -70,11 +70,12 @@ class FakeWorkload:
     missing: bool = False
     crash_loop: str | None = None
     scaled: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    down: int = 0  # replicas not ready (a crashed worker waiting for its restart)
 
     def observe(self) -> WorkloadState:
         if self.missing:
             raise WorkloadMissing("Deployment default/p not found")
-        return WorkloadState(self.replicas, self.replicas, concurrency=2, crash_loop=self.crash_loop)
+        return WorkloadState(self.replicas, self.replicas - self.down, concurrency=2, crash_loop=self.crash_loop)
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         self.scaled.append((replicas, dict(load)))
@@ -170,6 +171,25 @@ def test_advice_is_one_warning_when_it_starts_a_condition_while_it_holds_and_nev
     rec.reconcile(pool(minReplicas=2), sources)
     advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
     assert (advice["status"], advice["reason"]) == ("False", "NoFindings")
+
+
+def test_pool_rates_split_over_the_new_count_at_once_and_over_fewer_workers_only_after_the_down_window() -> None:
+    probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
+    told: list[int] = []
+
+    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
+        told.append(members)
+        return ControlReport("True", "Applied", "ok")
+
+    reporter, clock = FakeReporter(), Clock()
+    rec = Reconciler(reporter, None, clock)
+    sources = Sources(probe, FakeTelemetry(), workload, limits)
+    rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)  # scales up 1 -> 5
+    workload.down = 1  # one of five crashed and waits for its restart
+    for _ in range(2):
+        clock.now += 15
+        rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)
+    assert told == [5, 5, 4], "the others' shares rise once four held for the 30 s down window"
 
 
 def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:

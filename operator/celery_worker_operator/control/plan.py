@@ -69,7 +69,7 @@ class PoolSettings:
     time_limits: Mapping[str, TimeLimits] = field(default_factory=dict)
     pool_rate_limits: Mapping[str, str] = field(default_factory=dict)  # task -> rate for all workers together
     most_workers: int = 1  # the largest the pool may grow: a new worker starts with the share at that size
-    expected_workers: int = 0  # the replicas the pool is set to now: pool rates are split at least this many ways
+    expected_workers: int = 0  # workers the pool runs or is starting now: pool rates are split at least this many ways
 
     @classmethod
     def from_spec(cls, spec: CeleryWorkerPoolSpec) -> PoolSettings:
@@ -338,7 +338,7 @@ def plan_convergence(
     Pool rates are split over `live` (the pool's workers, observed or not; default: the observed):
     a silent worker still runs at its share, so it keeps one. They are split at least
     `desired.expected_workers` ways: on a scale-up the running workers are lowered before the new
-    ones arrive, and a crashed worker being replaced does not raise the others' shares for seconds.
+    ones answer.
     """
     defaults = defaults or Defaults()
     members = observed if live is None else live
