@@ -26,6 +26,7 @@ LEAK_MIN_TASKS = 10  # ... over at least this many tasks: a leak, not a warm-up
 RECYCLE_HEADROOM_KIB = 200 * 1024  # suggested maxMemoryPerChild: the first-seen RSS plus this
 ETA_LIMIT_FLOOR = 10  # the smallest worker_eta_task_limit suggested
 REDIS_VISIBILITY_TIMEOUT = 3600.0  # kombu's default visibility_timeout on Redis
+CLEAR_AFTER_PASSES = 3  # a finding goes once it is absent this many passes in a row: no Warning per flap
 
 
 class AdviceKind(StrEnum):
@@ -69,6 +70,26 @@ class PoolFacts:
     broker_url: str | None = None
 
 
+Held = Mapping[AdviceKind, tuple[Finding, int]]  # each finding in force, and the passes it has been absent
+
+
+def settle(held: Held, findings: tuple[Finding, ...]) -> tuple[dict[AdviceKind, tuple[Finding, int]], list[Finding]]:
+    """The findings in force after this pass, and those that just started (one Warning each).
+
+    Numbers near a threshold (heartbeats lag the broker by seconds) would make a finding flap; it
+    stays, with its last text, until absent for CLEAR_AFTER_PASSES passes in a row.
+    """
+    found = {finding.kind: (finding, 0) for finding in findings}
+    fading = {
+        kind: (finding, misses + 1)
+        for kind, (finding, misses) in held.items()
+        if kind not in found and misses + 1 < CLEAR_AFTER_PASSES
+    }
+    started = [finding for finding in findings if finding.kind not in held]
+    merged = {**fading, **found}
+    return {kind: merged[kind] for kind in AdviceKind if kind in merged}, started
+
+
 def advise(facts: PoolFacts) -> tuple[Finding, ...]:
     """Every finding that holds now, in a fixed order."""
     checks = (
@@ -104,7 +125,9 @@ def _prefetch_imbalance(facts: PoolFacts) -> Finding | None:
     concurrency = worker.concurrency if worker else 1
     held = sum(q.reserved or 0 for q in queues.values()) - telemetry.busy_slots  # reserved, not running
     idle = sorted(h for h, w in telemetry.workers.items() if w.online and w.active == 0)
-    if held < concurrency or not idle:
+    busy = [h for h, w in telemetry.workers.items() if w.online and w.active > 0]
+    # Someone must be seen busy: a lone worker that just took the queue still shows 0 until its next heartbeat.
+    if held < concurrency or not idle or not busy:
         return None
     fix = "worker.prefetchMultiplier: 1" if worker else "--prefetch-multiplier=1 in the worker command"
     seen = f"{held} tasks wait prefetched on busy workers while {len(idle)} worker(s) idle ({', '.join(idle[:3])})"

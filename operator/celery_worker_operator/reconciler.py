@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .advice import Finding, PoolFacts, advise
+from .advice import AdviceKind, Finding, PoolFacts, advise, settle
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .control import WorkerStats
 from .naming import member_of
@@ -66,7 +66,7 @@ class PoolMemory:
     conditions: dict[str, Condition] = field(default_factory=dict)
     last_decision: LastDecision | None = None
     capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
-    advice: frozenset[str] = frozenset()  # the advisor's findings of the last pass: an Event only for new ones
+    advice: dict[AdviceKind, tuple[Finding, int]] = field(default_factory=dict)  # findings in force (advice.settle)
     baselines: dict[str, WorkerStats] = field(default_factory=dict)  # each worker's health when first seen
     rate_members: tuple[tuple[float, int], ...] = ()  # (time, workers) over the down window: pool rate splits
 
@@ -218,12 +218,11 @@ class Reconciler:
             baselines=self.memory.baselines,
             broker_url=sources.broker_url,
         )
-        findings = advise(facts)
-        for finding in findings:
-            if finding.kind not in self.memory.advice:
-                self.reporter.event("Warning", finding.kind.value, str(finding))
-        self.memory.advice = frozenset(finding.kind.value for finding in findings)
-        set_condition(self.memory, "Advice", *advice_condition(findings), now, generation)
+        self.memory.advice, started = settle(self.memory.advice, advise(facts))
+        for finding in started:
+            self.reporter.event("Warning", finding.kind.value, str(finding))
+        in_force = [finding for finding, _ in self.memory.advice.values()]
+        set_condition(self.memory, "Advice", *advice_condition(in_force), now, generation)
 
     def _rate_members(self, pool: CeleryWorkerPool, measured: Measurements, decision: Decision, now: float) -> int:
         """How many ways pool rates are split: the workers the pool runs or is starting (the new count

@@ -13,6 +13,7 @@ import pytest
 from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
+from tests.integration.test_pool_caps import sized
 from tests.support.local_pool import local_pool_run
 from tests.support.task_app import app, leak, quick, sleep
 
@@ -80,10 +81,13 @@ def with_worker(resource: CeleryWorkerPool, **fields: Any) -> CeleryWorkerPool:
 def test_prefetch_16_with_long_tasks_on_3_workers_is_a_prefetch_imbalance(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with advised_pool(redis_url, monkeypatch, "adv-pf", replicas=3, worker={"prefetchMultiplier": 16}) as run:
+    with advised_pool(redis_url, monkeypatch, "adv-pf", replicas=1, worker={"prefetchMultiplier": 16}) as run:
         name = run.pool.metadata.name
-        for _ in range(12):  # waiting before the workers start: the first to connect takes up to 32
+        for _ in range(12):
             sleep.apply_async((6.0,), queue=name)
+        passes_until(run, heard(run, 1), timeout=30)
+        passes_until(run, lambda: run.reporter.status_now["queues"][0]["depth"] == 0, timeout=10)  # one took all
+        run.pool = sized(run.pool, 3)  # two more workers come, and find nothing to take
         passes_until(run, heard(run, 3), timeout=30)
         passes = passes_until(run, lambda: AdviceKind.PREFETCH_IMBALANCE in advice(run), timeout=10)
         assert passes <= 2, f"the imbalance was named after {passes} polls"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from celery_worker_operator.advice import AdviceKind, PoolFacts, advise
+from celery_worker_operator.advice import AdviceKind, PoolFacts, advise, settle
 from celery_worker_operator.brokers import QueueStats
 from celery_worker_operator.control import WorkerStats
 from celery_worker_operator.control.wire import worker_stats
@@ -72,6 +72,12 @@ CASES = [
         PoolFacts(SPEC, telemetry(4, 4, 0), queue(0, 48), 30.0),
         [AdviceKind.PREFETCH_IMBALANCE],
         "worker.prefetchMultiplier: 1",
+    ),
+    (
+        "a worker that just took the queue, its heartbeat still saying idle, is no imbalance",
+        PoolFacts(SPEC, telemetry(0), queue(0, 12), 30.0),
+        [],
+        "",
     ),
     (
         "reserved = running (acks_late, prefetch 1) is no imbalance",
@@ -198,3 +204,14 @@ def test_worker_stats_read_from_celery_replies() -> None:
     conf = {"broker_transport_options": {"visibility_timeout": 8}, "worker_eta_task_limit": 12}
     assert worker_stats(reply, conf) == WorkerStats(53588, 5, 2, 12, 8.0)
     assert worker_stats({"rusage": "N/A"}, None) == WorkerStats()
+
+
+def test_a_flapping_finding_warns_once_and_clears_after_three_absent_passes() -> None:
+    imbalanced = advise(PoolFacts(SPEC, telemetry(4, 0), queue(0, 30), 30.0))
+    held, started = settle({}, imbalanced)
+    assert [f.kind for f in started] == [AdviceKind.PREFETCH_IMBALANCE]
+    for absent_or_back in ((), imbalanced, (), ()):  # flaps: absent, back, absent twice
+        held, started = settle(held, absent_or_back)
+        assert started == [] and AdviceKind.PREFETCH_IMBALANCE in held
+    held, started = settle(held, ())
+    assert held == {} and started == []

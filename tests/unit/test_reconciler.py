@@ -168,7 +168,9 @@ def test_advice_is_one_warning_when_it_starts_a_condition_while_it_holds_and_nev
     assert advice["status"] == "True" and "worker.events: true" in advice["message"]
     assert quiet.decision is not None and quiet.decision.replicas == 2
     telemetry.task_events = True
-    rec.reconcile(pool(minReplicas=2), sources)
+    for _ in range(3):  # gone for three passes in a row: cleared
+        clock.now += 1
+        rec.reconcile(pool(minReplicas=2), sources)
     advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
     assert (advice["status"], advice["reason"]) == ("False", "NoFindings")
 
