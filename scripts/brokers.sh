@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs (when asked) and starts the brokers the tests talk to, on loopback only:
-# Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 with the management API on 15672.
+# Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 with the management API on 15672, and a Redis
+# Sentinel on 127.0.0.1:26390 watching master `cwo-master` (a second Redis, 127.0.0.1:6390); ports
+# apart from Debian's own sentinel service (26379), which watches the shared Redis.
 # A server that already answers is reused, never restarted.
 #   scripts/brokers.sh install [redis]   apt-get the Debian packages that are missing (needs root)
 #   scripts/brokers.sh start [redis]     start whatever does not answer yet, then wait for it
@@ -20,6 +22,7 @@ install_missing() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   if [ -z "$only_redis" ]; then
+    command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
     command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
     command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test makes its own certificate
   fi
@@ -39,6 +42,29 @@ start_redis() {
   mkdir -p "$state_dir/redis"
   redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no \
     --dir "$state_dir/redis" --logfile "$state_dir/redis.log"
+}
+
+start_sentinel() {
+  if ! command -v redis-sentinel >/dev/null; then
+    echo "brokers: redis-sentinel missing (bash scripts/brokers.sh install); its tests will skip, or fail under CI" >&2
+    return 1
+  fi
+  if ! answers 127.0.0.1 6390; then
+    mkdir -p "$state_dir/sentinel-master"
+    redis-server --bind 127.0.0.1 --port 6390 --daemonize yes --save '' --appendonly no \
+      --dir "$state_dir/sentinel-master" --logfile "$state_dir/sentinel-master.log"
+  fi
+  if answers 127.0.0.1 26390; then echo "brokers: reusing Redis Sentinel on 127.0.0.1:26390"; return; fi
+  # Sentinel rewrites its config file as it learns the group, so it gets a fresh one each start.
+  cat > "$state_dir/sentinel.conf" <<CONF
+bind 127.0.0.1
+port 26390
+daemonize yes
+logfile $state_dir/sentinel.log
+dir $state_dir
+sentinel monitor cwo-master 127.0.0.1 6390 1
+CONF
+  redis-sentinel "$state_dir/sentinel.conf"
 }
 
 start_rabbitmq() {
@@ -83,6 +109,7 @@ case "${1:-start}" in
     start_redis
     wait_for Redis 127.0.0.1 6379 30
     [ -n "$only_redis" ] && exit 0
+    start_sentinel && wait_for "Redis Sentinel" 127.0.0.1 26390 30
     start_rabbitmq
     wait_for RabbitMQ 127.0.0.1 5672 120
     wait_for "RabbitMQ management" 127.0.0.1 15672 60

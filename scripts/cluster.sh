@@ -8,8 +8,8 @@
 #   scripts/cluster.sh ensure           build only when the binaries are missing or stale
 #   scripts/cluster.sh start            build if needed, start what is not running, wait for /readyz,
 #                                        write the admin kubeconfig; a running control plane is reused
-#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data);
-#                                        restart-controller-manager likewise
+#   scripts/cluster.sh restart-apiserver  stop kube-apiserver and start it again (same port, same etcd data),
+#                                        then the controller manager; restart-controller-manager: only that
 #   scripts/cluster.sh stop             stop the control plane this state folder started
 #   scripts/cluster.sh env              print `export KUBECONFIG=...` (eval "$(scripts/cluster.sh env)")
 #   scripts/cluster.sh status           exit 0 when the API server answers /readyz
@@ -18,7 +18,8 @@
 # kube-controller-manager if present) are used instead of building; without a controller manager the
 # API server runs as envtest's (ServiceAccount admission off) and nothing reconciles Deployments.
 # State (certificates, keys, etcd data, logs, kubeconfig) lives in .cluster/state (CWO_CLUSTER_STATE).
-set -euo pipefail
+set -eEuo pipefail
+trap 'on_error $LINENO "$BASH_COMMAND"' ERR
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin_dir=${CWO_CLUSTER_BIN:-$root/.cluster/bin}
@@ -29,6 +30,10 @@ service_range=10.0.0.0/24
 components=(etcd kube-apiserver kube-controller-manager kubectl)
 
 say() { echo "cluster: $*"; }
+on_error() { # line command
+  echo "cluster: failed at line $1: $2" >&2
+  if [ -s "$state_dir/openssl.log" ]; then tail -n 5 "$state_dir/openssl.log" >&2; fi
+}
 fail() { echo "cluster: $*" >&2; exit 1; }
 
 # -- binaries ---------------------------------------------------------------------------------------
@@ -44,7 +49,7 @@ go_build() {
   done
   say "building $bin_dir/cwo-cluster (etcd, kube-apiserver, kube-controller-manager, kubectl $k8s_version)"
   mkdir -p "$bin_dir"
-  (cd "$root/tools/cluster" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
+  (cd "$root/tools/cluster" && GOFLAGS=-buildvcs=false go build -trimpath -ldflags "$ldflags" -o "$bin_dir/cwo-cluster" .)
   for name in "${components[@]}"; do ln -sf cwo-cluster "$bin_dir/$name"; done
   say "built in $((SECONDS - started)) s"
 }
@@ -83,13 +88,13 @@ make_pki() {
   mkdir -p "$pki/serving"
   local ossl=(openssl req -x509 -nodes -newkey rsa:2048 -sha256)
   "${ossl[@]}" -days 3650 -keyout "$pki/ca.key" -out "$pki/ca.crt" -subj "/CN=cwo-cluster-ca" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>>"$state_dir/openssl.log"
   sign() { # name subject extensions...
     local name=$1 subject=$2; shift 2
-    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>/dev/null
+    openssl req -new -nodes -newkey rsa:2048 -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subject" 2>>"$state_dir/openssl.log"
     printf '%s\n' "$@" > "$pki/$name.ext"
     openssl x509 -req -sha256 -days 3650 -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
-      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>/dev/null
+      -CAcreateserial -out "$pki/$name.crt" -extfile "$pki/$name.ext" 2>>"$state_dir/openssl.log"
     rm -f "$pki/$name.csr" "$pki/$name.ext"
   }
   # The API server's serving pair, laid in its --cert-dir where it looks for apiserver.crt/.key.
@@ -99,8 +104,8 @@ make_pki() {
   sign admin "/O=system:masters/CN=cwo-admin" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   sign controller-manager "/CN=system:kube-controller-manager" "basicConstraints=CA:FALSE" "extendedKeyUsage=clientAuth"
   # Service-account token signing key.
-  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  openssl genrsa -out "$pki/sa.key" 2048 2>>"$state_dir/openssl.log"
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>>"$state_dir/openssl.log"
   chmod 600 "$pki"/*.key "$pki"/serving/*.key
 }
 
@@ -287,7 +292,13 @@ case "${1:-}" in
   start) start ;;
   stop)
     if [ -d "$state_dir" ]; then stop_all; say "stopped"; else say "nothing to stop"; fi ;;
-  restart-apiserver) relaunch kube-apiserver readyz ;;
+  restart-apiserver)
+    relaunch kube-apiserver readyz
+    # A starting kube-apiserver answers before its RBAC caches are filled: the controller manager's
+    # informers get 403s then and sit in back-off for up to a minute. Give it a fresh start too.
+    if [ -f "$state_dir/kube-controller-manager.cmd" ]; then
+      relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
+    fi ;;
   restart-controller-manager)
     load_ports || fail "no control plane in $state_dir"
     relaunch kube-controller-manager curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz" ;;

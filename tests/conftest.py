@@ -1,4 +1,5 @@
-"""Shared fixtures: the real brokers that `scripts/brokers.sh` starts.
+"""Shared fixtures: the real brokers that `scripts/brokers.sh` starts, and (from
+tests.support.cluster) the real Kubernetes control plane that `scripts/cluster.sh` builds and starts.
 
 Tests find them through CWO_TEST_REDIS_URL / CWO_TEST_AMQP_URL. A missing broker fails the test
 with a clear message under CI=true (a skipped broker test in CI would be a silent hole); outside CI
@@ -13,8 +14,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
+pytest_plugins = ["tests.support.cluster"]
+
 REDIS_URL = os.environ.get("CWO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP_URL = os.environ.get("CWO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# Celery's form; the Sentinel watches master SENTINEL_MASTER, a Redis of its own (scripts/brokers.sh).
+SENTINEL_URL = os.environ.get("CWO_TEST_SENTINEL_URL", "sentinel://127.0.0.1:26390/15")
+SENTINEL_MASTER = os.environ.get("CWO_TEST_SENTINEL_MASTER", "cwo-master")
 MANAGEMENT_URL = os.environ.get("CWO_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
 
 
@@ -44,3 +50,8 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session")
 def management_url() -> str:
     return _require(MANAGEMENT_URL, 15672, "RabbitMQ management API")
+
+
+@pytest.fixture(scope="session")
+def sentinel_url() -> str:
+    return _require(SENTINEL_URL, 26379, "Redis Sentinel")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
-from .localmode import LocalRun
+from .localmode import LocalRun, NoBrokerURL, local_broker_url
 from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
@@ -28,7 +29,7 @@ from .simulation.charts import MISSING as MATPLOTLIB_MISSING
 from .simulation.charts import can_plot
 from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
-from .spec import BROKER_SCHEME, AutoscalingSpec, CeleryWorkerPool
+from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
 from .units import parse_duration, parse_rate
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
@@ -95,7 +96,7 @@ STARTUP = _Parsed("duration", parse_duration, " s", 3600)
 def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A broker URL option, checked before anything connects; the message never repeats the URL."""
     if value is not None and not re.match(BROKER_SCHEME, value):
-        raise click.BadParameter("expected a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://")
+        raise click.BadParameter(f"expected {PATTERN_MEANING[BROKER_SCHEME]}")
     return value
 
 
@@ -239,7 +240,12 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
 
 @main.command()
 @click.argument("pool_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--broker", callback=_broker_url, help="Broker URL; needed when the pool reads it from a Secret.")
+@click.option(
+    "--broker",
+    callback=_broker_url,
+    help="Broker URL; needed when the pool reads it from a Secret. With usernameFrom/passwordFrom, "
+    "CELERY_BROKER_USERNAME/CELERY_BROKER_PASSWORD complete the pool's url instead.",
+)
 @click.option("--name", help="Which pool of the file, when it holds several.")
 @click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
@@ -258,9 +264,10 @@ def local(
     On a terminal a live view shows the pool; elsewhere (a file, a pipe) only log lines are written,
     one per scale decision among them."""
     pool = _local_pool(pool_file, name)
-    url = broker or pool.spec.broker.url
-    if not url:
-        raise click.UsageError("this pool reads its broker URL from a Secret: give it with --broker")
+    try:
+        url = broker or local_broker_url(pool.spec.broker, os.environ)
+    except NoBrokerURL as missing:
+        raise click.UsageError(str(missing)) from None
     console = Console()
     live_view = configure_logging(log_format, log_level.upper(), console)
     stop = threading.Event()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -20,11 +20,32 @@ from rich.table import Table
 from .metrics import PoolMetrics
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PassResult
-from .spec import CeleryWorkerPool
+from .spec import BrokerSpec, CeleryWorkerPool
 from .telemetry import PoolTelemetry, TelemetryMonitors
+from .urls import PASSWORD_ENV, USERNAME_ENV, with_credentials
 from .workloads.local import LocalWorkload, WorkerExit
 
 EVENTS_SHOWN = 8
+
+
+class NoBrokerURL(LookupError):
+    """The pool's broker URL needs what only a cluster has (a Secret) and nothing here replaces it."""
+
+
+def local_broker_url(broker: BrokerSpec, env: Mapping[str, str]) -> str:
+    """The pool's broker URL on this machine: its url, completed with the user name and password
+    from the environment (the variables its pods get from the Secrets) where the pool reads them
+    from Secrets. A URL read whole from a Secret has no local stand-in: `--broker` gives it."""
+    if broker.url is None:
+        raise NoBrokerURL("this pool reads its broker URL from a Secret: give it with --broker")
+    wanted = {USERNAME_ENV: broker.username_from is not None, PASSWORD_ENV: broker.password_from is not None}
+    missing = [name for name, needed in wanted.items() if needed and name not in env]
+    if missing:
+        raise NoBrokerURL(
+            f"this pool reads broker credentials from Secrets: set {' and '.join(missing)} or give --broker"
+        )
+    username, password = (env[name] if needed else None for name, needed in wanted.items())
+    return with_credentials(broker.url, username, password)
 
 
 @dataclass
@@ -70,7 +91,9 @@ class LocalRun:
             ),
             metrics=self.metrics,
         )
-        self.shared.telemetry.monitor(self.broker_url).wait_connected(10.0)  # hear the workers from the first pass
+        options = self.pool.spec.broker.transport_options
+        monitor = self.shared.telemetry.monitor(self.broker_url, options.as_celery() if options else None)
+        monitor.wait_connected(10.0)  # hear the workers from the first pass
 
     def step(self) -> PassResult:
         return self.loop.step(self.pool)

@@ -30,7 +30,7 @@ from .reconciler import (
     Reporter,
     Sources,
 )
-from .secrets import SecretMissing
+from .secrets import SecretMissing, SecretUnusable
 from .spec import CeleryWorkerPool, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
@@ -41,6 +41,7 @@ MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers 
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
+    SecretUnusable: "SecretUnusable",
     WorkloadMissing: "WorkloadMissing",
 }
 
@@ -77,14 +78,17 @@ class SharedResources:
         probe (timed, reading the broker as the pool's transport options lay it out), event monitor and
         control broadcasts (broadcast errors counted for the pool)."""
         url, management = broker
+        celery_options = transport_options.as_celery() if transport_options else {}
 
         def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
             if result.errors:
                 self.metrics.record_broadcast_error(namespace, name, len(result.errors))
 
+        self.controller.use_transport_options(url, celery_options)
         limits, drain = controller_hooks(self.controller, url, count_errors)
         probe = TimedProbe(self.probes.probe(url, management, transport_options), self.metrics, url)
-        return Sources(probe, self.telemetry.monitor(url), workload, limits, drain, broker_url=url)
+        monitor = self.telemetry.monitor(url, celery_options)
+        return Sources(probe, monitor, workload, limits, drain, broker_url=url)
 
     def close(self) -> None:
         self.telemetry.stop()

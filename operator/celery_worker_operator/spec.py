@@ -43,7 +43,7 @@ TASK_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 QUEUE_NAME = r"^[A-Za-z0-9_.:-]+$"
 # A positive rate: Celery reads 0/m as "no limit", the opposite of what it seems to ask for.
 RATE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)/[smh]$"
-BROKER_SCHEME = r"^(redis|rediss|amqp|amqps|pyamqp)://"
+BROKER_SCHEME = r"^(redis|rediss|sentinel|amqp|amqps|pyamqp)://"
 # Userinfo with a password, or a password query parameter (redis-py accepts `?password=`).
 INLINE_PASSWORD = r"^[^:/]+://[^/@]*:[^/@]*@|[?&]password="
 # Worker flags the operator sets itself; a second copy in extraArgs would silently win or clash.
@@ -57,7 +57,7 @@ PATTERN_MEANING = {
     TASK_NAME: "a task name such as app.tasks.send_email",
     QUEUE_NAME: "a queue name: letters, digits, '_', '.', ':' and '-', no spaces",
     RATE: "a rate above zero such as 10/s, 200/m or 1.5/h (Celery reads 0 as no limit)",
-    BROKER_SCHEME: "a URL starting with redis://, rediss://, amqp://, amqps:// or pyamqp://",
+    BROKER_SCHEME: "a URL starting with redis://, rediss://, sentinel://, amqp://, amqps:// or pyamqp://",
 }
 
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS1123_LABEL, max_length=63)]
@@ -214,7 +214,7 @@ class TransportOptions(Model):
 
     model_config = ConfigDict(alias_generator=None)
 
-    priority_steps: list[Annotated[int, Field(ge=0, le=255)]] | None = Field(
+    priority_steps: tuple[Annotated[int, Field(ge=0, le=255)], ...] | None = Field(  # a tuple: options key caches
         None,
         min_length=1,
         description="Redis priority buckets, ascending (kombu's default [0, 3, 6, 9]; list(range(10)) for 0-9).",
@@ -232,6 +232,9 @@ class TransportOptions(Model):
     visibility_timeout: float | None = Field(
         None, gt=0, le=31536000, description="Seconds before an unacknowledged Redis message is redelivered."
     )
+    master_name: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = Field(
+        None, description="The Redis Sentinel master group of a sentinel:// URL."
+    )
 
     def as_celery(self) -> dict[str, Any]:
         """The options set, as Celery's `broker_transport_options` holds them."""
@@ -240,9 +243,17 @@ class TransportOptions(Model):
 
 class BrokerSpec(Model):
     url: Annotated[str, StringConstraints(pattern=BROKER_SCHEME, max_length=2048)] | None = Field(
-        None, description="Broker URL without a password (redis://, rediss://, amqp://, amqps://)."
+        None,
+        description="Broker URL without a password (redis://, rediss://, amqp://, amqps://, or Celery's "
+        "sentinel://host:26379;sentinel://host2:26379 with transportOptions.master_name).",
     )
     url_from: ValueFrom | None = Field(None, description="Broker URL read from a Secret; use this for credentials.")
+    username_from: ValueFrom | None = Field(
+        None, description="User name from a Secret key, put into url (replacing the URL's own user name)."
+    )
+    password_from: ValueFrom | None = Field(
+        None, description="Password from a Secret key, put into url; workers read it from the Secret, not the manifest."
+    )
     management_url_from: ValueFrom | None = Field(
         None, description="RabbitMQ management API URL (http[s]://user:pass@host:15672) read from a Secret."
     )
@@ -262,6 +273,23 @@ class BrokerSpec(Model):
             "url must not carry a password: put the URL in a Secret and use urlFrom.secretKeyRef",
             ".url",
             lambda b: b.url is None or re.search(INLINE_PASSWORD, b.url) is None,
+        ),
+        Rule(
+            "(!has(self.usernameFrom) && !has(self.passwordFrom)) || has(self.url)",
+            "usernameFrom and passwordFrom complete url: set url (without credentials), not urlFrom",
+            ".url",
+            lambda b: (b.username_from is None and b.password_from is None) or b.url is not None,
+        ),
+        Rule(
+            "!has(self.url) || !self.url.startsWith('sentinel://') || "
+            "(has(self.transportOptions) && has(self.transportOptions.master_name))",
+            "a sentinel:// url needs transportOptions.master_name, the master group to ask the sentinels for",
+            ".transportOptions",
+            lambda b: (
+                b.url is None
+                or not b.url.startswith("sentinel://")
+                or (b.transport_options is not None and b.transport_options.master_name is not None)
+            ),
         ),
     )
 

@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.cluster import Cluster, service_account_token
+from tests.support.cluster import Cluster, run_script, service_account_token
 from tests.support.kubelet import ProcessKubelet, expand, quantity
 from tests.support.waiting import wait_for
 
@@ -93,7 +93,9 @@ def sleeper_deployment(name: str, replicas: int) -> dict[str, Any]:
 def run_deployment(
     api: client.ApiClient, kubelet: ProcessKubelet, namespace: str, name: str, replicas: int
 ) -> list[dict[str, Any]]:
-    """Create the Deployment and wait until its pods are bound to the kubelet's node and Ready."""
+    """Create the Deployment and wait until its pods are bound to the kubelet's node and Ready
+    (Ready once the process said "running": its SIGTERM handler is in place by then)."""
+    kubelet.ready_when = lambda pod, container, output: output.startswith("running ")
     client.AppsV1Api(api).create_namespaced_deployment(
         namespace, sleeper_deployment(name, replicas), _preload_content=False
     )
@@ -212,9 +214,10 @@ def test_a_deployment_runs_its_pods_as_processes(
         pid = kubelet.pid(name)
         assert pid is not None and alive(pid)
         assert status["containerID"] == f"process://{pid}"
-        log = wait_for(lambda name=name: kubelet.log(name), lambda text: "running" in text, timeout=10)
         # $(POD_NAME) in args was expanded from the env's fieldRef, as a kubelet does.
-        assert json.dumps({"argv": ["--name", name], "pod": name}) in log
+        assert kubelet.command(name)[-2:] == ["--name", name]
+        said = "running " + json.dumps({"argv": ["--name", name], "pod": name})
+        wait_for(lambda name=name: kubelet.log(name).splitlines(), lambda lines, said=said: said in lines, timeout=10)
 
 
 def test_scaling_down_removes_the_pod_with_the_lower_deletion_cost(
@@ -248,7 +251,7 @@ def test_scaling_down_removes_the_pod_with_the_lower_deletion_cost(
     )
     assert remaining == [keep]
     assert kubelet.signals(drop) == ["SIGTERM"]  # graceful: no SIGKILL needed
-    assert "got SIGTERM" in kubelet.log(drop)
+    assert "got SIGTERM" in kubelet.log(drop).splitlines()
     (exit_,) = [e for e in kubelet.exits if e.pod == drop]
     assert exit_.returncode == 0 and exit_.pid == drop_pid
     assert not alive(drop_pid)
@@ -272,7 +275,7 @@ def test_deleting_the_deployment_collects_its_pods_and_processes(
     for name, pid in pids.items():
         assert pid is not None and not alive(pid)
         assert kubelet.signals(name) == ["SIGTERM"]
-        assert "got SIGTERM" in kubelet.log(name)
+        assert "got SIGTERM" in kubelet.log(name).splitlines()
 
 
 # ---------------------------------------------------------------------------------- the process kubelet
@@ -389,7 +392,7 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(
         },
     }
     core.create_namespaced_pod(kube_namespace, body, _preload_content=False)
-    wait_for(lambda: kubelet.log("stubborn"), lambda text: "up" in text, timeout=30)
+    wait_for(lambda: kubelet.log("stubborn").splitlines(), lambda lines: "up" in lines, timeout=30)
     pid = kubelet.pid("stubborn")
     assert pid is not None
     started = time.monotonic()
@@ -416,15 +419,49 @@ def test_closing_the_kubelet_leaves_no_process_behind(kube_cluster: Cluster, kub
     try:
         with ProcessKubelet(api, namespace=kube_namespace) as node:
             core.create_namespaced_pod(kube_namespace, body, _preload_content=False)
-            log = wait_for(lambda: node.log("family"), lambda text: "\nchild " in text, timeout=30)
+            lines = wait_for(
+                lambda: [line for line in node.log("family").splitlines() if line.startswith("child ")],
+                bool,
+                timeout=30,
+            )
             pid = node.pid("family")
-            child = int(log.split("\nchild ")[1].split()[0])
+            child = int(lines[0].split()[1])
             assert pid is not None and alive(pid) and alive(child)
         assert not alive(pid)
         assert wait_for(lambda: alive(child), lambda up: not up, timeout=5) is False
         assert node.errors == []
     finally:
         api.close()
+
+
+def test_the_kubelet_rides_out_an_api_server_restart(
+    kube_api: client.ApiClient, kube_namespace: str, kubelet: ProcessKubelet
+) -> None:
+    core = client.CoreV1Api(kube_api)
+
+    def sleeper(name: str) -> dict[str, Any]:
+        container = {"name": "main", "image": "python:3", "command": ["python", "-c", SLEEPER]}
+        return {"metadata": {"name": name}, "spec": {"terminationGracePeriodSeconds": 10, "containers": [container]}}
+
+    def is_ready(name: str) -> bool:
+        return ready(raw(core.read_namespaced_pod, name, kube_namespace))
+
+    kubelet.ready_when = lambda pod, container, output: output.startswith("running ")
+    core.create_namespaced_pod(kube_namespace, sleeper("before"), _preload_content=False)
+    wait_for(lambda: is_ready("before"), bool, timeout=30)
+    pid = kubelet.pid("before")
+
+    restart = run_script("restart-apiserver", timeout=180)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+
+    # Its watch came back: a pod created now is bound and run, and a deletion is still honoured.
+    core.create_namespaced_pod(kube_namespace, sleeper("after"), _preload_content=False)
+    wait_for(lambda: is_ready("after"), bool, timeout=60)
+    assert kubelet.pid("before") == pid and pid is not None and alive(pid)
+    core.delete_namespaced_pod("before", kube_namespace, _preload_content=False)
+    wait_for(lambda: [p["metadata"]["name"] for p in pods(kube_api, kube_namespace)], lambda n: n == ["after"], 30)
+    assert kubelet.signals("before") == ["SIGTERM"] and not alive(pid)
+    assert kubelet.errors == []
 
 
 # ---------------------------------------------------------------------------------- offline

@@ -14,7 +14,7 @@ from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
 from tests.integration.test_pool_caps import sized
-from tests.support.local_pool import local_pool_run
+from tests.support.local_pool import local_pool_run, step_until
 from tests.support.task_app import app, leak, quick, sleep
 
 
@@ -41,18 +41,6 @@ def advice(run: LocalRun) -> dict[str, str]:
         if condition["type"] == "Advice" and condition["status"] == "True":
             return {line.split(":", 1)[0]: line for line in condition["message"].splitlines()}
     return {}
-
-
-def passes_until(run: LocalRun, done: Callable[[], bool], timeout: float) -> int:
-    """Passes (one a second) until `done()`; how many it took."""
-    deadline, passes = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        run.step()
-        passes += 1
-        if done():
-            return passes
-        time.sleep(1.0)
-    raise AssertionError(f"not done after {timeout} s; conditions {run.reporter.status_now.get('conditions')}")
 
 
 def heard(run: LocalRun, count: int) -> Callable[[], bool]:
@@ -85,14 +73,14 @@ def test_prefetch_16_with_long_tasks_on_3_workers_is_a_prefetch_imbalance(
         name = run.pool.metadata.name
         for _ in range(12):
             sleep.apply_async((6.0,), queue=name)
-        passes_until(run, heard(run, 1), timeout=30)
-        passes_until(run, lambda: run.reporter.status_now["queues"][0]["depth"] == 0, timeout=10)  # one took all
+        step_until(run, heard(run, 1), timeout=30)
+        step_until(run, lambda: run.reporter.status_now["queues"][0]["depth"] == 0, timeout=10)  # one took all
         run.pool = sized(run.pool, 3)  # two more workers come, and find nothing to take
-        passes_until(run, heard(run, 3), timeout=30)
-        passes = passes_until(run, lambda: AdviceKind.PREFETCH_IMBALANCE in advice(run), timeout=10)
+        step_until(run, heard(run, 3), timeout=30)
+        passes = step_until(run, lambda: AdviceKind.PREFETCH_IMBALANCE in advice(run), timeout=10)
         assert passes <= 2, f"the imbalance was named after {passes} polls"
         assert "fix: worker.prefetchMultiplier: 1" in advice(run)[AdviceKind.PREFETCH_IMBALANCE]
-        passes_until(run, lambda: AdviceKind.PREFETCH_IMBALANCE not in advice(run), timeout=60)  # all ran: it clears
+        step_until(run, lambda: AdviceKind.PREFETCH_IMBALANCE not in advice(run), timeout=60)  # all ran: it clears
         assert warned_once(run, AdviceKind.PREFETCH_IMBALANCE)
 
 
@@ -101,16 +89,16 @@ def test_visibility_timeout_5s_with_8s_tasks_on_redis_until_the_fix_is_rolled_ou
 ) -> None:
     monkeypatch.setenv("CWO_TEST_VISIBILITY_TIMEOUT", "5")
     with advised_pool(redis_url, monkeypatch, "adv-vt", replicas=1, worker={"concurrency": 2}) as run:
-        passes_until(run, heard(run, 1), timeout=30)
+        step_until(run, heard(run, 1), timeout=30)
         sleep.apply_async((8.0,), queue=run.pool.metadata.name)
-        passes_until(run, lambda: run.telemetry().service_time_p95 is not None, timeout=30)
-        passes = passes_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT in advice(run), timeout=10)
+        step_until(run, lambda: run.telemetry().service_time_p95 is not None, timeout=30)
+        passes = step_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT in advice(run), timeout=10)
         assert passes <= 2, f"the short visibility timeout was named after {passes} polls"
         found = advice(run)[AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT]
         assert "after 5 s" in found and "broker.transportOptions.visibility_timeout: 17" in found, found
         broker = run.pool.spec.broker.model_copy(update={"transport_options": TransportOptions(visibility_timeout=17)})
         restart_with(run, run.pool.model_copy(update={"spec": run.pool.spec.model_copy(update={"broker": broker})}))
-        passes_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT not in advice(run), timeout=40)
+        step_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT not in advice(run), timeout=40)
         assert warned_once(run, AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT)
 
 
@@ -120,15 +108,15 @@ def test_a_worker_leaking_5_mib_per_task_needs_recycling_until_it_has_it(
     with advised_pool(
         redis_url, monkeypatch, "adv-mem", replicas=1, worker={"concurrency": 1, "pool": "threads"}
     ) as run:
-        passes_until(run, heard(run, 1), timeout=30)
+        step_until(run, heard(run, 1), timeout=30)
         for _ in range(20):
             leak.apply_async((5,), queue=run.pool.metadata.name)
-        passes = passes_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING in advice(run), timeout=30)
+        passes = step_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING in advice(run), timeout=30)
         found = advice(run)[AdviceKind.MEMORY_WITHOUT_RECYCLING]
         assert "fix: worker.maxMemoryPerChild:" in found and "worker.pool: prefork" in found, found
         recycled = with_worker(run.pool, pool="prefork", max_memory_per_child=200_000)
         restart_with(run, recycled)
-        passes_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING not in advice(run), timeout=10)
+        step_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING not in advice(run), timeout=10)
         assert warned_once(run, AdviceKind.MEMORY_WITHOUT_RECYCLING) and passes <= 20
 
 
@@ -136,20 +124,20 @@ def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with advised_pool(redis_url, monkeypatch, "adv-eta", replicas=1, worker={"concurrency": 2}) as run:
-        passes_until(run, heard(run, 1), timeout=30)
+        step_until(run, heard(run, 1), timeout=30)
         for _ in range(12):
             sleep.apply_async((0.1,), queue=run.pool.metadata.name, countdown=300)
-        passes_until(run, lambda: AdviceKind.PREFETCH_DRIFT in advice(run), timeout=15)
+        step_until(run, lambda: AdviceKind.PREFETCH_DRIFT in advice(run), timeout=15)
         found = advice(run)[AdviceKind.PREFETCH_DRIFT]
         assert "above concurrency x multiplier = 2" in found and "worker_eta_task_limit=10" in found, found
         restart_with(run, with_worker(run.pool, extra_args=["worker_eta_task_limit=10"]))
-        passes_until(run, lambda: AdviceKind.PREFETCH_DRIFT not in advice(run), timeout=40)
-        passes_until(run, heard(run, 1), timeout=30)
+        step_until(run, lambda: AdviceKind.PREFETCH_DRIFT not in advice(run), timeout=40)
+        step_until(run, heard(run, 1), timeout=30)
         for _ in range(12):  # the same again on the fixed worker: held, but within the limit
             sleep.apply_async((0.1,), queue=run.pool.metadata.name, countdown=300)
         member = run.workload.observe().members[0]
         hostname = f"{run.pool.metadata.name}@{member}"
-        passes_until(run, lambda: prefetch_count(hostname) == 10, timeout=15)
+        step_until(run, lambda: prefetch_count(hostname) == 10, timeout=15)
         for _ in range(3):
             run.step()
             time.sleep(1.0)
@@ -164,28 +152,28 @@ def prefetch_count(hostname: str) -> int | None:
 
 def test_workers_without_events_until_they_send_them(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with advised_pool(redis_url, monkeypatch, "adv-ev", replicas=1, worker={"events": False}) as run:
-        passes_until(run, lambda: run.telemetry().live_workers >= 1, timeout=30)
+        step_until(run, lambda: run.telemetry().live_workers >= 1, timeout=30)
         for _ in range(6):
             sleep.apply_async((0.2,), queue=run.pool.metadata.name)
-        passes_until(run, lambda: AdviceKind.EVENTS_DISABLED in advice(run), timeout=20)
+        step_until(run, lambda: AdviceKind.EVENTS_DISABLED in advice(run), timeout=20)
         assert "fix: worker.events: true" in advice(run)[AdviceKind.EVENTS_DISABLED]
         restart_with(run, with_worker(run.pool, events=True))
         for _ in range(6):
             sleep.apply_async((0.2,), queue=run.pool.metadata.name)
-        passes_until(run, lambda: AdviceKind.EVENTS_DISABLED not in advice(run), timeout=40)
+        step_until(run, lambda: AdviceKind.EVENTS_DISABLED not in advice(run), timeout=40)
         assert warned_once(run, AdviceKind.EVENTS_DISABLED)
 
 
 def test_long_and_short_tasks_in_one_pool_are_mixed_durations(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with advised_pool(redis_url, monkeypatch, "adv-mix", replicas=1, worker={"concurrency": 4}) as run:
-        passes_until(run, heard(run, 1), timeout=30)
+        step_until(run, heard(run, 1), timeout=30)
         name = run.pool.metadata.name
         for _ in range(6):
             sleep.apply_async((2.5,), queue=name)
             quick.apply_async(queue=name)
-        passes_until(run, lambda: AdviceKind.MIXED_DURATIONS in advice(run), timeout=20)
+        step_until(run, lambda: AdviceKind.MIXED_DURATIONS in advice(run), timeout=20)
         found = advice(run)[AdviceKind.MIXED_DURATIONS]
         assert "a second CeleryWorkerPool with its own queue for tasks.sleep " in found, found
         # The events of the mix leave the 10 s window: nothing mixes any more, so it clears.
-        passes_until(run, lambda: AdviceKind.MIXED_DURATIONS not in advice(run), timeout=30)
+        step_until(run, lambda: AdviceKind.MIXED_DURATIONS not in advice(run), timeout=30)
         assert warned_once(run, AdviceKind.MIXED_DURATIONS)

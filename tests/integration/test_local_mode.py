@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.reconciler import member_load
 from tests.support.local_app import app, record
-from tests.support.local_pool import local_pool_run
+from tests.support.local_pool import local_pool_run, step_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,18 +37,6 @@ def send(run: LocalRun, count: int, seconds: float) -> None:
 def ran(run: LocalRun, which: str) -> Counter[int]:
     client = redis.Redis.from_url(run.broker_url)
     return Counter(int(n) for n in client.lrange(f"{run.pool.metadata.name}:{which}", 0, -1))
-
-
-def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) -> int:
-    """Run passes every `every` seconds until `done()` holds; returns how many passes it took."""
-    deadline, passes = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        run.step()
-        passes += 1
-        if done():  # type: ignore[operator]
-            return passes
-        time.sleep(every)
-    raise AssertionError(f"not done after {timeout} s; last status {run.reporter.status_now}")
 
 
 def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: LocalRun) -> None:

@@ -11,8 +11,8 @@ import redis
 
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool
-from tests.integration.test_local_mode import send, step_until
-from tests.support.local_pool import local_pool_run
+from tests.integration.test_local_mode import send
+from tests.support.local_pool import local_pool_run, step_until
 from tests.support.task_app import app as task_app
 from tests.support.task_app import stamp
 

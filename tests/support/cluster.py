@@ -54,6 +54,7 @@ BIN = Path(os.environ.get("CWO_CLUSTER_BIN") or ROOT / ".cluster" / "bin")
 FIXTURE = "kube_cluster"
 
 _build_error: str | None = None
+_ensured = False
 
 
 def in_ci() -> bool:
@@ -91,9 +92,12 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the binaries before the first cluster test, outside its timeout (only if some test needs them)."""
-    global _build_error
+    global _build_error, _ensured
+    if _ensured or session.config.option.collectonly:
+        return
     if not any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
         return
+    _ensured = True  # once, though several conftests may import this hook
     if unavailable_reason() is not None or not shutil.which("go"):
         return
     capture = session.config.pluginmanager.get_plugin("capturemanager")
@@ -229,7 +233,7 @@ def namespace_name(test_name: str) -> str:
     return f"t-{stem}-{uuid.uuid4().hex[:6]}"
 
 
-def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 30.0) -> None:
+def wait_for_default_service_account(api: client.ApiClient, namespace: str, timeout: float = 60.0) -> None:
     core, deadline = client.CoreV1Api(api), time.monotonic() + timeout
     while True:
         try:

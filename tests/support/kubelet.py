@@ -10,7 +10,9 @@ for the pods it is given (one namespace, and/or a label selector):
   ``valueFrom`` fieldRef / secretKeyRef / configMapKeyRef / resourceFieldRef resolved), each in its
   own process group, its output in a log file;
 - marks the pod Running and Ready through the status subresource (PodScheduled, Initialized,
-  ContainersReady and Ready conditions, running containerStatuses, podIP 127.0.0.1);
+  ContainersReady and Ready conditions, running containerStatuses, podIP 127.0.0.1): Ready as soon
+  as the process runs, or once ``ready_when(pod, container, output)`` is true (a readiness probe on
+  what the process printed, e.g. a celery worker's "ready." line);
 - on graceful deletion (``deletionTimestamp`` set) sends SIGTERM to the process group, waits up to
   ``deletionGracePeriodSeconds``, then SIGKILL, reports the containers terminated and finalizes
   the pod (delete with ``gracePeriodSeconds=0`` and a uid precondition), as a kubelet does;
@@ -24,8 +26,9 @@ test process's environment plus the pod's env; the test interpreter's folder fir
 ``close()`` kills every process group it started. Use it as a context manager (the ``kubelet``
 fixture of `tests.support.cluster` does).
 
-Inspection for tests (thread-safe): ``pid(pod)``, ``log(pod)``, ``signals(pod)`` (what the kubelet
-sent: "SIGTERM", "SIGKILL"), ``exits`` (every process that ended, with its return code), ``running()``.
+Inspection for tests (thread-safe): ``pid(pod)``, ``log(pod)`` (the process's output only, like
+``kubectl logs``), ``command(pod)`` (the argv it ran), ``signals(pod)`` (what the kubelet sent:
+"SIGTERM", "SIGKILL"), ``exits`` (every process that ended, with its return code), ``running()``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -60,6 +64,7 @@ NODE_IP = "127.0.0.1"
 
 Pod = dict[str, Any]
 CommandFor = Callable[[Pod, dict[str, Any]], "list[str] | None"]
+ReadyWhen = Callable[[Pod, str, str], bool]
 
 
 class ConfigError(Exception):
@@ -159,6 +164,8 @@ class _Container:
     last_terminated: dict[str, Any] | None = None
     done: bool = False  # exited and not to be restarted
     signals: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    ready: bool = False
 
     @property
     def name(self) -> str:
@@ -177,6 +184,7 @@ class _PodRun:
     terminate_deadline: float | None = None
     finished: bool = False
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (status, since)
+    unreported: bool = False  # the last status write failed: written again on the next tick
 
     @property
     def namespace(self) -> str:
@@ -218,6 +226,7 @@ class ProcessKubelet:
         command_for: CommandFor | None = None,
         restart_backoff: float = 1.0,
         max_restart_backoff: float = 10.0,
+        ready_when: ReadyWhen | None = None,
     ) -> None:
         if namespace is None and label_selector is None:
             raise ValueError("give a namespace, a label selector or both: the kubelet must not take every pod")
@@ -226,6 +235,9 @@ class ProcessKubelet:
         self.node_name = node_name or f"cwo-process-node-{uuid.uuid4().hex[:6]}"
         self.extra_env, self.cwd, self.command_for = dict(env or {}), str(cwd), command_for
         self.restart_backoff, self.max_restart_backoff = restart_backoff, max_restart_backoff
+        # None: a container is Ready once its process runs. Else Ready once ready_when(pod, container
+        # name, its log so far) is true: a readiness probe on the process's output (checked every 0.1 s).
+        self.ready_when = ready_when
         self.exits: list[Exit] = []
         self.errors: list[str] = []  # unexpected exceptions in the kubelet's threads
         self._runs: dict[str, _PodRun] = {}  # by pod uid
@@ -235,11 +247,16 @@ class ProcessKubelet:
         self._watch_response: Any = None
         self._logs = tempfile.TemporaryDirectory(prefix="cwo-kubelet-")
         self._threads: list[threading.Thread] = []
+        self._retries: list[tuple[float, str, Pod]] = []  # (monotonic time, kind, pod)
 
     # -- lifecycle
 
     def start(self) -> ProcessKubelet:
-        self._register_node()
+        try:
+            self._register_node()
+        except BaseException:
+            self._logs.cleanup()
+            raise
         for target, name in ((self._watch_loop, "watch"), (self._work_loop, "work")):
             thread = threading.Thread(target=target, name=f"kubelet-{name}-{self.node_name}", daemon=True)
             thread.start()
@@ -260,7 +277,7 @@ class ProcessKubelet:
                 for container in run.containers:
                     if container.process is not None:
                         self._reap(run, container, force=True)
-        with contextlib.suppress(ApiException):
+        with contextlib.suppress(Exception):  # the API server may be gone already
             self.core.delete_node(self.node_name, _preload_content=False)
         self._logs.cleanup()
 
@@ -290,8 +307,15 @@ class ProcessKubelet:
             found = self._container(run, container) if run else None
             return list(found.signals) if found else []
 
+    def command(self, pod: str, namespace: str | None = None, container: str | None = None) -> list[str]:
+        """The argv the pod's container was (last) started with, `$(VAR)`s expanded."""
+        with self._lock:
+            run = self._find(pod, namespace)
+            found = self._container(run, container) if run else None
+            return list(found.argv) if found else []
+
     def log(self, pod: str, namespace: str | None = None, container: str | None = None) -> str:
-        """What the pod's container printed (every run of it), also after the pod is gone."""
+        """What the pod's container printed (every run of it, and nothing else), also after the pod is gone."""
         with self._lock:
             run = self._find(pod, namespace)
             found = self._container(run, container) if run else None
@@ -396,7 +420,8 @@ class ProcessKubelet:
             except Exception as error:  # relist after a lost watch (410 Gone, connection reset, ...)
                 if self._stop.is_set():
                     return
-                if not isinstance(error, ApiException | _Gone):
+                expired = isinstance(error, _Gone) or (isinstance(error, ApiException) and error.status == 410)
+                if not expired and not _transient(error):
                     self.errors.append(f"watch: {error!r}")
                 self._stop.wait(0.5)
 
@@ -430,16 +455,31 @@ class ProcessKubelet:
                 kind, pod = self._events.get(timeout=0.1)
             except queue.Empty:
                 kind, pod = "", {}
-            try:
-                with self._lock:
-                    if kind == "DELETED":
-                        self._deleted(pod)
-                    elif kind == "SYNC":
-                        self._sync(pod)
+            with self._lock:
+                now = time.monotonic()
+                due = [(k, p) for at, k, p in self._retries if at <= now]
+                self._retries = [entry for entry in self._retries if entry[0] > now]
+                for k, p in ([(kind, pod)] if kind else []) + due:
+                    self._handle(k, p)
+                try:
                     self._tick()
-            except Exception as error:
-                self.errors.append(f"work: {error!r}")
-                self._stop.wait(0.2)
+                except Exception as error:
+                    self.errors.append(f"tick: {error!r}")
+                    self._stop.wait(0.2)
+
+    def _handle(self, kind: str, pod: Pod) -> None:
+        """One pod event; a call the API server could not answer (restarting, 5xx) is retried."""
+        try:
+            if kind == "DELETED":
+                self._deleted(pod)
+            elif kind == "SYNC":
+                self._sync(pod)
+            elif kind == "FINALIZE":
+                self._delete_now(pod)
+        except Exception as error:
+            if not _transient(error):
+                self.errors.append(f"{kind.lower()} {pod['metadata']['name']}: {error!r}")
+            self._retries.append((time.monotonic() + 0.5, kind, pod))
 
     def _sync(self, pod: Pod) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -461,7 +501,7 @@ class ProcessKubelet:
             return
         if run is None:
             self._start_pod(pod)
-        else:
+        elif run.terminate_deadline is None:  # (a retried, older event may come after a newer one)
             run.pod = pod
 
     def _deleted(self, pod: Pod) -> None:
@@ -503,16 +543,17 @@ class ProcessKubelet:
 
     def _start_container(self, run: _PodRun, container: _Container) -> None:
         container.restart_at, container.error = None, None
+        if self._stop.is_set():  # closing: start nothing that close() might miss
+            return
         try:
             argv, env = self._command(run.pod, container.spec)
-        except (ConfigError, ApiException) as error:
-            container.error = str(error) if isinstance(error, ConfigError) else f"{error.status} {error.reason}"
+        except Exception as error:  # ConfigError, or reading a Secret failed: retried, as the kubelet does
+            container.error = str(error) if isinstance(error, ConfigError) else repr(error)
             container.restart_at = time.monotonic() + self.restart_backoff  # retry, as the kubelet does
             return
         cwd = container.spec.get("workingDir") or self.cwd
+        container.argv = argv
         with container.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-            log.write(f"--- process kubelet: {argv!r} (restart {container.restart_count})\n".encode())
-            log.flush()
             try:
                 container.process = subprocess.Popen(
                     argv,
@@ -524,11 +565,11 @@ class ProcessKubelet:
                     start_new_session=True,
                 )
             except OSError as error:
-                log.write(f"--- process kubelet: cannot start: {error}\n".encode())
                 container.process = None
                 self._exited(run, container, 128, "StartError", str(error))
                 return
         container.started_at = _now()
+        container.ready = self.ready_when is None
 
     def _command(self, pod: Pod, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         own = self._container_env(pod, spec)
@@ -663,13 +704,24 @@ class ProcessKubelet:
                     self._reap(run, container, force=False)
                     self._exited(run, container, process.returncode, None, None)
                     changed = True
+                elif process is not None and not container.ready and self._probe(run, container):
+                    container.ready = changed = True
                 elif process is None and container.restart_at is not None and now >= container.restart_at:
                     if container.error is None:
                         container.restart_count += 1
                     self._start_container(run, container)
                     changed = True
-            if changed:
+            if changed or run.unreported:
                 self._report(run)
+
+    def _probe(self, run: _PodRun, container: _Container) -> bool:
+        if self.ready_when is None:
+            return True
+        try:
+            output = container.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return bool(self.ready_when(run.pod, container.name, output))
 
     def _exited(self, run: _PodRun, container: _Container, code: int, reason: str | None, message: str | None) -> None:
         """Record the exit and decide about a restart (restartPolicy), with a doubling back-off."""
@@ -682,7 +734,7 @@ class ProcessKubelet:
         }
         if message:
             container.last_terminated["message"] = message
-        container.process = None
+        container.process, container.ready = None, False
         policy = run.pod["spec"].get("restartPolicy", "Always")
         if policy == "Always" or (policy == "OnFailure" and code != 0):
             delay = min(self.restart_backoff * 2 ** min(container.restart_count, 10), self.max_restart_backoff)
@@ -740,9 +792,13 @@ class ProcessKubelet:
         run.finished = True
         for container in run.containers:
             container.done, container.restart_at = True, None
-        with contextlib.suppress(ApiException):
-            self._report(run)
-        self._delete_now(run.pod)
+        self._report(run)
+        try:
+            self._delete_now(run.pod)
+        except Exception as error:
+            if not _transient(error):
+                self.errors.append(f"finalize {run.name}: {error!r}")
+            self._retries.append((time.monotonic() + 0.5, "FINALIZE", run.pod))
 
     def _finalize_unknown(self, pod: Pod) -> None:
         self._delete_now(pod)
@@ -767,7 +823,7 @@ class ProcessKubelet:
         statuses, all_ready, any_alive = [], True, False
         for container in run.containers:
             running = container.running
-            all_ready = all_ready and running
+            all_ready = all_ready and running and container.ready
             pending = container.restart_at is not None or container.error is not None
             any_alive = any_alive or running or pending
             status: dict[str, Any] = {
@@ -775,7 +831,7 @@ class ProcessKubelet:
                 "image": container.spec.get("image", ""),
                 "imageID": "",
                 "restartCount": container.restart_count,
-                "ready": running,
+                "ready": running and container.ready,
                 "started": running,
             }
             if running and container.process is not None:
@@ -825,13 +881,25 @@ class ProcessKubelet:
                 "containerStatuses": statuses,
             }
         }
+        run.unreported = False
         try:
             self.core.patch_namespaced_pod_status(
                 run.name, run.namespace, body, _content_type="application/merge-patch+json", _preload_content=False
             )
-        except ApiException as error:
-            if error.status != 404:  # gone meanwhile
-                raise
+        except Exception as error:
+            if isinstance(error, ApiException) and error.status == 404:  # gone meanwhile
+                return
+            if not _transient(error):
+                self.errors.append(f"status {run.name}: {error!r}")
+            else:
+                run.unreported = True
+
+
+def _transient(error: Exception) -> bool:
+    """A failure worth retrying: the API server restarting, unreachable, overloaded or failing."""
+    if isinstance(error, ApiException):
+        return error.status is None or error.status == 429 or error.status >= 500
+    return isinstance(error, urllib3.exceptions.HTTPError | OSError)
 
 
 class _Gone(Exception):

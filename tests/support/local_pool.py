@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +65,18 @@ def local_pool_run(
     finally:
         run.close()
         redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended", f"{name}:done")
+
+
+def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) -> int:
+    """Run passes every `every` seconds until `done()` holds; returns how many passes it took."""
+    deadline, passes = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        run.step()
+        passes += 1
+        if done():  # type: ignore[operator]
+            return passes
+        time.sleep(every)
+    raise AssertionError(f"not done after {timeout} s; last status {run.reporter.status_now}")
 
 
 def _merged(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:

@@ -181,3 +181,15 @@ def test_crd_has_no_anchors_and_is_the_committed_file() -> None:
     assert code == 0
     assert "&id" not in output and "*id" not in output
     assert output == CRD_FILE.read_text()
+
+
+def test_local_asks_for_the_credentials_a_pool_reads_from_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    document = yaml.safe_load(MANAGED.read_text())
+    document["spec"]["broker"] = {
+        "url": "redis://127.0.0.1:6379/15",
+        "passwordFrom": {"secretKeyRef": {"name": "redis-login", "key": "password"}},
+    }
+    monkeypatch.delenv("CELERY_BROKER_PASSWORD", raising=False)
+    code, output = run("local", str(write(tmp_path / "pool.yaml", document)))
+    assert code == 2
+    assert "CELERY_BROKER_PASSWORD" in output and "--broker" in output

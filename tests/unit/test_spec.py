@@ -102,6 +102,7 @@ def mutate(path: str, value: Any, **more: Any) -> dict[str, Any]:
 
 
 DELETE = object()
+SECRET_REF = {"secretKeyRef": {"name": "broker", "key": "password"}}
 
 # A map entry: pydantic writes `timeLimits.shop.tasks.send.soft`, the API server `timeLimits[shop.tasks.send].soft`.
 SOFT_LIMIT = r"timeLimits[.\[]shop\.tasks\.send\]?\.soft"
@@ -114,7 +115,13 @@ BROKEN = [
     ("password query parameter", mutate("spec.broker.url", "redis://redis:6379/0?password=s3cret"), "broker.url"),
     ("url and urlFrom", mutate("spec.broker.urlFrom", {"secretKeyRef": {"name": "b", "key": "url"}}), "broker.url"),
     ("neither url nor urlFrom", mutate("spec.broker.url", DELETE), "broker.url"),
+    (
+        "passwordFrom with urlFrom",
+        mutate("spec.broker", {"urlFrom": {"secretKeyRef": {"name": "b", "key": "url"}}, "passwordFrom": SECRET_REF}),
+        "broker.url",
+    ),
     ("unsupported scheme", mutate("spec.broker.url", "http://redis:6379"), "broker.url"),
+    ("sentinel without master_name", mutate("spec.broker.url", "sentinel://s1:26379;sentinel://s2:26379"), "broker"),
     (
         "secret name not DNS-1123",
         mutate("spec.broker", {"urlFrom": {"secretKeyRef": {"name": "Bad_Nm", "key": "u"}}}),

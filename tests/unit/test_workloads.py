@@ -65,6 +65,26 @@ def test_broker_url_comes_from_the_secret() -> None:
     assert env[1] == {"name": "CELERY_BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "broker", "key": "url"}}}
 
 
+def test_credentials_from_secret_keys_are_put_together_in_the_pod() -> None:
+    pool = managed_pool()
+    document = pool.model_dump(by_alias=True, exclude_none=True)
+    document["spec"]["broker"] = {
+        "url": "redis://redis:6379/0",
+        "usernameFrom": {"secretKeyRef": {"name": "redis-login", "key": "user"}},
+        "passwordFrom": {"secretKeyRef": {"name": "redis-login", "key": "password"}},
+    }
+    pool = type(pool).model_validate(document)
+    env = build_deployment(pool, "u", 1)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[1:] == [  # each variable a URL reads is defined before it, as `$(VAR)` expansion needs
+        {"name": "CELERY_BROKER_USERNAME", "valueFrom": {"secretKeyRef": {"name": "redis-login", "key": "user"}}},
+        {"name": "CELERY_BROKER_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "redis-login", "key": "password"}}},
+        {
+            "name": "CELERY_BROKER_URL",
+            "value": "redis://$(CELERY_BROKER_USERNAME):$(CELERY_BROKER_PASSWORD)@redis:6379/0",
+        },
+    ]
+
+
 def test_grace_period_covers_the_longest_hard_limit() -> None:
     pool = load_pools(ROOT / "examples" / "pool-with-limits.yaml")[0]
     assert grace_seconds(pool.spec) == 3600 + 15

@@ -22,7 +22,7 @@ __all__ = [
     "open_probe",
 ]
 
-REDIS_SCHEMES = ("redis", "rediss")
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 
 Opener = Callable[[str, str | None, TransportOptions | None], QueueProbe]
 
@@ -38,10 +38,11 @@ def open_probe(
     if scheme in REDIS_SCHEMES:
         if management_url:
             raise ValueError(f"a management API applies to RabbitMQ only, not {redact(url)}")
-        return RedisProbe(url, layout=KeyLayout.of(transport_options))
+        master_name = transport_options.master_name if transport_options else None
+        return RedisProbe(url, layout=KeyLayout.of(transport_options), master_name=master_name)
     if scheme in AMQP_SCHEMES:
         return RabbitMQProbe(url, management_url=management_url)
-    raise ValueError(f"unsupported broker URL {redact(url)}: expected redis, rediss, amqp, amqps or pyamqp")
+    raise ValueError(f"unsupported broker URL {redact(url)}: expected redis, rediss, sentinel, amqp, amqps or pyamqp")
 
 
 class ProbeRegistry:

@@ -23,9 +23,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from kombu.transport.redis import Channel
+from kombu.utils.url import url_to_parts
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueStats
 from celery_worker_operator.instrument import published_at
@@ -90,6 +92,31 @@ def client_url(url: str) -> str:
     parts = urlsplit(url)
     query = [(k, _CERT_REQS.get(v.lower(), v) if k == "ssl_cert_reqs" else v) for k, v in parse_qsl(parts.query)]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def redis_client(url: str, master_name: str | None, timeout: float) -> redis.Redis:
+    """A client for `url`. Celery's `sentinel://a:26379;sentinel://b:26379/0` asks those sentinels
+    for master `master_name` on each connection (redis-py's Sentinel, as kombu's sentinel transport
+    does), so a failover is followed; the URL's password and DB are the master's, as in kombu."""
+    # One retry, at once: it replaces a pooled connection the server dropped; more would only
+    # delay the BrokerUnavailable the caller needs to hold its pools.
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if urlsplit(url).scheme != "sentinel":
+        return redis.Redis.from_url(client_url(url), **options)
+    if master_name is None:
+        raise ValueError("a sentinel:// broker needs transportOptions.master_name")
+    parts = [url_to_parts(part) for part in url.split(";")]
+    hosts = [(p.hostname or "127.0.0.1", p.port or 26379) for p in parts]
+    sentinel = Sentinel(hosts, sentinel_kwargs=options)  # type: ignore[no-untyped-call]
+    first = parts[0]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master_name, db=int(first.path or 0), username=first.username, password=first.password, **options
+    )
+    return master
 
 
 def stamp_of(raw: bytes) -> float | None:
@@ -180,13 +207,14 @@ class UnackedTally:
 
 
 class RedisProbe:
-    """QueueProbe for Celery on Redis (`redis://`, `rediss://`, user/password, DB index)."""
+    """QueueProbe for Celery on Redis (`redis://`, `rediss://`, `sentinel://`, user/password, DB index)."""
 
     def __init__(
         self,
         url: str,
         *,
         layout: KeyLayout = DEFAULT_LAYOUT,
+        master_name: str | None = None,
         timeout: float = 5.0,
         scan_page: int = 1000,
         scan_pages_per_poll: int = 10,
@@ -196,11 +224,7 @@ class RedisProbe:
         self._url = url
         self._layout = layout
         self._secrets = url_secrets(url)
-        # One retry, at once: it replaces a pooled connection the server dropped; more would only
-        # delay the BrokerUnavailable the caller needs to hold its pools.
-        self._client = redis.Redis.from_url(
-            client_url(url), socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
-        )
+        self._client = redis_client(url, master_name, timeout)
         self._scan_page, self._scan_pages, self._learn_limit = scan_page, scan_pages_per_poll, learn_per_poll
         self._clock = clock
         self._lock = threading.Lock()

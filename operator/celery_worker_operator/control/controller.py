@@ -77,6 +77,7 @@ class PoolController:
     def __init__(self, *, reply_timeout: float = 1.0, attempts: int = 3) -> None:
         self.reply_timeout, self.attempts = reply_timeout, attempts
         self._apps: dict[str, Celery] = {}
+        self._transport_options: dict[str, dict[str, Any]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._defaults: dict[tuple[str, str], Defaults] = {}
         self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
@@ -85,6 +86,12 @@ class PoolController:
         self._finished: dict[tuple[str, str], ConvergeResult] = {}
         self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_PASSES, thread_name_prefix="converge")
         self._guard = threading.Lock()
+
+    def use_transport_options(self, broker_url: str, options: Mapping[str, Any]) -> None:
+        """Celery's broker_transport_options for `broker_url` (a sentinel's master_name, a key prefix),
+        as the workers use them; they apply when the broker's app is made, on its first use."""
+        with self._guard:
+            self._transport_options.setdefault(broker_url, dict(options))
 
     def converge_in_background(
         self, broker_url: str, pool: str, desired: PoolSettings
@@ -162,7 +169,8 @@ class PoolController:
                 app.conf.update(
                     broker_connection_retry_on_startup=True,
                     broker_connection_timeout=CONNECT_TIMEOUT,
-                    broker_transport_options={"max_retries": 1},  # reconnect once per call, not forever
+                    # reconnect once per call, not forever
+                    broker_transport_options={**self._transport_options.get(broker_url, {}), "max_retries": 1},
                 )
                 self._apps[broker_url], self._locks[broker_url] = app, threading.Lock()
             return self._apps[broker_url], self._locks[broker_url]

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -47,6 +47,7 @@ class EventMonitor:
         self,
         broker_url: str,
         *,
+        transport_options: Mapping[str, Any] | None = None,
         window: float = 60.0,
         exchange: str = "celeryev",
         queue_ttl: float | None = 5.0,
@@ -57,6 +58,7 @@ class EventMonitor:
         self._aggregator = EventAggregator(window=window)
         self._app = Celery(set_as_current=False, broker=broker_url)
         self._app.conf.event_exchange = exchange
+        self._app.conf.broker_transport_options = dict(transport_options or {})  # as the workers send
         self._queue_ttl = queue_ttl
         self._clock = clock
         self._lock = threading.Lock()
@@ -174,11 +176,14 @@ class TelemetryMonitors:
         self._monitors: dict[str, EventMonitor] = {}
         self._lock = threading.Lock()
 
-    def monitor(self, broker_url: str) -> EventMonitor:
+    def monitor(self, broker_url: str, transport_options: Mapping[str, Any] | None = None) -> EventMonitor:
+        """The monitor of `broker_url`, started with these transport options on first use."""
         with self._lock:
             monitor = self._monitors.get(broker_url)
             if monitor is None:
-                monitor = EventMonitor(broker_url, window=self._window, exchange=self._exchange).start()
+                monitor = EventMonitor(
+                    broker_url, transport_options=transport_options, window=self._window, exchange=self._exchange
+                ).start()
                 self._monitors[broker_url] = monitor
             return monitor
 

@@ -15,7 +15,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ..spec import API_VERSION, KIND, CeleryWorkerPool
+from ..spec import API_VERSION, KIND, CeleryWorkerPool, ValueFrom
+from ..urls import PASSWORD_ENV, USERNAME_ENV, with_credentials
 from . import WorkloadMissing, WorkloadState
 from .command import concurrency_from_args, grace_seconds, worker_args
 
@@ -34,13 +35,24 @@ def pool_labels(pool: CeleryWorkerPool) -> dict[str, str]:
     }
 
 
-def broker_env(pool: CeleryWorkerPool) -> dict[str, Any]:
-    """The broker URL for the workers: from the Secret when given, so it never sits in the manifest."""
+def broker_env(pool: CeleryWorkerPool) -> list[dict[str, Any]]:
+    """The broker URL for the workers: credentials come from their Secrets, so they never sit in the
+    manifest. A URL completed with usernameFrom/passwordFrom is put together in the pod by `$(VAR)`
+    expansion, which needs the variables it reads defined before it."""
     broker = pool.spec.broker
     if broker.url_from is not None:
-        ref = broker.url_from.secret_key_ref
-        return {"name": BROKER_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-    return {"name": BROKER_ENV, "value": broker.url}
+        return [_from_secret(BROKER_ENV, broker.url_from)]
+    assert broker.url is not None
+    credentials = ((USERNAME_ENV, broker.username_from), (PASSWORD_ENV, broker.password_from))
+    env = [_from_secret(name, source) for name, source in credentials if source is not None]
+    username = f"$({USERNAME_ENV})" if broker.username_from else None
+    password = f"$({PASSWORD_ENV})" if broker.password_from else None
+    return [*env, {"name": BROKER_ENV, "value": with_credentials(broker.url, username, password, encode=False)}]
+
+
+def _from_secret(name: str, source: ValueFrom) -> dict[str, Any]:
+    ref = source.secret_key_ref
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
 def crash_loop(pods: Iterable[Any]) -> str | None:
@@ -75,7 +87,7 @@ def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[st
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            broker_env(pool),
+            *broker_env(pool),
         ],
     }
     template = {

@@ -1,0 +1,79 @@
+"""Credentials put into broker URLs: the operator's encoded URL and the pod's raw `$(VAR)` URL must
+log in with the same user name and password, as kombu and redis-py read them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kombu.utils.url import url_to_parts
+from redis.connection import parse_url
+
+from celery_worker_operator.urls import (
+    PASSWORD_ENV,
+    UNSAFE,
+    UNSAFE_IN_USERNAME,
+    USERNAME_ENV,
+    fits_raw_in_url,
+    with_credentials,
+)
+from tests.support.kubelet import expand
+
+URLS = ["redis://redis:6379/0", "amqp://rabbit:5672/vhost", "rediss://h:6380/1?ssl_cert_reqs=required"]
+
+
+@pytest.mark.parametrize(
+    ("url", "username", "password", "expected"),
+    [
+        ("redis://h:6379/0", None, "p@ss:w/rd", "redis://:p%40ss%3Aw%2Frd@h:6379/0"),
+        ("amqp://app@rabbit//", None, "pw", "amqp://app:pw@rabbit//"),  # the URL's own user name kept
+        ("amqp://old@rabbit//", "new", "pw", "amqp://new:pw@rabbit//"),
+        ("redis://h?db=1", "u", None, "redis://u@h?db=1"),
+        ("sentinel://a:26379;sentinel://b:26379", None, "pw", "sentinel://:pw@a:26379;sentinel://:pw@b:26379"),
+    ],
+)
+def test_credentials_go_into_every_url(url: str, username: str | None, password: str | None, expected: str) -> None:
+    assert with_credentials(url, username, password) == expected
+
+
+def logins(url: str) -> set[tuple[str | None, str | None]]:
+    """(user name, password) as kombu reads `url`, and as redis-py does for a Redis URL."""
+    kombu = url_to_parts(url)
+    found = {(kombu.username, kombu.password)}
+    if url.startswith("redis"):
+        redis_py = parse_url(url)
+        found.add((redis_py.get("username"), redis_py.get("password")))
+    return found
+
+
+# Printable text without the characters refused (a refused value never makes a URL, see secrets.py),
+# with the URL-special characters a raw value may hold drawn often.
+HIDDEN = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+password = st.text(
+    st.characters(exclude_categories=HIDDEN, exclude_characters=UNSAFE) | st.sampled_from("@:!$&'()*+,=~$(){}"),
+    min_size=1,
+)
+username = st.text(
+    st.characters(exclude_categories=HIDDEN, exclude_characters=UNSAFE_IN_USERNAME) | st.sampled_from("!$&'()*+,=~"),
+    min_size=1,
+)
+
+
+@given(url=st.sampled_from(URLS), username=username, password=password)
+def test_pod_and_operator_urls_log_in_alike(url: str, username: str, password: str) -> None:
+    assert fits_raw_in_url(username, username=True) and fits_raw_in_url(password)
+    operator_url = with_credentials(url, username, password)
+    pod_template = with_credentials(url, f"$({USERNAME_ENV})", f"$({PASSWORD_ENV})", encode=False)
+    pod_url = expand(pod_template, {USERNAME_ENV: username, PASSWORD_ENV: password})
+    assert logins(operator_url) == logins(pod_url) == {(username, password)}
+
+
+@pytest.mark.parametrize("password", ["a/b", "50%", "a;b", "a b", "x?y", "x#y", "[v6]", "tab\t"])
+def test_values_a_raw_url_cannot_carry_are_refused(password: str) -> None:
+    assert not fits_raw_in_url(password)
+
+
+def test_user_names_may_not_hold_the_userinfo_separators() -> None:
+    assert fits_raw_in_url("a:b@c")
+    assert not fits_raw_in_url("a:b", username=True)
+    assert not fits_raw_in_url("a@b", username=True)
