@@ -2,7 +2,9 @@
 # Installs (when asked) and starts the brokers the tests talk to, on loopback only:
 # Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 with the management API on 15672, and a Redis
 # Sentinel on 127.0.0.1:26390 watching master `cwo-master` (a second Redis, 127.0.0.1:6390); ports
-# apart from Debian's own sentinel service (26379), which watches the shared Redis.
+# apart from Debian's own sentinel service (26379), which watches the shared Redis. A TLS-only Redis on
+# 127.0.0.1:6391 that wants a client certificate, with a private CA, server and client certificates
+# made by openssl in $state_dir/tls (ca.crt, client.crt, client.key for the tests).
 # A server that already answers is reused, never restarted.
 #   scripts/brokers.sh install [redis]   apt-get the Debian packages that are missing (needs root)
 #   scripts/brokers.sh start [redis]     start whatever does not answer yet, then wait for it
@@ -24,7 +26,7 @@ install_missing() {
   if [ -z "$only_redis" ]; then
     command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
     command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
-    command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test makes its own certificate
+    command -v openssl >/dev/null || missing+=(openssl)  # the TLS Redis's private CA and certificates
   fi
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
@@ -65,6 +67,43 @@ dir $state_dir
 sentinel monitor cwo-master 127.0.0.1 6390 1
 CONF
   redis-sentinel "$state_dir/sentinel.conf"
+}
+
+make_tls_certificates() { # dir: a private CA, a server certificate for 127.0.0.1 and a client certificate
+  local dir=$1 ossl_log=$1/openssl.log
+  [ -s "$dir/client.key" ] && return 0
+  (umask 077 && mkdir -p "$dir")
+  openssl req -x509 -nodes -newkey rsa:2048 -sha256 -days 3650 -keyout "$dir/ca.key" -out "$dir/ca.crt" \
+    -subj /CN=cwo-test-broker-ca -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,keyCertSign,cRLSign 2>>"$ossl_log"
+  local name usage
+  for name in server client; do
+    usage=serverAuth
+    [ "$name" = client ] && usage=clientAuth
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=%s\n' "$usage" > "$dir/$name.ext"
+    openssl req -new -nodes -newkey rsa:2048 -keyout "$dir/$name.key" -out "$dir/$name.csr" \
+      -subj "/CN=cwo-test-$name" 2>>"$ossl_log"
+    openssl x509 -req -sha256 -days 3650 -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+      -CAcreateserial -out "$dir/$name.crt" -extfile "$dir/$name.ext" 2>>"$ossl_log"
+  done
+}
+
+start_tls_redis() {
+  if answers 127.0.0.1 6391; then echo "brokers: reusing TLS Redis on 127.0.0.1:6391"; return; fi
+  if ! command -v openssl >/dev/null; then
+    echo "brokers: openssl missing (bash scripts/brokers.sh install); the TLS Redis tests will skip, or fail under CI" >&2
+    return 1
+  fi
+  if ! make_tls_certificates "$state_dir/tls"; then
+    echo "brokers: openssl could not make the TLS Redis's certificates:" >&2
+    tail -n 5 "$state_dir/tls/openssl.log" >&2
+    return 1
+  fi
+  mkdir -p "$state_dir/tls-redis"
+  local tls=$state_dir/tls
+  redis-server --bind 127.0.0.1 --port 0 --tls-port 6391 --daemonize yes --save '' --appendonly no \
+    --tls-cert-file "$tls/server.crt" --tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.crt" \
+    --tls-auth-clients yes --dir "$state_dir/tls-redis" --logfile "$state_dir/tls-redis.log"
 }
 
 start_rabbitmq() {
@@ -110,6 +149,7 @@ case "${1:-start}" in
     wait_for Redis 127.0.0.1 6379 30
     [ -n "$only_redis" ] && exit 0
     start_sentinel && wait_for "Redis Sentinel" 127.0.0.1 26390 30
+    start_tls_redis && wait_for "TLS Redis" 127.0.0.1 6391 30
     start_rabbitmq
     wait_for RabbitMQ 127.0.0.1 5672 120
     wait_for "RabbitMQ management" 127.0.0.1 15672 60

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,7 +23,13 @@ AMQP_URL = os.environ.get("CWO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:567
 # Celery's form; the Sentinel watches master SENTINEL_MASTER, a Redis of its own (scripts/brokers.sh).
 SENTINEL_URL = os.environ.get("CWO_TEST_SENTINEL_URL", "sentinel://127.0.0.1:26390/15")
 SENTINEL_MASTER = os.environ.get("CWO_TEST_SENTINEL_MASTER", "cwo-master")
+# A TLS-only Redis that wants a client certificate; the files of its private CA are in the brokers' state folder.
+TLS_REDIS_URL = os.environ.get("CWO_TEST_TLS_REDIS_URL", "rediss://127.0.0.1:6391/15")
+TLS_FILES = Path(os.environ.get("CWO_BROKER_STATE", "/tmp/cwo-brokers")) / "tls"
 MANAGEMENT_URL = os.environ.get("CWO_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+
+
+START = "`bash scripts/brokers.sh start`"
 
 
 def _require(url: str, default_port: int, what: str) -> str:
@@ -30,11 +38,14 @@ def _require(url: str, default_port: int, what: str) -> str:
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError as error:
-        message = f"{what} is not reachable at {host}:{port} ({error}); start it with `bash scripts/brokers.sh start`"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _unavailable(f"{what} is not reachable at {host}:{port} ({error}); start it with {START}")
     return url
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +66,24 @@ def management_url() -> str:
 @pytest.fixture(scope="session")
 def sentinel_url() -> str:
     return _require(SENTINEL_URL, 26379, "Redis Sentinel")
+
+
+@dataclass(frozen=True)
+class TLSRedis:
+    """The TLS Redis of scripts/brokers.sh: `url` sets no TLS parameters; the CA signed both the server's
+    certificate and the client certificate `cert` (with its `key`)."""
+
+    url: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_redis() -> TLSRedis:
+    url = _require(TLS_REDIS_URL, 6391, "the TLS Redis")
+    server = TLSRedis(url, TLS_FILES / "ca.crt", TLS_FILES / "client.crt", TLS_FILES / "client.key")
+    missing = [str(path) for path in (server.ca, server.cert, server.key) if not path.is_file()]
+    if missing:
+        _unavailable(f"the TLS Redis's files {', '.join(missing)} are missing; make them with {START}")
+    return server

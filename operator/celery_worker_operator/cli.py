@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
-from .localmode import LocalRun, NoBrokerURL, local_broker_url
+from .localmode import LocalRun, NoBrokerURL, local_broker_url, with_local_tls
 from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
@@ -30,7 +33,11 @@ from .simulation.charts import can_plot
 from .simulation.engine import PoolModel, Result, oracle_worker_seconds, parse_trace
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
+from .status_view import document, pool_view, pools_table
 from .units import parse_duration, parse_rate
+
+if TYPE_CHECKING:
+    from .kube_status import PoolReading
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
 
@@ -47,8 +54,17 @@ class InternalError(click.ClickException):
     exit_code = 1
 
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
 class _Commands(click.Group):
     """Every command's errors take one path: a message and an exit code, never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:  # type: ignore[override]
+        """Each command takes `-h` itself too, not only through its parent's context (click caches a
+        command's help option the first time any context makes it)."""
+        kwargs.setdefault("context_settings", HELP_OPTIONS)
+        return cast(Callable[[Callable[..., Any]], click.Command], super().command(*args, **kwargs))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -93,6 +109,9 @@ TARGET_WAIT = _Parsed("duration", parse_duration, " s", 86400, zero_ok=False)
 STARTUP = _Parsed("duration", parse_duration, " s", 3600)
 
 
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A broker URL option, checked before anything connects; the message never repeats the URL."""
     if value is not None and not re.match(BROKER_SCHEME, value):
@@ -114,7 +133,7 @@ def logging_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings=HELP_OPTIONS)
 @click.version_option(package_name="celery-worker-operator")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of a one-line message.")
 def main(debug: bool) -> None:
@@ -246,6 +265,9 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
     help="Broker URL; needed when the pool reads it from a Secret. With usernameFrom/passwordFrom, "
     "CELERY_BROKER_USERNAME/CELERY_BROKER_PASSWORD complete the pool's url instead.",
 )
+@click.option("--broker-ca", type=PEM_FILE, help="CA certificate(s) of a rediss:// broker (for broker.tls.caFrom).")
+@click.option("--broker-cert", type=PEM_FILE, help="Client certificate for a rediss:// broker (broker.tls.certFrom).")
+@click.option("--broker-key", type=PEM_FILE, help="Key of the client certificate (broker.tls.keyFrom).")
 @click.option("--name", help="Which pool of the file, when it holds several.")
 @click.option("--worker-log", type=click.Path(dir_okay=False, path_type=Path), help="Append the workers' output here.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics here, as `run` does.")
@@ -253,6 +275,9 @@ def _local_pool(pool_file: Path, name: str | None) -> CeleryWorkerPool:
 def local(
     pool_file: Path,
     broker: str | None,
+    broker_ca: Path | None,
+    broker_cert: Path | None,
+    broker_key: Path | None,
     name: str | None,
     worker_log: Path | None,
     metrics_port: int | None,
@@ -266,6 +291,7 @@ def local(
     pool = _local_pool(pool_file, name)
     try:
         url = broker or local_broker_url(pool.spec.broker, os.environ)
+        url = with_local_tls(url, pool.spec.broker.tls, broker_ca, broker_cert, broker_key)
     except NoBrokerURL as missing:
         raise click.UsageError(str(missing)) from None
     console = Console()
@@ -284,6 +310,70 @@ def local(
             run.run(stop, lambda r: live.update(r.view()) if live else None)
         except KeyboardInterrupt:
             log.info("stopping workers...")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", help="The pools' namespace; default: the kubeconfig context's, as kubectl.")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Pools of every namespace.")
+@click.option("-w", "--watch", "follow", is_flag=True, help="Show again whenever a pool changes; Ctrl-C ends.")
+@click.option("-o", "--output", type=click.Choice(["json", "yaml"]), help="The status as stored, with the Events.")
+def status(name: str | None, namespace: str | None, all_namespaces: bool, follow: bool, output: str | None) -> None:
+    """Show pools as the cluster sees them: queues, rates, replicas, conditions and the latest decisions.
+
+    With NAME one pool in full, without it one line per pool. Reads with the current kubeconfig (or
+    in-cluster credentials); also `kubectl cwp status ...` once installed, as a kubectl plugin.
+    """
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
+    from .kube import kubernetes_client
+    from .kube_status import PoolNotFound, current_namespace, pool_changes, read_pools
+
+    if name is not None and all_namespaces:
+        raise click.UsageError("a NAME is looked up in one namespace: give -n NS instead of -A")
+    try:
+        api = kubernetes_client()
+        scope = None if all_namespaces else namespace or current_namespace()
+    except ConfigException as error:
+        raise BadInput(f"no Kubernetes credentials: not in a pod, and {error}") from None
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
+
+    def show(readings: list[PoolReading]) -> None:
+        if output is None:
+            console.print(_status_view(readings, name is not None, scope))
+        else:
+            docs = [document(r.pool, r.events) for r in readings]
+            shown: Any = docs[0] if name is not None else {"items": docs}
+            text = json.dumps(shown, indent=2) if output == "json" else yaml.dump(shown, Dumper=_PlainDumper)
+            click.echo(text)
+
+    try:
+        readings = read_pools(api, scope, name)
+        show(readings)
+        changes = pool_changes(api, scope, name) if follow else iter(())
+        for _ in changes:
+            latest = read_pools(api, scope, name)
+            if latest != readings:
+                show(latest)
+                readings = latest
+    except PoolNotFound as error:
+        raise BadInput(str(error)) from None
+    except ApiException as error:
+        raise BadInput(f"the API server answered {error.status} {error.reason}") from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
+def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) -> RenderableType:
+    """One pool in full, or a line per pool; a sentence when there is none (as kubectl says it)."""
+    if one:
+        return pool_view(readings[0].pool, readings[0].events, datetime.now(UTC))
+    if not readings:
+        return f"No CeleryWorkerPools found in {f'namespace {scope}' if scope else 'any namespace'}."
+    return pools_table(r.pool for r in readings)
 
 
 @main.command()

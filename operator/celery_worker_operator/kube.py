@@ -17,7 +17,7 @@ from kubernetes import client, config
 
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
-from .secrets import broker_urls
+from .secrets import PemFiles, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
 from .workloads.kubernetes import KubernetesWorkload
 
@@ -85,6 +85,7 @@ class Operator:
     api: client.ApiClient
     shared: SharedResources = field(default_factory=SharedResources)
     loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
+    pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
 
     def loop(self, body: Mapping[str, Any]) -> PoolLoop:
         """The pool's loop; a new one resumes from the status the pool carries."""
@@ -104,7 +105,7 @@ class Operator:
 
     def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
         workload = KubernetesWorkload(self.api, pool)
-        broker = broker_urls(client.CoreV1Api(self.api), pool)
+        broker = broker_urls(client.CoreV1Api(self.api), pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 
     def ensure_workload(self, pool: CeleryWorkerPool, uid: str) -> None:
@@ -120,3 +121,4 @@ class Operator:
 
     def close(self) -> None:
         self.shared.close()
+        self.pem_files.close()

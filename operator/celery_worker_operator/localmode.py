@@ -6,6 +6,7 @@ keeps the latest status and decisions for a live terminal view instead of the AP
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from rich.console import Group
 from rich.table import Table
@@ -20,16 +22,18 @@ from rich.table import Table
 from .metrics import PoolMetrics
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PassResult
-from .spec import BrokerSpec, CeleryWorkerPool
+from .spec import BrokerSpec, BrokerTLS, CeleryWorkerPool
+from .status_view import queue_table
 from .telemetry import PoolTelemetry, TelemetryMonitors
-from .urls import PASSWORD_ENV, USERNAME_ENV, with_credentials
+from .urls import PASSWORD_ENV, SSL_PARAMETER, USERNAME_ENV, tls_settings, with_credentials, with_tls
 from .workloads.local import LocalWorkload, WorkerExit
 
 EVENTS_SHOWN = 8
 
 
 class NoBrokerURL(LookupError):
-    """The pool's broker URL needs what only a cluster has (a Secret) and nothing here replaces it."""
+    """The pool's broker URL needs what only a cluster has (a Secret) and nothing here replaces it,
+    or the options meant to replace it do not fit together."""
 
 
 def local_broker_url(broker: BrokerSpec, env: Mapping[str, str]) -> str:
@@ -46,6 +50,27 @@ def local_broker_url(broker: BrokerSpec, env: Mapping[str, str]) -> str:
         )
     username, password = (env[name] if needed else None for name, needed in wanted.items())
     return with_credentials(broker.url, username, password)
+
+
+def with_local_tls(url: str, tls: BrokerTLS | None, ca: Path | None, cert: Path | None, key: Path | None) -> str:
+    """`url` with the TLS files of this machine (`--broker-ca/--broker-cert/--broker-key`), which
+    stand in for the Secrets a pool's `broker.tls` reads; ssl_* parameters in the URL do as well."""
+    sets_ssl = re.search(SSL_PARAMETER, url) is not None
+    if ca is None and cert is None and key is None:
+        if tls is not None and not sets_ssl:
+            raise NoBrokerURL(
+                "this pool reads its broker's TLS files from Secrets: give --broker-ca, --broker-cert and "
+                "--broker-key, or a --broker URL with ssl_* parameters"
+            )
+        return url
+    if (cert is None) != (key is None):
+        raise NoBrokerURL("give --broker-cert and --broker-key together: the client certificate and its key")
+    if urlsplit(url).scheme.lower() != "rediss":
+        raise NoBrokerURL("--broker-ca, --broker-cert and --broker-key apply to a rediss:// broker")
+    if sets_ssl:
+        raise NoBrokerURL("the broker URL sets ssl_* parameters already: give the TLS files one way, not both")
+    files = (str(path.resolve()) if path else None for path in (ca, cert, key))
+    return with_tls(url, tls_settings(*files))
 
 
 @dataclass
@@ -120,11 +145,7 @@ class LocalRun:
     def view(self) -> Group:
         """The live terminal view: queues, rates, slots, replicas and the latest decisions."""
         status = self.reporter.status_now
-        queues = Table("queue", "depth", "reserved", "oldest (s)", title=f"pool {self.pool.metadata.name}")
-        for queue in status.get("queues", []):
-            queues.add_row(
-                queue["name"], str(queue["depth"]), str(queue["reserved"]), str(queue.get("oldestAgeSeconds", "-"))
-            )
+        queues = queue_table(status, f"pool {self.pool.metadata.name}")
         concurrency = self.pool.spec.worker.concurrency if self.pool.spec.worker else 1
         telemetry = self.telemetry()
         numbers = Table.grid(padding=(0, 2))

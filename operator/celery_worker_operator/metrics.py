@@ -165,8 +165,9 @@ class PoolMetrics(Collector):
         """Time one broker probe; the URL is redacted again here, as a label is printed everywhere."""
         label = redact(broker)
         self._probe_seconds.labels(label).observe(seconds)
+        errors = self._probe_errors.labels(label)  # at 0 from the first probe, so rate() has a series
         if error:
-            self._probe_errors.labels(label).inc()
+            errors.inc()
 
     def forget(self, namespace: str, pool: str) -> None:
         """Drop every series of a deleted pool."""

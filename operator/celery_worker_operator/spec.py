@@ -28,6 +28,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .urls import SSL_PARAMETER
+
 GROUP = "celery-operator.dev"
 VERSION = "v1alpha1"
 KIND = "CeleryWorkerPool"
@@ -197,7 +199,7 @@ def section(model: type[Model], description: str) -> Any:
 class SecretKeyRef(Model):
     name: DnsSubdomain = Field(description="Name of a Secret in the pool's namespace.")
     key: Annotated[str, StringConstraints(pattern=SECRET_KEY, max_length=253)] = Field(
-        description="Key inside the Secret whose value is the URL."
+        description="Key inside the Secret holding the value."
     )
 
 
@@ -241,6 +243,35 @@ class TransportOptions(Model):
         return self.model_dump(exclude_none=True)
 
 
+class BrokerTLS(Model):
+    """Files for a rediss:// broker with a private CA or client certificates, each from a Secret key.
+
+    The operator verifies the server and presents the client certificate with them; the workers get
+    the same Secrets mounted read-only and Celery's `broker_use_ssl` pointing at them.
+    """
+
+    ca_from: ValueFrom | None = Field(
+        None, description="PEM CA certificate(s) the broker's certificate must chain to (else the system's CAs)."
+    )
+    cert_from: ValueFrom | None = Field(None, description="PEM client certificate, presented to the broker.")
+    key_from: ValueFrom | None = Field(None, description="PEM private key of the client certificate.")
+
+    RULES = (
+        Rule(
+            "has(self.certFrom) == has(self.keyFrom)",
+            "set certFrom and keyFrom together: the client certificate and its key",
+            ".keyFrom",
+            lambda t: (t.cert_from is None) == (t.key_from is None),
+        ),
+        Rule(
+            "has(self.caFrom) || has(self.certFrom)",
+            "set caFrom, certFrom with keyFrom, or both",
+            ".caFrom",
+            lambda t: t.ca_from is not None or t.cert_from is not None,
+        ),
+    )
+
+
 class BrokerSpec(Model):
     url: Annotated[str, StringConstraints(pattern=BROKER_SCHEME, max_length=2048)] | None = Field(
         None,
@@ -259,6 +290,9 @@ class BrokerSpec(Model):
     )
     transport_options: TransportOptions | None = Field(
         None, description="Celery's broker_transport_options (same keys); the probe and the workers use them."
+    )
+    tls: BrokerTLS | None = Field(
+        None, description="CA, client certificate and key from Secrets for a rediss:// broker (Redis over TLS)."
     )
 
     RULES = (
@@ -290,6 +324,18 @@ class BrokerSpec(Model):
                 or not b.url.startswith("sentinel://")
                 or (b.transport_options is not None and b.transport_options.master_name is not None)
             ),
+        ),
+        Rule(
+            "!has(self.tls) || !has(self.url) || self.url.startsWith('rediss://')",
+            "tls applies to a rediss:// url (Redis over TLS); a URL from urlFrom is checked when it is read",
+            ".tls",
+            lambda b: b.tls is None or b.url is None or b.url.startswith("rediss://"),
+        ),
+        Rule(
+            f"!has(self.tls) || !has(self.url) || !self.url.matches(r'{SSL_PARAMETER}')",
+            "with tls, url must not set ssl_* parameters: tls sets them",
+            ".url",
+            lambda b: b.tls is None or b.url is None or re.search(SSL_PARAMETER, b.url) is None,
         ),
     )
 

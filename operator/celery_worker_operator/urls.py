@@ -1,4 +1,5 @@
-"""Broker URLs put together from a URL without credentials and a user name and password kept apart.
+"""Broker URLs put together from a URL without credentials and a user name and password kept apart,
+and the TLS settings of a rediss:// broker.
 
 The operator puts the credentials in percent-encoded, so any character works for its own
 connections. A worker pod cannot encode: the kubelet pastes the Secret's value into the URL with
@@ -10,7 +11,7 @@ workers and the operator always log in with the same credentials. Pure.
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 # `/ ? #` end the host part, `%` starts an escape, `;` separates kombu's failover URLs, brackets
 # read as an IPv6 host; whitespace and control characters are cut or refused by the parsers.
@@ -18,6 +19,8 @@ UNSAFE = frozenset("/?#%;[]")
 UNSAFE_IN_USERNAME = UNSAFE | frozenset(":@")
 USERNAME_ENV = "CELERY_BROKER_USERNAME"
 PASSWORD_ENV = "CELERY_BROKER_PASSWORD"
+# A query parameter kombu and redis-py read as a TLS setting (ssl_ca_certs, ssl_cert_reqs, ...).
+SSL_PARAMETER = r"[?&]ssl_"
 
 
 def fits_raw_in_url(value: str, *, username: bool = False) -> bool:
@@ -43,3 +46,17 @@ def _one_with_credentials(url: str, username: str | None, password: str | None, 
     secret = old_password if password is None else (quote(password, safe="") if encode else password)
     credentials = f"{user}:{secret}" if secret else user
     return f"{scheme}://{credentials + '@' if credentials else ''}{host}{rest[end:]}"
+
+
+def tls_settings(ca: str | None, cert: str | None, key: str | None) -> dict[str, str]:
+    """The TLS settings of a rediss:// broker with these files, as kombu and redis-py name them (the
+    query of a broker URL, or Celery's `broker_use_ssl`): the server is always verified, against `ca`
+    when given (else the system's CAs), and `cert` with `key` is presented as the client certificate."""
+    files = {"ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
+    return {"ssl_cert_reqs": "required", **{name: path for name, path in files.items() if path is not None}}
+
+
+def with_tls(url: str, settings: dict[str, str]) -> str:
+    """`url` (each part of kombu's `a;b` failover list) with the TLS `settings` added to its query."""
+    query = urlencode(settings, safe="/")
+    return ";".join(f"{part}{'&' if '?' in part else '?'}{query}" for part in url.split(";"))

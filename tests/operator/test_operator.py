@@ -12,9 +12,7 @@ import copy
 import json
 import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,8 @@ from celery_worker_operator.naming import member_of, pool_of
 from celery_worker_operator.policy import DecisionKind
 from celery_worker_operator.workloads.kubernetes import BROKER_ENV, DELETION_COST
 from tests.support.celery_app import make_app
-from tests.support.cluster import Cluster
 from tests.support.kubelet import ProcessKubelet
-from tests.support.operator_process import OperatorSetup, operator_setup
+from tests.support.operator_process import OperatorSetup
 from tests.support.pools import (
     apply_pool,
     condition,
@@ -46,22 +43,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 RECORD = "local.record"  # tests.support.local_app: rpush <key>:started / <key>:ended around its sleep
-
-
-@pytest.fixture
-def operator(
-    kube_cluster: Cluster, kube_api: client.ApiClient, kube_namespace: str, tmp_path: Path
-) -> Iterator[OperatorSetup]:
-    with operator_setup(kube_cluster, kube_api, kube_namespace, tmp_path) as setup:
-        yield setup
-
-
-@pytest.fixture
-def names(redis_url: str) -> Iterator[tuple[str, str]]:
-    suffix = uuid.uuid4().hex[:6]
-    name, queue = f"pool-{suffix}", f"q-{suffix}"
-    yield name, queue
-    redis.Redis.from_url(redis_url).delete(queue, f"{queue}:started", f"{queue}:ended")
 
 
 def ledger(redis_url: str, queue: str, which: str) -> Counter[int]:

@@ -193,3 +193,27 @@ def test_local_asks_for_the_credentials_a_pool_reads_from_secrets(tmp_path: Path
     code, output = run("local", str(write(tmp_path / "pool.yaml", document)))
     assert code == 2
     assert "CELERY_BROKER_PASSWORD" in output and "--broker" in output
+
+
+TLS_REF = {"secretKeyRef": {"name": "redis-tls", "key": "k"}}
+
+
+@pytest.mark.parametrize(
+    ("tls", "broker", "given", "said"),
+    [
+        ({"caFrom": TLS_REF}, "rediss://127.0.0.1:1/0", (), "--broker-ca, --broker-cert and --broker-key"),
+        (None, "rediss://127.0.0.1:1/0", ("--broker-cert",), "together"),
+        (None, "redis://127.0.0.1:1/0", ("--broker-ca",), "rediss://"),
+        (None, "rediss://127.0.0.1:1/0?ssl_cert_reqs=none", ("--broker-ca",), "one way, not both"),
+    ],
+    ids=["tls from Secrets without files", "cert without key", "plain redis", "ssl_* and files"],
+)
+def test_local_checks_the_tls_files_before_connecting(
+    tls: dict[str, Any] | None, broker: str, given: tuple[str, ...], said: str, tmp_path: Path
+) -> None:
+    document = yaml.safe_load(MANAGED.read_text())
+    document["spec"]["broker"] = {"url": "rediss://127.0.0.1:1/0", **({"tls": tls} if tls else {})}
+    pem = write(tmp_path / "any.pem", "not used: refused before connecting")
+    files = [arg for flag in given for arg in (flag, str(pem))]
+    code, output = run("local", str(write(tmp_path / "pool.yaml", document)), "--broker", broker, *files)
+    assert (code, said in output) == (2, True), output

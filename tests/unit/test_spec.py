@@ -122,6 +122,18 @@ BROKEN = [
     ),
     ("unsupported scheme", mutate("spec.broker.url", "http://redis:6379"), "broker.url"),
     ("sentinel without master_name", mutate("spec.broker.url", "sentinel://s1:26379;sentinel://s2:26379"), "broker"),
+    ("tls on a plain redis:// url", mutate("spec.broker.tls", {"caFrom": SECRET_REF}), "broker.tls"),
+    (
+        "tls with ssl_* parameters in url",
+        mutate("spec.broker.url", "rediss://redis:6380/0?ssl_cert_reqs=none", spec__broker__tls={"caFrom": SECRET_REF}),
+        "broker.url",
+    ),
+    (
+        "tls certFrom without keyFrom",
+        mutate("spec.broker.url", "rediss://redis:6380/0", spec__broker__tls={"certFrom": SECRET_REF}),
+        "broker.tls.keyFrom",
+    ),
+    ("tls with no file", mutate("spec.broker.url", "rediss://redis:6380/0", spec__broker__tls={}), "broker.tls.caFrom"),
     (
         "secret name not DNS-1123",
         mutate("spec.broker", {"urlFrom": {"secretKeyRef": {"name": "Bad_Nm", "key": "u"}}}),

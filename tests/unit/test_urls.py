@@ -3,9 +3,12 @@ log in with the same user name and password, as kombu and redis-py read them."""
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kombu.utils.url import parse_url as kombu_parse_url
 from kombu.utils.url import url_to_parts
 from redis.connection import parse_url
 
@@ -15,7 +18,9 @@ from celery_worker_operator.urls import (
     UNSAFE_IN_USERNAME,
     USERNAME_ENV,
     fits_raw_in_url,
+    tls_settings,
     with_credentials,
+    with_tls,
 )
 from tests.support.kubelet import expand
 
@@ -77,3 +82,27 @@ def test_user_names_may_not_hold_the_userinfo_separators() -> None:
     assert fits_raw_in_url("a:b@c")
     assert not fits_raw_in_url("a:b", username=True)
     assert not fits_raw_in_url("a@b", username=True)
+
+
+def test_tls_settings_verify_the_server_and_name_only_the_files_given() -> None:
+    assert tls_settings("/t/ca.pem", None, None) == {"ssl_cert_reqs": "required", "ssl_ca_certs": "/t/ca.pem"}
+    assert tls_settings(None, "/t/c.pem", "/t/k.pem") == {
+        "ssl_cert_reqs": "required",
+        "ssl_certfile": "/t/c.pem",
+        "ssl_keyfile": "/t/k.pem",
+    }
+
+
+@pytest.mark.parametrize("url", ["rediss://h:6380/1", "rediss://u@h:6380/1?health_check_interval=10"])
+def test_tls_settings_in_a_url_are_read_by_kombu_and_redis_py(url: str) -> None:
+    settings = tls_settings("/t/ca.pem", "/t/c.pem", "/t/k.pem")
+    with_files = with_tls(url, settings)
+    assert {k: v for k, v in parse_url(with_files).items() if k.startswith("ssl_")} == settings
+    kombu_ssl = kombu_parse_url(with_files)["ssl"]
+    assert kombu_ssl == {**settings, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert parse_url(with_files)["db"] == 1
+
+
+def test_tls_settings_go_into_every_url_of_a_failover_list() -> None:
+    url = with_tls("rediss://a:6380/0;rediss://b:6380/0", {"ssl_cert_reqs": "required"})
+    assert url == "rediss://a:6380/0?ssl_cert_reqs=required;rediss://b:6380/0?ssl_cert_reqs=required"

@@ -85,6 +85,52 @@ def test_credentials_from_secret_keys_are_put_together_in_the_pod() -> None:
     ]
 
 
+def test_tls_files_are_mounted_read_only_and_given_to_celery() -> None:
+    """CA and client certificate from one Secret, the key from another: one volume, a source per Secret,
+    and Celery's broker_use_ssl pointing at the files (kombu reads it for url and urlFrom alike)."""
+    pool = managed_pool()
+    document = pool.model_dump(by_alias=True, exclude_none=True)
+    document["spec"]["broker"] = {
+        "urlFrom": {"secretKeyRef": {"name": "broker", "key": "url"}},
+        "tls": {
+            "caFrom": {"secretKeyRef": {"name": "redis-tls", "key": "ca.crt"}},
+            "certFrom": {"secretKeyRef": {"name": "redis-tls", "key": "tls.crt"}},
+            "keyFrom": {"secretKeyRef": {"name": "redis-client-key", "key": "key"}},
+        },
+    }
+    pod = build_deployment(type(pool).model_validate(document), "u", 1)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["volumes"] == [
+        {
+            "name": "celery-broker-tls",
+            "projected": {
+                "sources": [
+                    {
+                        "secret": {
+                            "name": "redis-tls",
+                            "items": [{"key": "ca.crt", "path": "ca.crt"}, {"key": "tls.crt", "path": "tls.crt"}],
+                        }
+                    },
+                    {"secret": {"name": "redis-client-key", "items": [{"key": "key", "path": "tls.key"}]}},
+                ]
+            },
+        }
+    ]
+    assert container["volumeMounts"] == [
+        {"name": "celery-broker-tls", "mountPath": "/etc/celery-broker-tls", "readOnly": True}
+    ]
+    assert container["args"][-1] == (
+        'broker_use_ssl=(json){"ssl_cert_reqs":"required","ssl_ca_certs":"/etc/celery-broker-tls/ca.crt",'
+        '"ssl_certfile":"/etc/celery-broker-tls/tls.crt","ssl_keyfile":"/etc/celery-broker-tls/tls.key"}'
+    )
+
+
+def test_a_pool_without_tls_mounts_nothing() -> None:
+    pod = build_deployment(managed_pool(), "u", 1)["spec"]["template"]["spec"]
+    assert "volumes" not in pod and "volumeMounts" not in pod["containers"][0]
+    assert not any(arg.startswith("broker_use_ssl") for arg in pod["containers"][0]["args"])
+
+
 def test_grace_period_covers_the_longest_hard_limit() -> None:
     pool = load_pools(ROOT / "examples" / "pool-with-limits.yaml")[0]
     assert grace_seconds(pool.spec) == 3600 + 15

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ SEP = Channel.sep
 UNACKED = Channel.unacked_key
 UNACKED_INDEX = Channel.unacked_index_key
 _CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
+# OpenSSL reasons that mean a certificate or key is wrong (theirs or ours), not that the network is.
+_CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "PEM_LIB", "KEY_VALUES_MISMATCH")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,21 @@ def redis_client(url: str, master_name: str | None, timeout: float) -> redis.Red
         master_name, db=int(first.path or 0), username=first.username, password=first.password, **options
     )
     return master
+
+
+def tls_trouble(error: BaseException) -> tuple[bool, str]:
+    """(refused for good, what to say first) when `error` comes from a TLS connection: a certificate
+    or key the handshake refused is a Secret to fix, which retrying will not; a connection the broker
+    closes right after the handshake is what a broker that wants a client certificate does when it
+    gets none and its alert loses the race with our first command."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError) and any(word in (cause.reason or "") for word in _CERTIFICATE_REASONS):
+            return True, "TLS certificate refused (see broker.tls)"
+        if isinstance(cause, ssl.SSLEOFError) or "EOF occurred in violation of protocol" in str(cause):
+            return False, "the broker closed the TLS connection (does it want a client certificate? see broker.tls)"
+        cause = cause.__cause__ or cause.__context__
+    return False, ""
 
 
 def stamp_of(raw: bytes) -> float | None:
@@ -238,8 +256,10 @@ class RedisProbe:
             try:
                 return self._measure(names)
             except (RedisError, OSError) as error:
-                kind = BrokerAuthFailed if isinstance(error, AuthenticationError) else BrokerUnavailable
-                raise kind(self._url, f"{type(error).__name__}: {error}", self._secrets) from None
+                refused, hint = tls_trouble(error)
+                reason = f"{hint + ': ' if hint else ''}{type(error).__name__}: {error}"
+                kind = BrokerAuthFailed if refused or isinstance(error, AuthenticationError) else BrokerUnavailable
+                raise kind(self._url, reason, self._secrets) from None
 
     def close(self) -> None:
         self._client.close()

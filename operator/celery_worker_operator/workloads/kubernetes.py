@@ -9,14 +9,15 @@ removes the cheapest ready pods first.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ..spec import API_VERSION, KIND, CeleryWorkerPool, ValueFrom
-from ..urls import PASSWORD_ENV, USERNAME_ENV, with_credentials
+from ..spec import API_VERSION, KIND, BrokerTLS, CeleryWorkerPool, ValueFrom
+from ..urls import PASSWORD_ENV, USERNAME_ENV, tls_settings, with_credentials
 from . import WorkloadMissing, WorkloadState
 from .command import concurrency_from_args, grace_seconds, worker_args
 
@@ -24,6 +25,9 @@ POOL_LABEL = "celery-operator.dev/pool"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 BROKER_ENV = "CELERY_BROKER_URL"
 CONTAINER = "worker"
+TLS_VOLUME = "celery-broker-tls"
+TLS_DIR = "/etc/celery-broker-tls"
+TLS_FILES = {"ca_from": "ca.crt", "cert_from": "tls.crt", "key_from": "tls.key"}  # BrokerTLS field -> file
 
 
 def pool_labels(pool: CeleryWorkerPool) -> dict[str, str]:
@@ -55,6 +59,26 @@ def _from_secret(name: str, source: ValueFrom) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
+def tls_volume(tls: BrokerTLS) -> dict[str, Any]:
+    """The broker's CA, certificate and key as files in one read-only volume, from whichever Secrets
+    hold them (one projected source per Secret)."""
+    items: dict[str, list[dict[str, str]]] = {}
+    for field_name, path in TLS_FILES.items():
+        source: ValueFrom | None = getattr(tls, field_name)
+        if source is not None:
+            ref = source.secret_key_ref
+            items.setdefault(ref.name, []).append({"key": ref.key, "path": path})
+    sources = [{"secret": {"name": name, "items": files}} for name, files in items.items()]
+    return {"name": TLS_VOLUME, "projected": {"sources": sources}}
+
+
+def tls_arg(tls: BrokerTLS) -> str:
+    """Celery's `broker_use_ssl` pointing at the mounted files, as a trailing setting: it applies to the
+    URL from url and from urlFrom alike (neither sets ssl_* parameters, which would override it)."""
+    ca, cert, key = (f"{TLS_DIR}/{path}" if getattr(tls, name) else None for name, path in TLS_FILES.items())
+    return f"broker_use_ssl=(json){json.dumps(tls_settings(ca, cert, key), separators=(',', ':'))}"
+
+
 def crash_loop(pods: Iterable[Any]) -> str | None:
     """The first container waiting in CrashLoopBackOff, with the exit code and termination message
     of its last run (the end of its log, with `FallbackToLogsOnError`); None when none is."""
@@ -78,11 +102,12 @@ def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[st
     if worker is None:
         raise ValueError(f"pool {pool.metadata.name} adopts a Deployment; it has no managed one")
     labels = pool_labels(pool)
-    container = {
+    tls = pool.spec.broker.tls
+    container: dict[str, Any] = {
         "name": CONTAINER,
         "image": worker.image,
         "command": ["celery"],
-        "args": worker_args(pool.metadata.name, "$(POD_NAME)", pool.spec, worker),
+        "args": [*worker_args(pool.metadata.name, "$(POD_NAME)", pool.spec, worker), *([tls_arg(tls)] if tls else [])],
         # A worker that cannot start (a typo in the app) leaves Celery's reason in the pod's status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [
@@ -90,10 +115,11 @@ def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[st
             *broker_env(pool),
         ],
     }
-    template = {
-        "metadata": {"labels": labels},
-        "spec": {"terminationGracePeriodSeconds": grace_seconds(pool.spec), "containers": [container]},
-    }
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": grace_seconds(pool.spec), "containers": [container]}
+    if tls is not None:
+        container["volumeMounts"] = [{"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True}]
+        pod["volumes"] = [tls_volume(tls)]
+    template = {"metadata": {"labels": labels}, "spec": pod}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
