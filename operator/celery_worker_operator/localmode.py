@@ -154,6 +154,10 @@ class LocalRun:
             "replicas",
             f"{status.get('replicas', 0)} (desired {status.get('desiredReplicas', '-')})",
         )
+        for condition in status.get("conditions", []):
+            if condition["type"] == "Advice" and condition["status"] == "True":
+                for line in condition["message"].splitlines():
+                    numbers.add_row("advice", line)
         decisions = Table("time", "event", "reason", title="last decisions")
         for at, _, reason, message in list(self.reporter.events)[-EVENTS_SHOWN:]:
             decisions.add_row(time.strftime("%H:%M:%S", time.localtime(at)), reason, message)

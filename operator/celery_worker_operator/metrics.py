@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .advice import AdviceKind
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .policy import Decision, DecisionKind
 from .redact import redact
@@ -196,6 +197,7 @@ class PoolMetrics(Collector):
         yield from _pool_gauges(pools)
         yield from _queue_gauges(pools)
         yield from _pool_counters(pools)
+        yield _advice(pools)
         yield _conditions(pools)
         yield from _exporter_queue_gauges(pools)
         yield from _exporter_worker_gauges(pools)
@@ -249,6 +251,21 @@ def _pool_counters(pools: Pools) -> Iterator[Metric]:
             decisions.add_metric((*labels, direction, kind), count)
         errors.add_metric(labels, pool.broadcast_errors)
     yield from (decisions, errors)
+
+
+def _advice(pools: Pools) -> Metric:
+    """1 per advisor finding that holds now, 0 for the others, from the pool's `Advice` condition."""
+    family = GaugeMetricFamily(
+        f"{PREFIX}_advice", "Operations-guide pitfalls found in the pool (1) or not (0).", labels=(*POOL_LABELS, "kind")
+    )
+    for labels, pool in pools.items():
+        advice = next((c for c in pool.status.get("conditions", []) if c.get("type") == "Advice"), None)
+        if advice is None:
+            continue
+        found = set(advice["reason"].split(",")) if advice.get("status") == "True" else set()
+        for kind in AdviceKind:
+            family.add_metric((*labels, kind.value), float(kind.value in found))
+    return family
 
 
 def _conditions(pools: Pools) -> Metric:

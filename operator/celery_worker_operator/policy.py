@@ -47,6 +47,7 @@ class Limit(StrEnum):
     WITHIN_RANGE = "DesiredWithinRange"
     TOO_FEW = "TooFewReplicas"  # minReplicas raised it
     TOO_MANY = "TooManyReplicas"  # maxReplicas lowered it
+    TOO_MANY_TASKS = "TooManyTasks"  # maxConcurrentTasks / concurrency lowered it (below maxReplicas)
     UP_STABILIZED = "ScaleUpStabilized"  # the up window holds a lower count
     DOWN_STABILIZED = "ScaleDownStabilized"  # the down window holds a higher count
     UP_STEP = "ScaleUpLimit"  # maxStepPods / maxStepPercent per poll
@@ -157,9 +158,9 @@ def decide(
         return Decision(current, DecisionKind.DISABLED, Limit.WITHIN_RANGE, reason, current, terms)
     backlog = obs.backlog
     if backlog is None or obs.measured_at is None or obs.time - obs.measured_at > stale_after(spec):
-        return _hold(obs, spec)
+        return _hold(obs, spec, concurrency)
     raw, terms, why = _recommend(obs, backlog, spec, concurrency)
-    recommendation, limit = _clamp_why(raw, spec, Limit.WITHIN_RANGE)
+    recommendation, limit = _clamp_why(raw, spec, concurrency, Limit.WITHIN_RANGE)
     stabilized = _stabilize(current, recommendation, obs.time, spec, history)
     if stabilized != recommendation:
         limit = Limit.UP_STABILIZED if stabilized < recommendation else Limit.DOWN_STABILIZED
@@ -167,11 +168,12 @@ def decide(
     stepped = _limit_step(current, stabilized, spec, idle)
     if stepped != stabilized:
         limit = Limit.UP_STEP if stepped < stabilized else Limit.DOWN_STEP
-    replicas, limit = _clamp_why(stepped, spec, limit)
+    replicas, limit = _clamp_why(stepped, spec, concurrency, limit)
     if current == 0 and backlog > 0:
         replicas = max(replicas, 1)  # activation from zero never waits for a window
     terms = replace(terms, recommendation=recommendation, stabilized=stabilized, replicas=replicas, idle_workers=idle)
     kind = _kind(current, replicas, terms)
+    why += _cap_note(limit, spec, concurrency)
     return Decision(
         replicas, kind, limit, _explain(current, replicas, recommendation, stabilized, why), recommendation, terms
     )
@@ -219,7 +221,7 @@ def remember(
     return (*kept, Recommendation(now, decision.recommendation))
 
 
-def _hold(obs: Observation, spec: AutoscalingSpec) -> Decision:
+def _hold(obs: Observation, spec: AutoscalingSpec, concurrency: int) -> Decision:
     """No trustworthy broker numbers: never shrink below current (maxReplicas still binds).
 
     fallbackReplicas, when set and higher, is where the pool goes while it is blind.
@@ -227,10 +229,12 @@ def _hold(obs: Observation, spec: AutoscalingSpec) -> Decision:
     current = obs.current_replicas
     what = "broker numbers missing" if obs.measured_at is None or obs.backlog is None else "broker numbers stale"
     fallback = spec.fallback_replicas
-    replicas, limit = _clamp_why(current if fallback is None else max(current, fallback), spec, Limit.WITHIN_RANGE)
+    held = current if fallback is None else max(current, fallback)
+    replicas, limit = _clamp_why(held, spec, concurrency, Limit.WITHIN_RANGE)
     terms = Terms(current, replicas, current, fallback_replicas=fallback)
     kind = _crossing_zero(current, replicas) or (DecisionKind.BLIND if fallback is None else DecisionKind.FALLBACK)
     said = f" (fallbackReplicas {fallback})" if fallback is not None else ""
+    said += _cap_note(limit, spec, concurrency)
     return Decision(replicas, kind, limit, f"{what}: holding {replicas} replicas{said}", current, terms)
 
 
@@ -277,13 +281,35 @@ def _service_time(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None
     return None, "unknown"
 
 
-def _clamp_why(replicas: int, spec: AutoscalingSpec, limit: Limit) -> tuple[int, Limit]:
-    """Within min/max; the limit names the bound when one applied, else stays as given."""
+def task_ceiling(spec: AutoscalingSpec, concurrency: int) -> int | None:
+    """The most replicas whose slots stay within maxConcurrentTasks, or None without that cap."""
+    if spec.max_concurrent_tasks is None:
+        return None
+    return spec.max_concurrent_tasks // concurrency
+
+
+def _clamp_why(replicas: int, spec: AutoscalingSpec, concurrency: int, limit: Limit) -> tuple[int, Limit]:
+    """Within min/max and maxConcurrentTasks; the limit names the bound when one applied, else stays as given.
+
+    The task cap wins over minReplicas: it protects something outside the pool (a database's
+    connections), which a floor set for latency must not overrun.
+    """
     if replicas < spec.min_replicas:
-        return spec.min_replicas, Limit.TOO_FEW
-    if replicas > spec.max_replicas:
-        return spec.max_replicas, Limit.TOO_MANY
+        replicas, limit = spec.min_replicas, Limit.TOO_FEW
+    elif replicas > spec.max_replicas:
+        replicas, limit = spec.max_replicas, Limit.TOO_MANY
+    ceiling = task_ceiling(spec, concurrency)
+    if ceiling is not None and replicas > ceiling:
+        return ceiling, Limit.TOO_MANY_TASKS
     return replicas, limit
+
+
+def _cap_note(limit: Limit, spec: AutoscalingSpec, concurrency: int) -> str:
+    """The words that say maxConcurrentTasks bound the count, for the reason line and the Event."""
+    if limit is not Limit.TOO_MANY_TASKS:
+        return ""
+    ceiling = task_ceiling(spec, concurrency)
+    return f"; maxConcurrentTasks {spec.max_concurrent_tasks} / concurrency {concurrency} caps at {ceiling}"
 
 
 def _crossing_zero(current: int, replicas: int) -> DecisionKind | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
@@ -22,9 +22,19 @@ from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
 from .policy import wakes_early
-from .reconciler import Clock, Drainer, LimitsConverger, PassResult, PoolMemory, Reconciler, Reporter, Sources
+from .reconciler import (
+    Clock,
+    ControlReport,
+    Drainer,
+    LimitsConverger,
+    PassResult,
+    PoolMemory,
+    Reconciler,
+    Reporter,
+    Sources,
+)
 from .secrets import SecretMissing, SecretUnusable
-from .spec import AutoscalingSpec, CeleryWorkerPool, ConditionStatus, TransportOptions
+from .spec import AutoscalingSpec, CeleryWorkerPool, TransportOptions
 from .telemetry import TelemetryMonitors
 from .workloads import Workload, WorkloadMissing
 from .workloads.command import grace_seconds
@@ -183,14 +193,14 @@ def controller_hooks(
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool) -> tuple[ConditionStatus, str, str]:
-        settings = PoolSettings.from_spec(pool.spec)
+    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
+        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=members)
         result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
         if result is None:
-            return "Unknown", "Converging", "the first convergence pass is under way"
+            return ControlReport("Unknown", "Converging", "the first convergence pass is under way")
         if fresh:
             on_result(pool, result)
-        return result.condition
+        return ControlReport(*result.condition, workers=result.stats)
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
         hostnames = [worker_hostname(pool.metadata.name, member) for member in members]

@@ -15,21 +15,34 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from .advice import AdviceKind, Finding, PoolFacts, advise, settle
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
+from .control import WorkerStats
 from .naming import member_of
-from .policy import Decision, Observation, QueueObservation, Recommendation, decide, remember
+from .policy import Decision, Limit, Observation, QueueObservation, Recommendation, decide, remember
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadState, removal_order
+from .workloads.command import grace_seconds
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 DRAINED = -1  # the load a drained member is marked with: below any idle one
 Drainer = Callable[[CeleryWorkerPool, list[str]], list[str]]  # members -> those still busy at the deadline
-LimitsConverger = Callable[
-    [CeleryWorkerPool], tuple[ConditionStatus, str, str]
-]  # -> LimitsApplied (status, reason, message)
+
+
+@dataclass(frozen=True)
+class ControlReport:
+    """What the latest finished control pass found: the LimitsApplied condition and each worker's health."""
+
+    status: ConditionStatus
+    reason: str
+    message: str
+    workers: Mapping[str, WorkerStats] = field(default_factory=dict)
+
+
+LimitsConverger = Callable[[CeleryWorkerPool, int], ControlReport]  # (pool, workers it runs or is starting)
 
 
 class Telemetry(Protocol):
@@ -52,6 +65,10 @@ class PoolMemory:
     last_status: dict[str, Any] | None = None
     conditions: dict[str, Condition] = field(default_factory=dict)
     last_decision: LastDecision | None = None
+    capped: bool = False  # maxConcurrentTasks bound the last decision: its Event is sent once per episode
+    advice: dict[AdviceKind, tuple[Finding, int]] = field(default_factory=dict)  # findings in force (advice.settle)
+    baselines: dict[str, WorkerStats] = field(default_factory=dict)  # each worker's health when first seen
+    rate_members: tuple[tuple[float, int], ...] = ()  # (time, workers) over the down window: pool rate splits
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -129,11 +146,15 @@ class Reconciler:
         concurrency = measured.workload.concurrency or 1
         decision = decide(observation(now, measured), pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
+        self._note_cap(decision)
         self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
-        if sources.limits is not None:
-            status, reason, message = sources.limits(pool)
-            set_condition(self.memory, "LimitsApplied", status, reason, message, now, generation)
+        control = sources.limits(pool, self._rate_members(pool, measured, decision, now)) if sources.limits else None
+        if control is not None:
+            set_condition(
+                self.memory, "LimitsApplied", control.status, control.reason, control.message, now, generation
+            )
+        self._advise(pool, sources, measured, control.workers if control else {}, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
         return PassResult(decision, self.memory.last_status or {}, telemetry=measured.telemetry)
 
@@ -178,6 +199,54 @@ class Reconciler:
             limit=decision.limit,
         )
 
+    def _advise(
+        self,
+        pool: CeleryWorkerPool,
+        sources: Sources,
+        measured: Measurements,
+        workers: Mapping[str, WorkerStats],
+        now: float,
+        generation: int | None,
+    ) -> None:
+        """The `Advice` condition and one Warning per finding as it starts; never touches the decision."""
+        if workers:  # a worker's first numbers are its baseline for as long as it lives
+            kept = {w: b for w, b in self.memory.baselines.items() if w in workers}
+            self.memory.baselines = {**workers, **kept}
+        facts = PoolFacts(
+            pool.spec,
+            measured.telemetry,
+            measured.stats,
+            grace_seconds(pool.spec) if pool.spec.worker else None,
+            workers=workers,
+            baselines=self.memory.baselines,
+            broker_url=sources.broker_url,
+        )
+        self.memory.advice, started = settle(self.memory.advice, advise(facts))
+        for finding in started:
+            self.reporter.event("Warning", finding.kind.value, str(finding))
+        in_force = [finding for finding, _ in self.memory.advice.values()]
+        set_condition(self.memory, "Advice", *advice_condition(in_force), now, generation)
+
+    def _rate_members(self, pool: CeleryWorkerPool, measured: Measurements, decision: Decision, now: float) -> int:
+        """How many ways pool rates are split: the workers the pool runs or is starting (the new count
+        on a scale-up, so the running ones are lowered before the new ones take work), the highest
+        over the scale-down window. Shares fall at once and rise late: every change refills each
+        worker's token bucket, so a worker restarting within the window (a crash) changes nothing,
+        while one gone longer gives its share to the others."""
+        workload = measured.workload
+        members = decision.replicas if decision.replicas > workload.replicas else workload.ready_replicas
+        window = pool.spec.autoscaling.scale_down.stabilization_seconds
+        kept = [(at, count) for at, count in self.memory.rate_members if now - at < window]
+        self.memory.rate_members = (*kept, (now, members))
+        return max(count for _, count in self.memory.rate_members)
+
+    def _note_cap(self, decision: Decision) -> None:
+        """One Event when maxConcurrentTasks starts binding, so the user sees the downstream cap at work."""
+        capped = decision.limit is Limit.TOO_MANY_TASKS
+        if capped and not self.memory.capped:
+            self.reporter.event("Normal", Limit.TOO_MANY_TASKS.value, decision.reason)
+        self.memory.capped = capped
+
     def _drain(
         self, pool: CeleryWorkerPool, drain: Drainer, workload: WorkloadState, load: dict[str, int], count: int
     ) -> dict[str, int]:
@@ -206,6 +275,14 @@ class Reconciler:
         else:
             crashing = measured.workload.crash_loop
             set_condition(self.memory, "WorkersRunning", "False", "CrashLoopBackOff", crashing, now, generation)
+
+
+def advice_condition(findings: Sequence[Finding]) -> tuple[ConditionStatus, str, str]:
+    """`Advice`: True while the advisor finds something (reason: the kinds, comma-separated; message: a
+    line per finding), else False."""
+    if not findings:
+        return "False", "NoFindings", "nothing in the operations guide's pitfalls applies now"
+    return "True", ",".join(f.kind.value for f in findings), "\n".join(str(f) for f in findings)
 
 
 def set_condition(

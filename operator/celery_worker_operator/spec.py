@@ -388,6 +388,13 @@ class AutoscalingSpec(Model):
     task_duration_seconds: float | None = Field(
         None, gt=0, le=604800, description="Expected task duration, used until one is measured."
     )
+    max_concurrent_tasks: int | None = Field(
+        None,
+        ge=1,
+        le=1000000,
+        description="Most tasks the whole pool may run at once (replicas x concurrency), to protect a shared "
+        "downstream such as a database; binds below maxReplicas.",
+    )
 
     RULES = (
         Rule(
@@ -441,6 +448,12 @@ class LimitsSpec(Model):
         description="Task name -> soft/hard time limits in seconds.",
         json_schema_extra={"maxProperties": 200, "default": {}},
     )
+    pool_rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description='Task name -> rate such as "60/m" for the whole pool: each live worker gets its share, '
+        "re-sent whenever workers come or go.",
+        json_schema_extra={"maxProperties": 200, "default": {}},
+    )
 
     RULES = (
         Rule(
@@ -454,6 +467,18 @@ class LimitsSpec(Model):
             "timeLimits keys must be task names such as app.tasks.send_email",
             ".timeLimits",
             lambda lim: _task_names_valid(lim.time_limits),
+        ),
+        Rule(
+            f"self.poolRateLimits.all(k, k.matches(r'{TASK_NAME}'))",
+            "poolRateLimits keys must be task names such as app.tasks.send_email",
+            ".poolRateLimits",
+            lambda lim: _task_names_valid(lim.pool_rate_limits),
+        ),
+        Rule(
+            "self.poolRateLimits.all(k, !(k in self.rateLimits))",
+            "a task has either a per-worker rateLimits entry or a poolRateLimits entry, not both",
+            ".poolRateLimits",
+            lambda lim: not set(lim.pool_rate_limits) & set(lim.rate_limits),
         ),
     )
 
@@ -544,6 +569,17 @@ class CeleryWorkerPoolSpec(Model):
                 or not s.worker.disable_prefetch
                 or s.broker.url is None
                 or not s.broker.url.startswith("amqp")
+            ),
+        ),
+        Rule(
+            "!has(self.worker) || !has(self.autoscaling.maxConcurrentTasks) || "
+            "self.autoscaling.maxConcurrentTasks >= self.worker.concurrency",
+            "autoscaling.maxConcurrentTasks must allow at least one worker (>= worker.concurrency)",
+            ".autoscaling.maxConcurrentTasks",
+            lambda s: (
+                s.worker is None
+                or s.autoscaling.max_concurrent_tasks is None
+                or s.autoscaling.max_concurrent_tasks >= s.worker.concurrency
             ),
         ),
         Rule(

@@ -60,7 +60,7 @@ def pools_table(pools: Iterable[Mapping[str, Any]]) -> Table:
     table = Table(*LIST_COLUMNS, box=None, pad_edge=False)
     for pool in pools:
         status, meta = pool.get("status") or {}, pool["metadata"]
-        unwell = [c["type"] for c in status.get("conditions", []) if c["status"] != "True"]
+        unwell = [_needs_a_look(c) for c in status.get("conditions", []) if _needs_a_look(c)]
         decision = status.get("lastDecision") or {}
         table.add_row(
             meta["namespace"],
@@ -74,6 +74,14 @@ def pools_table(pools: Iterable[Mapping[str, Any]]) -> Table:
             f"{decision['from']}->{decision['to']} {decision.get('kind') or ''}".strip() if decision else "-",
         )
     return table
+
+
+def _needs_a_look(condition: Mapping[str, Any]) -> str:
+    """The condition's type when it needs a look, else "": False for most, True for `Advice` (then
+    with the kinds found, `Advice:PrefetchImbalance`)."""
+    if condition["type"] == "Advice":
+        return f"Advice:{condition['reason']}" if condition["status"] == "True" else ""
+    return condition["type"] if condition["status"] != "True" else ""
 
 
 def document(pool: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.reconciler import member_load
 from tests.support.local_app import app, record
@@ -53,6 +54,8 @@ def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: 
     step_until(local_run, lambda: local_run.workload.observe().replicas == 0, timeout=40)
     assert local_run.reporter.scale_events >= 2
     assert ran(local_run, "started") == ran(local_run, "ended"), "scale-down interrupted a running task"
+    advised = [reason for _, _, reason, _ in local_run.reporter.events if reason in {k.value for k in AdviceKind}]
+    assert advised == [], "a healthy pool under a burst raised advice"
 
 
 def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(

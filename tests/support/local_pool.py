@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -32,8 +33,12 @@ def local_pool_run(
     poll_seconds: float = 1,
     app: str = "tests.support.local_app:app",
     min_replicas: int = 0,
+    spec: Mapping[str, Any] | None = None,
 ) -> Iterator[LocalRun]:
-    """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards."""
+    """A fresh pool (queue named like it), polled every second unless told; its workers and keys go afterwards.
+
+    `spec` adds fields to the pool's spec, section by section (`{"autoscaling": {...}, "limits": {...}}`).
+    """
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "operator"), str(ROOT)]))
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # for the test's own sends and reads
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -54,12 +59,16 @@ def local_pool_run(
             },
         }
     )  # fmt: skip
+    if spec:
+        pool = parse_pool(_merged(pool.model_dump(mode="json", by_alias=True, exclude_none=True), {"spec": spec}))
     run = LocalRun(pool, redis_url, cwd=ROOT, telemetry_window=10.0, metrics=metrics or PoolMetrics())
     try:
         yield run
     finally:
         run.close()
-        redis.Redis.from_url(redis_url).delete(name, f"{name}:started", f"{name}:ended", f"{name}:waits")
+        redis.Redis.from_url(redis_url).delete(
+            name, f"{name}:started", f"{name}:ended", f"{name}:waits", f"{name}:done"
+        )
 
 
 def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) -> int:
@@ -72,3 +81,12 @@ def step_until(run: LocalRun, done: object, timeout: float, every: float = 1.0) 
             return passes
         time.sleep(every)
     raise AssertionError(f"not done after {timeout} s; last status {run.reporter.status_now}")
+
+
+def _merged(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `more` laid over it, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in more.items():
+        old = merged.get(key)
+        merged[key] = _merged(old, value) if isinstance(old, Mapping) and isinstance(value, Mapping) else value
+    return merged

@@ -11,8 +11,10 @@ from celery_worker_operator.control import (
     PoolSettings,
     TimeLimits,
     WorkerSettings,
+    describe_shares,
     limits_condition,
     plan_convergence,
+    split_rate,
     validate,
     worker_start_settings,
 )
@@ -158,11 +160,16 @@ def test_settings_from_a_spec() -> None:
             "broker": {"url": "redis://redis:6379/0"},
             "queues": ["a", "b"],
             "scaleTargetRef": {"name": "workers"},
-            "limits": {"rateLimits": {TASK: "6/m"}, "timeLimits": {OTHER: {"hard": 30}}},
+            "autoscaling": {"maxReplicas": 6},
+            "limits": {
+                "rateLimits": {TASK: "6/m"},
+                "timeLimits": {OTHER: {"hard": 30}},
+                "poolRateLimits": {"app.third": "60/m"},
+            },
         }
     )
     assert PoolSettings.from_spec(spec) == PoolSettings(
-        frozenset({"a", "b"}), {TASK: "6/m"}, {OTHER: TimeLimits(None, 30)}
+        frozenset({"a", "b"}), {TASK: "6/m"}, {OTHER: TimeLimits(None, 30)}, {"app.third": "60/m"}, most_workers=6
     )
 
 
@@ -243,3 +250,80 @@ def test_the_planner_and_reply_reader_are_pure(module: str) -> None:
     names = imported(PACKAGE / "control" / module)
     assert not names & IO_MODULES, f"{module} imports I/O: {names & IO_MODULES}"
     assert not {n.lstrip(".") for n in names if n.startswith(".")} & (ADAPTERS - {"control"})
+
+
+# --- pool rate limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "count", "shares"),
+    [
+        pytest.param("60/m", 1, ["60/m"], id="one-worker-has-it-all"),
+        pytest.param("60/m", 3, ["20/m"] * 3, id="even-split"),
+        pytest.param("60/m", 7, ["9/m"] * 4 + ["8/m"] * 3, id="remainder-spread-over-the-first"),
+        pytest.param("5/m", 6, ["50/h"] * 6, id="fewer-than-workers-goes-to-a-longer-unit"),
+        pytest.param("2/s", 3, ["40/m"] * 3, id="seconds-to-minutes"),
+        pytest.param("1.5/s", 2, ["45/m"] * 2, id="fractional-rate-in-whole-minutes"),
+        pytest.param("5/h", 6, ["0.833333/h"] * 6, id="fractional-shares-never-zero"),
+    ],
+)
+def test_split_rate_adds_up_and_never_says_unlimited(rate: str, count: int, shares: list[str]) -> None:
+    split = split_rate(rate, count)
+    assert split == shares
+    assert all(per_second(share) > 0 for share in split)
+    assert sum(per_second(share) for share in split) == pytest.approx(per_second(rate), rel=1e-5)
+
+
+def test_pool_rates_are_shared_by_the_live_workers_and_resent_when_they_change() -> None:
+    desired = PoolSettings(frozenset({"q"}), pool_rate_limits={TASK: "60/m"})
+    one = plan_convergence(desired, {"p@a": worker({"q"})})
+    assert sent(one.commands) == ["rate_limit app.send 60/m -> p@a"]
+    three = {w: worker({"q"}, {TASK: "60/m"}) for w in ("p@a",)} | {"p@b": worker({"q"}), "p@c": worker({"q"})}
+    assert sent(plan_convergence(desired, three, one.defaults).commands) == ["rate_limit app.send 20/m -> p@a,p@b,p@c"]
+    # p@c stays silent this pass: it still runs at its share, so the others do not take it.
+    silent = plan_convergence(desired, {"p@a": worker({"q"}, {TASK: "20/m"})}, live=["p@a", "p@b", "p@c"])
+    assert silent.commands == ()
+    # One of three crashed: the two left share the whole rate.
+    two = plan_convergence(desired, {w: worker({"q"}, {TASK: "20/m"}) for w in ("p@a", "p@b")})
+    assert sent(two.commands) == ["rate_limit app.send 30/m -> p@a,p@b"]
+
+
+def test_the_shares_in_force_are_named_in_the_condition() -> None:
+    desired = PoolSettings(frozenset({"q"}), pool_rate_limits={TASK: "60/m"})
+    workers = [f"p@{n}" for n in "abcdefg"]
+    plan = plan_convergence(desired, {w: worker({"q"}) for w in workers})
+    said = describe_shares(desired.pool_rate_limits, plan.shares)
+    assert said == "pool rates: app.send 60/m = 9/m x 4 + 8/m x 3"
+    condition = limits_condition(workers, [], [], shares_in_force=said)
+    assert condition.reason == "Applied" and condition.message.endswith(said)
+
+
+def test_removing_a_pool_rate_restores_the_default_each_worker_had() -> None:
+    declared = worker({"q"}, {TASK: "100/m"})
+    first = plan_convergence(PoolSettings(frozenset({"q"}), pool_rate_limits={TASK: "60/m"}), {"p@a": declared})
+    assert first.defaults.rate_limits == {TASK: "100/m"}
+    removed = plan_convergence(pool({"q"}), {"p@a": worker({"q"}, {TASK: "60/m"})}, first.defaults)
+    assert sent(removed.commands) == ["rate_limit app.send 100/m -> p@a"]
+
+
+def test_a_task_with_both_a_worker_and_a_pool_rate_keeps_the_worker_rate_and_says_so() -> None:
+    valid, problems = validate(PoolSettings(frozenset({"q"}), {TASK: "6/m"}, pool_rate_limits={TASK: "60/m"}))
+    assert valid.rate_limits == {TASK: "6/m"} and valid.pool_rate_limits == {}
+    assert [p.message for p in problems] == [f"pool rate limit for {TASK}: the task has a per-worker rate too"]
+
+
+def test_new_workers_start_with_the_share_at_the_largest_size_and_that_is_not_taken_for_a_default() -> None:
+    desired = PoolSettings(frozenset({"q"}), pool_rate_limits={TASK: "60/m"}, most_workers=7)
+    assert worker_start_settings(desired) == {"task_annotations": '(json){"app.send": {"rate_limit": "8/m"}}'}
+    fresh = {"p@a": worker({"q"}, {TASK: "8/m"}), "p@b": worker({"q"}, {TASK: "8/m"})}
+    plan = plan_convergence(desired, fresh)
+    assert sent(plan.commands) == ["rate_limit app.send 30/m -> p@a,p@b"]
+    assert plan.defaults.rate_limits == {TASK: None}, "removing the pool rate must not leave 8/m behind"
+
+
+def test_pool_rates_split_over_the_replicas_the_pool_is_set_to_when_more_than_answer() -> None:
+    growing = PoolSettings(frozenset({"q"}), pool_rate_limits={TASK: "60/m"}, expected_workers=6)
+    running = {w: worker({"q"}, {TASK: "20/m"}) for w in ("p@a", "p@b", "p@c")}
+    plan = plan_convergence(growing, running)
+    assert sent(plan.commands) == ["rate_limit app.send 10/m -> p@a,p@b,p@c"], "lowered before the new ones start"
+    assert describe_shares(growing.pool_rate_limits, plan.shares) == "pool rates: app.send 60/m = 10/m x 3"

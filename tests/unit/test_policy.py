@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_worker_operator.policy import Observation, QueueObservation, Recommendation, decide, remember, wakes_early
+from celery_worker_operator.policy import (
+    Limit,
+    Observation,
+    QueueObservation,
+    Recommendation,
+    decide,
+    remember,
+    wakes_early,
+)
 from celery_worker_operator.spec import AutoscalingSpec, ScaleDown, ScaleUp
 
 NOW = 1000.0
@@ -271,6 +279,51 @@ CASES = [
         "holding 6",
     ),
     (
+        "maxConcurrentTasks 12 at concurrency 4 caps a large backlog at 3 replicas",
+        observe(depth=5000, current=1, arrival_rate=0.0, service_time_mean=2.0, busy_slots=4),
+        scaling(max_concurrent_tasks=12),
+        4,
+        (),
+        3,
+        "maxConcurrentTasks 12 / concurrency 4 caps at 3",
+    ),
+    (
+        "maxConcurrentTasks rounds down: 13 slots at concurrency 4 are 3 replicas",
+        observe(depth=5000, current=3, arrival_rate=0.0, service_time_mean=2.0, busy_slots=12),
+        scaling(max_concurrent_tasks=13),
+        4,
+        (),
+        3,
+        "caps at 3",
+    ),
+    (
+        "maxConcurrentTasks wins over minReplicas",
+        observe(depth=0, current=5, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
+        scaling(min_replicas=5, max_concurrent_tasks=8),
+        4,
+        (),
+        2,
+        "scale down 5 -> 2",
+    ),
+    (
+        "maxConcurrentTasks binds a blind pool too",
+        observe(depth=None, current=6),
+        scaling(max_concurrent_tasks=16),
+        4,
+        (),
+        4,
+        "holding 4",
+    ),
+    (
+        "maxConcurrentTasks above maxReplicas x concurrency leaves maxReplicas to bind",
+        observe(depth=5000, current=1, arrival_rate=0.0, service_time_mean=2.0, busy_slots=4),
+        scaling(max_replicas=5, max_concurrent_tasks=1000),
+        4,
+        (),
+        5,
+        "scale up 1 -> 5",
+    ),
+    (
         "disabled autoscaling leaves replicas alone",
         observe(depth=500, current=3),
         scaling(enabled=False),
@@ -296,6 +349,15 @@ def test_policy_rule(
     decision = decide(obs, spec, concurrency, history)
     assert decision.replicas == expected, decision.reason
     assert reason in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("cap", "concurrency", "limit"),
+    [(12, 4, Limit.TOO_MANY_TASKS), (400, 4, Limit.TOO_MANY), (None, 4, Limit.TOO_MANY)],
+)
+def test_the_limit_names_which_ceiling_bound(cap: int | None, concurrency: int, limit: Limit) -> None:
+    obs = observe(depth=5000, current=1, arrival_rate=0.0, service_time_mean=2.0, busy_slots=4)
+    assert decide(obs, scaling(max_replicas=10, max_concurrent_tasks=cap), concurrency).limit == limit
 
 
 def test_guide_example_terms_show_the_working() -> None:
@@ -358,6 +420,7 @@ maybe_time = st.one_of(st.none(), st.floats(min_value=0.001, max_value=7200))
     busy=st.one_of(st.none(), st.integers(min_value=0, max_value=500)),
     concurrency=st.integers(min_value=1, max_value=64),
     history=st.lists(st.integers(min_value=0, max_value=80), max_size=6),
+    cap=st.one_of(st.none(), st.integers(min_value=64, max_value=2000)),
 )
 def test_replicas_always_within_bounds_and_never_shrink_blind(
     bounds: tuple[int, int],
@@ -368,11 +431,15 @@ def test_replicas_always_within_bounds_and_never_shrink_blind(
     busy: int | None,
     concurrency: int,
     history: list[int],
+    cap: int | None,
 ) -> None:
     low, high = bounds
-    spec = scaling(min_replicas=low, max_replicas=high)
+    spec = scaling(min_replicas=low, max_replicas=high, max_concurrent_tasks=cap)
     obs = observe(depth=depth, current=current, service_time_mean=service, arrival_rate=arrival, busy_slots=busy)
     decision = decide(obs, spec, concurrency, past(*history))
-    assert low <= decision.replicas <= high
+    ceiling = high if cap is None else min(high, cap // concurrency)
+    assert decision.replicas <= ceiling
+    assert decision.replicas * concurrency <= (cap or decision.replicas * concurrency)
+    assert decision.replicas >= min(low, ceiling)
     if depth is None:
-        assert decision.replicas >= min(current, high)
+        assert decision.replicas >= min(current, ceiling)

@@ -12,7 +12,7 @@ from celery_worker_operator.brokers import BrokerUnavailable, QueueStats
 from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.metrics import PoolMetrics
 from celery_worker_operator.pool_loop import PoolLoop
-from celery_worker_operator.reconciler import PassResult, PoolMemory, Reconciler, Sources
+from celery_worker_operator.reconciler import ControlReport, PassResult, PoolMemory, Reconciler, Sources
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.telemetry import PoolTelemetry
 from celery_worker_operator.workloads import WorkloadMissing, WorkloadState
@@ -50,9 +50,17 @@ class FakeProbe:
 
 @dataclass
 class FakeTelemetry:
+    task_events: bool = True
+
     def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
         return PoolTelemetry(
-            pool=pool, observed_seconds=60.0, task_events=True, busy_slots=0, live_workers=0, workers={}, tasks={}
+            pool=pool,
+            observed_seconds=60.0,
+            task_events=self.task_events,
+            busy_slots=0,
+            live_workers=0,
+            workers={},
+            tasks={},
         )
 
 
@@ -62,11 +70,12 @@ class FakeWorkload:
     missing: bool = False
     crash_loop: str | None = None
     scaled: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    down: int = 0  # replicas not ready (a crashed worker waiting for its restart)
 
     def observe(self) -> WorkloadState:
         if self.missing:
             raise WorkloadMissing("Deployment default/p not found")
-        return WorkloadState(self.replicas, self.replicas, concurrency=2, crash_loop=self.crash_loop)
+        return WorkloadState(self.replicas, self.replicas - self.down, concurrency=2, crash_loop=self.crash_loop)
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         self.scaled.append((replicas, dict(load)))
@@ -127,6 +136,62 @@ def test_a_scale_is_one_event_with_its_reason_and_status_is_written_only_on_chan
     clock.now += 1
     rec.reconcile(pool())
     assert len(reporter.statuses) == writes and len(reporter.events) == 1 and workload.scaled == []
+
+
+def test_max_concurrent_tasks_says_once_when_it_starts_binding() -> None:
+    probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
+    rec, reporter, clock = reconciler(probe, workload)
+    for _ in range(3):
+        rec.reconcile(pool(maxConcurrentTasks=6))
+        clock.now += 1
+    assert workload.replicas == 3  # 6 tasks / concurrency 2
+    capped = [message for _, reason, message in reporter.events if reason == "TooManyTasks"]
+    assert len(capped) == 1 and "maxConcurrentTasks 6 / concurrency 2 caps at 3" in capped[0]
+    probe.depth = 0
+    rec.reconcile(pool(maxConcurrentTasks=6))
+    probe.depth = 300
+    rec.reconcile(pool(maxConcurrentTasks=6))
+    assert [reason for _, reason, _ in reporter.events].count("TooManyTasks") == 2, "a new episode is told again"
+
+
+def test_advice_is_one_warning_when_it_starts_a_condition_while_it_holds_and_never_moves_replicas() -> None:
+    probe, workload, telemetry = FakeProbe(depth=0), FakeWorkload(replicas=2), FakeTelemetry(task_events=False)
+    reporter, clock = FakeReporter(), Clock()
+    rec = Reconciler(reporter, None, clock)
+    sources = Sources(probe, telemetry, workload)
+    quiet = rec.reconcile(pool(minReplicas=2), sources)
+    for _ in range(2):
+        clock.now += 1
+        rec.reconcile(pool(minReplicas=2), sources)
+    assert [r for _, r, _ in reporter.events] == ["EventsDisabled"] and workload.scaled == []
+    advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
+    assert advice["status"] == "True" and "worker.events: true" in advice["message"]
+    assert quiet.decision is not None and quiet.decision.replicas == 2
+    telemetry.task_events = True
+    for _ in range(3):  # gone for three passes in a row: cleared
+        clock.now += 1
+        rec.reconcile(pool(minReplicas=2), sources)
+    advice = {c["type"]: c for c in rec.memory.last_status["conditions"]}["Advice"]  # type: ignore[index]
+    assert (advice["status"], advice["reason"]) == ("False", "NoFindings")
+
+
+def test_pool_rates_split_over_the_new_count_at_once_and_over_fewer_workers_only_after_the_down_window() -> None:
+    probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
+    told: list[int] = []
+
+    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
+        told.append(members)
+        return ControlReport("True", "Applied", "ok")
+
+    reporter, clock = FakeReporter(), Clock()
+    rec = Reconciler(reporter, None, clock)
+    sources = Sources(probe, FakeTelemetry(), workload, limits)
+    rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)  # scales up 1 -> 5
+    workload.down = 1  # one of five crashed and waits for its restart
+    for _ in range(2):
+        clock.now += 6
+        rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)
+    assert told == [5, 5, 4], "the others' shares rise once four held for the 10 s down window"
 
 
 def test_blind_passes_hold_replicas_and_say_why_without_the_password() -> None:

@@ -170,6 +170,23 @@ BROKEN = [
     ("fallback above max", mutate("spec.autoscaling", {"maxReplicas": 3, "fallbackReplicas": 4}), "fallbackReplicas"),
     ("unknown scale-down mode", mutate("spec.autoscaling", {"scaleDown": {"mode": "random"}}), "scaleDown.mode"),
     ("zero step percent", mutate("spec.autoscaling", {"scaleUp": {"maxStepPercent": 0}}), "maxStepPercent"),
+    (
+        "maxConcurrentTasks below concurrency",
+        mutate("spec.autoscaling", {"maxConcurrentTasks": 3}, spec__worker__concurrency=4),
+        "autoscaling.maxConcurrentTasks",
+    ),
+    ("zero maxConcurrentTasks", mutate("spec.autoscaling", {"maxConcurrentTasks": 0}), "maxConcurrentTasks"),
+    (
+        "pool rate keyed by a non-task",
+        mutate("spec.limits.poolRateLimits", {"not a task": "1/s"}),
+        "limits.poolRateLimits",
+    ),
+    (
+        "task with both a worker and a pool rate",
+        mutate("spec.limits.poolRateLimits", {"shop.tasks.send": "60/m"}),
+        "limits.poolRateLimits",
+    ),
+    ("pool rate with a word unit", mutate("spec.limits.poolRateLimits", {"a.b": "1/day"}), "limits.poolRateLimits"),
     ("rate with a word unit", mutate("spec.limits.rateLimits", {"shop.tasks.send": "200/min"}), "limits.rateLimits"),
     ("rate keyed by a non-task", mutate("spec.limits.rateLimits", {"not a task": "1/s"}), "limits.rateLimits"),
     (

@@ -98,3 +98,13 @@ def test_latest_keeps_the_newest_events_and_reads_either_timestamp() -> None:
 def test_ages_round_as_kubectl_does(seconds: int, shown: str) -> None:
     assert age("2026-12-03T10:20:23Z", SCALED_UP_AT + timedelta(seconds=seconds)) == shown
     assert age(None, SCALED_UP_AT) == "-"
+
+
+def test_the_list_names_advice_when_it_holds_and_not_when_nothing_is_found() -> None:
+    memory, now = PoolMemory(), SCALED_UP_AT.timestamp()
+    set_condition(memory, "Advice", "False", "NoFindings", "nothing applies", now, 2)
+    quiet = {"metadata": {"namespace": "shop", "name": "orders"}, "status": build_status(None, None, memory, 2)}
+    set_condition(memory, "Advice", "True", "PrefetchImbalance,EventsDisabled", "...", now, 2)
+    advised = {"metadata": {"namespace": "shop", "name": "mails"}, "status": build_status(None, None, memory, 2)}
+    _, quiet_line, advised_line = (line.split() for line in text(pools_table([quiet, advised])).splitlines()[:3])
+    assert quiet_line[-2] == "-" and advised_line[-2] == "Advice:PrefetchImbalance,EventsDisabled"

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -32,17 +32,22 @@ from .plan import (
     Outcome,
     PoolSettings,
     WorkerSettings,
+    WorkerStats,
+    describe_shares,
     limits_condition,
     plan_convergence,
     validate,
 )
-from .wire import TASK_INFO, reply_error, worker_settings
+from .wire import TASK_INFO, reply_error, worker_settings, worker_stats
 
 log = logging.getLogger(__name__)
 
 # The only commands this module ever sends: discovery, two inspections, and the four it manages.
 COMMANDS = frozenset(
-    {"ping", "active_queues", "registered", "active", "rate_limit", "time_limit", "add_consumer", "cancel_consumer"}
+    {
+        *("ping", "active_queues", "registered", "active", "stats", "conf"),
+        *("rate_limit", "time_limit", "add_consumer", "cancel_consumer"),
+    }
 )
 DRAIN_POLL_SECONDS = 0.5
 BACKGROUND_PASSES = 4  # pools converged at the same time, off their sizing loops
@@ -58,6 +63,7 @@ class ConvergeResult:
     errors: tuple[Outcome, ...]  # (worker, message); worker None for a spec entry not sent
     unreachable: tuple[str, ...]
     condition: Condition
+    stats: Mapping[str, WorkerStats] = field(default_factory=dict)  # the health of each worker that answered
 
 
 class PoolController:
@@ -176,7 +182,7 @@ class PoolController:
         draining.intersection_update(discovered)  # a drained worker that is gone is done
         workers = [w for w in discovered if w not in draining]
         observed, errors, silent = self._observe(app, workers)
-        plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()))
+        plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()), live=workers)
         self._defaults[key] = plan.defaults
         confirmed, refused, unanswered = self._send(app, plan.commands)
         applied = [Outcome(worker, str(command)) for worker, command in confirmed]
@@ -187,8 +193,17 @@ class PoolController:
         pending = self._restart_pending.setdefault(key, set())
         pending.intersection_update(workers)  # a worker gone (or restarted under a new name) is done
         pending.update(worker for worker, command in confirmed if command.name == "time_limit")
-        condition = limits_condition(workers, errors, unreachable, pending)
-        return ConvergeResult(tuple(workers), tuple(applied), tuple(errors), tuple(unreachable), condition)
+        shares = describe_shares(valid.pool_rate_limits, plan.shares)
+        condition = limits_condition(workers, errors, unreachable, pending, shares)
+        health = self._health(app, list(observed))
+        return ConvergeResult(tuple(workers), tuple(applied), tuple(errors), tuple(unreachable), condition, health)
+
+    def _health(self, app: Celery, workers: Sequence[str]) -> dict[str, WorkerStats]:
+        """`stats` and `conf` of the workers that answered this pass, for the advisor (asked once: a
+        worker too slow for it is left out of this pass's advice, not retried)."""
+        stats = self._ask(app, "stats", {}, workers, attempts=1)
+        conf = self._ask(app, "conf", {"with_defaults": False}, list(stats), attempts=1)
+        return {worker: worker_stats(stats[worker], conf.get(worker)) for worker in stats}
 
     def _discover(self, app: Celery, pool: str) -> list[str]:
         """The pool's workers that answer a ping: the one broadcast without a destination.
@@ -233,13 +248,20 @@ class PoolController:
                     applied.append((worker, command))
         return applied, refused, silent
 
-    def _ask(self, app: Celery, name: str, arguments: Mapping[str, Any], workers: Sequence[str]) -> dict[str, Any]:
+    def _ask(
+        self,
+        app: Celery,
+        name: str,
+        arguments: Mapping[str, Any],
+        workers: Sequence[str],
+        attempts: int | None = None,
+    ) -> dict[str, Any]:
         """Replies by worker to `name`, sent only to `workers`; the silent are asked again, waiting longer."""
         if name not in COMMANDS:
             raise ValueError(f"control command {name!r} is not one the operator sends")
         replies: dict[str, Any] = {}
         missing = list(workers)
-        for attempt in range(self.attempts):
+        for attempt in range(self.attempts if attempts is None else attempts):
             if not missing:
                 break
             answers = app.control.broadcast(

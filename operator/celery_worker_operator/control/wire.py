@@ -3,14 +3,16 @@
 - `active_queues` -> a list of `Queue.as_dict()` dicts, each with a `name`;
 - `registered(*items)` -> strings `"task.name [rate_limit=6/m time_limit=2.0]"`, where an item is
   listed only when not None and its value is `str()` of the attribute (no spaces: rates and numbers);
-- a control command -> `{"ok": text}` or `{"error": text}`.
+- a control command -> `{"ok": text}` or `{"error": text}`;
+- `stats` -> the worker's `stats()`: `rusage.maxrss`, `total` {task: count}, `prefetch_count`, ...;
+- `conf` -> its changed settings (`with_defaults=False`), e.g. `broker_transport_options`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .plan import TimeLimits, WorkerSettings
+from .plan import TimeLimits, WorkerSettings, WorkerStats
 
 TASK_INFO = ("rate_limit", "time_limit", "soft_time_limit")  # what `registered` is asked to report
 
@@ -51,3 +53,24 @@ def reply_error(reply: Any) -> str | None:
     if isinstance(reply, dict) and "error" in reply:
         return str(reply["error"])
     return f"unexpected reply {reply!r}"
+
+
+def worker_stats(stats: Any, conf: Any) -> WorkerStats:
+    """One worker's health numbers from its `stats` and `conf` replies; what is not there stays None."""
+    stats = stats if isinstance(stats, dict) else {}
+    conf = conf if isinstance(conf, dict) else {}
+    rusage = stats.get("rusage") if isinstance(stats.get("rusage"), dict) else {}
+    totals = stats.get("total")
+    options = conf.get("broker_transport_options")
+    visibility = options.get("visibility_timeout") if isinstance(options, dict) else None
+    return WorkerStats(
+        rss_kib=_integer(rusage.get("maxrss")),
+        processed=sum(_integer(n) or 0 for n in totals.values()) if isinstance(totals, dict) else None,
+        prefetch_count=_integer(stats.get("prefetch_count")),
+        eta_task_limit=_integer(conf.get("worker_eta_task_limit")),
+        visibility_timeout=float(visibility) if isinstance(visibility, int | float) else None,
+    )
+
+
+def _integer(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
