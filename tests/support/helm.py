@@ -27,7 +27,7 @@ def helm_bin() -> Path:
 
 @dataclass
 class Helm:
-    """`helm` with the cluster's admin kubeconfig and its own cache, config and data folders."""
+    """`helm` with the cluster's admin kubeconfig and its own home, cache, config and data folders."""
 
     binary: Path
     cluster: Cluster
@@ -46,6 +46,7 @@ class Helm:
             "HELM_CACHE_HOME": str(self.home / "cache"),
             "HELM_CONFIG_HOME": str(self.home / "config"),
             "HELM_DATA_HOME": str(self.home / "data"),
+            "HOME": str(self.home),  # its Kubernetes client's discovery cache: ~/.kube/cache
             "PATH": "/usr/bin:/bin",
         }
         return subprocess.run(
