@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Helm for the tests, built from the Go module helm.sh/helm/v4 (pinned in tools/helm/go.mod) the way
 # scripts/cluster.sh builds the control plane and scripts/prometheus.sh builds Prometheus.
-#   scripts/helm.sh build    build .helm/bin/helm from tools/helm (cold: ~130 MB of modules and
-#                            ~4 CPU-minutes; seconds warm)
+#   scripts/helm.sh build    build .helm/bin/helm from tools/helm (cold: ~430 MB of module sources and
+#                            ~4.6 CPU-minutes, 6.5 min on a busy 2-core machine; seconds warm)
 #   scripts/helm.sh ensure   build only when the binary is missing or older than tools/helm
 #   scripts/helm.sh path     print the folder holding the binary
 # CWO_HELM_BIN overrides the folder (a shared, already-built one, for example).
