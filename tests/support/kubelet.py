@@ -19,7 +19,8 @@ for the pods it is given (one namespace, and/or a label selector):
 - a process that exits on its own is reported (terminated, exit code, ``restartCount``) and
   restarted per ``restartPolicy`` (Always, OnFailure, Never) after a short back-off.
 
-No probes, init containers or images, and no volumes but one kind: the process runs in the test's
+No init containers or images, no probes but through ``ready_when`` (``http_readiness`` runs the
+container's readinessProbe.httpGet), and no volumes but one kind: the process runs in the test's
 environment (the test process's environment plus the pod's env; the test interpreter's folder first
 on PATH, so ``python`` and ``celery`` are the venv's). With ``api_server`` (the API server's URL) a
 pod gets in-cluster API access as a kubelet gives it: ``KUBERNETES_SERVICE_HOST``/``_PORT`` naming
@@ -657,6 +658,9 @@ class ProcessKubelet:
             return [(token["path"], json.loads(response.data)["status"]["token"])]
         if ref := item.get("configMap"):
             data = self._config_map(meta["namespace"], ref["name"], ref.get("optional", False))
+            missing = [entry["key"] for entry in ref.get("items", []) if entry["key"] not in data]
+            if missing:
+                raise ConfigError(f"configmap {ref['name']!r} has no key {missing[0]!r} (yet)")
             return [(entry["path"], data[entry["key"]]) for entry in ref.get("items", [])]
         if ref := item.get("downwardAPI"):
             return [(entry["path"], self._field(pod, entry["fieldRef"]["fieldPath"])) for entry in ref["items"]]
