@@ -218,10 +218,14 @@ class Reconciler:
         set_condition(self.memory, type_, "False", "FieldConflict", conflict, self.clock(), generation)
 
     def _recommend(self, decision: Decision, current: int) -> None:
-        """Recommend mode: a Normal "would scale" Event each time the count it would set changes."""
-        if decision.replicas != current and decision.replicas != self.memory.recommended:
-            reason = "WouldScaleUp" if decision.replicas > current else "WouldScaleDown"
-            self._event("Normal", reason, f"would {decision.reason}")
+        """Recommend mode: a Normal "would scale" Event each time the recommended count moves, from the
+        last recommended count (at first, the current one) to the new one, with the policy's reasons."""
+        before = current if self.memory.recommended is None else self.memory.recommended
+        if decision.replicas != before:
+            up = decision.replicas > before
+            why = decision.reason.partition(": ")[2]
+            message = f"would scale {'up' if up else 'down'} {before} -> {decision.replicas}: {why}"
+            self._event("Normal", "WouldScaleUp" if up else "WouldScaleDown", message)
         self.memory.recommended = decision.replicas
 
     def _mode_condition(self, mode: Steering, now: float, generation: int | None) -> None:

@@ -134,7 +134,10 @@ def test_recommend_mode_reports_what_it_would_do_and_never_scales_nor_broadcasts
     assert (condition(status, "Paused")["status"], condition(status, "Paused")["reason"]) == ("False", "Recommend")
     passes.probe.depth = 0
     passes.run(pool(mode="recommend"), passes=15)  # past the down window: it would go back to 1
-    assert passes.reasons() == ["WouldScaleUp", "WouldScaleDown"] and passes.workload.scaled == []
+    downs = [message for _, reason, message in passes.reporter.events if reason == "WouldScaleDown"]
+    assert passes.reasons()[0] == "WouldScaleUp" and downs and passes.workload.scaled == []
+    assert downs[0].startswith("would scale down 5 -> "), "from what it recommended before, not from the current 2"
+    assert downs[-1].split(":")[0].endswith("-> 1")
 
 
 def test_the_pause_annotation_holds_replicas_and_limits_until_it_is_removed() -> None:
