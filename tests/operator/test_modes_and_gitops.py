@@ -21,7 +21,7 @@ from celery import Celery
 from kubernetes import client
 
 from celery_worker_operator import spec
-from celery_worker_operator.naming import pool_of
+from celery_worker_operator.naming import pool_of, worker_hostname
 from celery_worker_operator.workloads.kubernetes import APPLY, FIELD_MANAGER
 from tests.operator.test_operator import ledger, ready_pods, send_records
 from tests.support.celery_app import make_app
@@ -48,11 +48,11 @@ PAUSED = spec.PAUSED_ANNOTATION
 
 
 def worker_deployment(name: str, pool: str, queue: str, redis_url: str, count: int | None) -> dict[str, Any]:
-    """A team's own worker Deployment, as its Git repository holds it: real Celery workers named
-    `<pool>@<pod>` (the operator finds a pool's workers by that name); `count` None leaves replicas
+    """A team's own worker Deployment, as its Git repository holds it: real Celery workers named as
+    the pool's (the operator finds a pool's workers by that name); `count` None leaves replicas
     out of the manifest, as README's GitOps section advises for a Deployment the pool scales."""
     labels = {"app": name}
-    args = ["-A", LEDGER_APP, "worker", "-Q", queue, "-c", "2", "-n", f"{pool}@$(POD_NAME)", "-E"]
+    args = ["-A", LEDGER_APP, "worker", "-Q", queue, "-c", "2", "-n", worker_hostname(pool, "$(POD_NAME)"), "-E"]
     container = {
         "name": "worker",
         "image": "team/app:3",

@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 
 from celery_worker_operator.manifests import parse_pool
+from celery_worker_operator.metrics import PoolMetrics
 from celery_worker_operator.policy import DecisionKind, Mode, Steering, steer, steering
+from celery_worker_operator.pool_loop import PoolLoop
 from celery_worker_operator.reconciler import ControlReport, Reconciler, Sources
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.workloads import WorkloadState
+from tests.unit.test_metrics import samples
 from tests.unit.test_reconciler import Clock, FakeProbe, FakeReporter, FakeTelemetry, FakeWorkload, condition
 
 PAUSED = "celery-operator.dev/paused"
@@ -189,3 +192,25 @@ def test_replicas_another_manager_applies_are_left_alone_with_a_condition_and_on
     workload.declared_by = ()  # the manifest no longer sets replicas
     status = passes.run(pool())
     assert condition(status, "AbleToScale")["status"] == "True" and workload.scaled[0][0] == 5
+
+
+@pytest.mark.parametrize(
+    ("annotations", "autoscaling", "wakes", "counted"),
+    [
+        ({}, {}, True, 1.0),
+        ({}, {"mode": "recommend"}, False, None),  # recommended, not carried out: no scale counted
+        ({PAUSED: "true"}, {}, False, None),
+    ],
+)
+def test_only_a_pool_that_scales_itself_wakes_early_and_counts_scales(
+    annotations: dict[str, str], autoscaling: dict[str, Any], wakes: bool, counted: float | None
+) -> None:
+    passes, metrics = Passes(depth=0, replicas=1), PoolMetrics()
+    loop = PoolLoop("default", "p", passes.reporter, lambda pool: passes.sources, metrics, clock=passes.clock)
+    loop.step(pool(annotations, **autoscaling))  # at its floor: the between-polls check is armed, or not
+    assert (loop.wake is not None) == wakes
+    passes.probe.depth = 300
+    passes.clock.now += 1
+    loop.step(pool(annotations, **autoscaling))
+    scales = [v for (name, _), v in samples(metrics).items() if name == "celery_worker_operator_scale_decisions_total"]
+    assert (sum(scales) if scales else None) == counted
