@@ -268,8 +268,8 @@ def test_a_field_dropped_from_worker_template_leaves_the_managed_deployment(
         wait_for(env_names, lambda env: "FEATURE_X" not in env, timeout=30)
         assert "team" not in labels() and "POD_NAME" in env_names(), "only the dropped fields may go"
         assert replicas(kube_api, ns, name) == 2, "applying the template must leave the replica count alone"
-        applied = condition(read_pool(kube_api, ns, name), "WorkloadApplied")
-        assert applied is not None and applied["status"] == "True", applied
+        applied = wait_for(lambda: condition(read_pool(kube_api, ns, name), "WorkloadApplied"), bool, timeout=30)
+        assert applied["status"] == "True", applied  # written with the status of the pass after the apply
         running.assert_alive()
 
 
@@ -301,8 +301,9 @@ def test_recommend_mode_beside_a_fixed_deployment_tells_and_never_scales(
             downs = wait_for(lambda: events_for(kube_api, ns, name, "WouldScaleDown"), bool, timeout=10)
         running.assert_alive()
     assert seen == [1], f"recommend mode changed replicas: {seen}"
-    assert ups[0]["message"].startswith("would scale up 1 -> ") and desired >= 3, ups
-    assert downs[-1]["message"].startswith("would scale down ") and downs[-1]["message"].split(":")[0].endswith("-> 1")
+    # Events come back in name order, not time order: look for the first step up and the last step down.
+    assert any(e["message"].startswith("would scale up 1 -> ") for e in ups) and desired >= 3, ups
+    assert any(e["message"].split(":")[0].endswith("-> 1") for e in downs), downs
     assert not events_for(kube_api, ns, name, "ScaledUp") and not events_for(kube_api, ns, name, "ScaledDown")
     pool = read_pool(kube_api, ns, name)
     assert pool["status"]["mode"] == "Recommend" and condition(pool, "LimitsApplied")["status"] == "Unknown"  # type: ignore[index]
