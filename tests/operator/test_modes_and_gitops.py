@@ -175,6 +175,7 @@ def test_a_gitops_tool_reapplying_an_adopted_deployment_without_replicas_does_no
         scaling = {"maxReplicas": 3, "scaleDown": {"stabilizationSeconds": 3}}
         apply_pool(kube_api, ns, adopting_pool(name, target, queue, redis_url, **scaling))
         wait_for(lambda: ready_pods_of(kube_api, ns, target), lambda p: len(p) == 1, timeout=60)
+        wait_for(lambda: measured(kube_api, ns, name), bool, timeout=60)  # the operator is up and sizing
         with replica_history(lambda: replicas(kube_api, ns, target)) as seen:
             send_records(sender, queue, range(30), 1.0)  # 30 x 1 s / 5 s target wait: 3 workers of 2
             wait_for(lambda: replicas(kube_api, ns, target), lambda r: r == 3, timeout=60)
@@ -219,6 +220,7 @@ def test_a_gitops_manifest_that_sets_replicas_is_a_condition_and_one_warning_not
     manifest = worker_deployment(target, name, queue, redis_url, count=1)
     with gitops_sync(kube_api, ns, manifest) as synced, operator.run() as running:
         apply_pool(kube_api, ns, adopting_pool(name, target, queue, redis_url, maxReplicas=3))
+        wait_for(lambda: measured(kube_api, ns, name), bool, timeout=60)  # the operator is up and sizing
         with replica_history(lambda: replicas(kube_api, ns, target)) as seen:
             send_records(sender, queue, range(12), 0.5)  # it would want 2 workers
             conflict = wait_for(
@@ -268,8 +270,9 @@ def test_a_field_dropped_from_worker_template_leaves_the_managed_deployment(
         wait_for(env_names, lambda env: "FEATURE_X" not in env, timeout=30)
         assert "team" not in labels() and "POD_NAME" in env_names(), "only the dropped fields may go"
         assert replicas(kube_api, ns, name) == 2, "applying the template must leave the replica count alone"
-        applied = wait_for(lambda: condition(read_pool(kube_api, ns, name), "WorkloadApplied"), bool, timeout=30)
-        assert applied["status"] == "True", applied  # written with the status of the pass after the apply
+        # written with the status of the pass after the apply
+        applied = wait_for(lambda: condition(read_pool(kube_api, ns, name), "WorkloadApplied") or {}, bool, timeout=30)
+        assert applied["status"] == "True", applied
         running.assert_alive()
 
 
@@ -290,6 +293,7 @@ def test_recommend_mode_beside_a_fixed_deployment_tells_and_never_scales(
     with operator.run() as running:
         apply_pool(kube_api, ns, adopting_pool(name, target, queue, redis_url, **scaling))
         wait_for(lambda: ready_pods_of(kube_api, ns, target), lambda p: len(p) == 1, timeout=60)
+        wait_for(lambda: measured(kube_api, ns, name), bool, timeout=60)  # the operator is up and sizing
         with replica_history(lambda: replicas(kube_api, ns, target)) as seen:
             send_records(sender, queue, range(24), 1.0)
             desired = wait_for(
@@ -312,6 +316,11 @@ def test_recommend_mode_beside_a_fixed_deployment_tells_and_never_scales(
 
 def status(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
     return dict(read_pool(api, namespace, name).get("status", {}))
+
+
+def measured(api: client.ApiClient, namespace: str, name: str) -> bool:
+    """The pool's queues were measured: its loop runs (a loaded machine may take long to start the operator)."""
+    return (condition(read_pool(api, namespace, name), "MetricsAvailable") or {}).get("status") == "True"
 
 
 def test_the_pause_annotation_stops_scaling_and_broadcasts_until_removed(
