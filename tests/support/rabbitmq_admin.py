@@ -68,3 +68,17 @@ def delete_queues(amqp_url: str, names: Iterable[str]) -> None:
             channel.queue_delete(name)
     finally:
         connection.close()
+
+
+@contextmanager
+def temporary_vhost(management_url: str) -> Iterator[str]:
+    """A vhost of its own (the admin user of `management_url` may use it), deleted with all it holds."""
+    name = f"cwo-test-{uuid.uuid4().hex[:12]}"
+    admin = unquote(urlsplit(management_url).username or "guest")
+    management_call(management_url, "PUT", f"/api/vhosts/{name}")
+    try:
+        everything = {"configure": ".*", "write": ".*", "read": ".*"}
+        management_call(management_url, "PUT", f"/api/permissions/{name}/{quote(admin, safe='')}", everything)
+        yield name
+    finally:
+        management_call(management_url, "DELETE", f"/api/vhosts/{name}")
