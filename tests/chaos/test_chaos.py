@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ import pytest
 import redis
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
+from celery_worker_operator import spec
 from celery_worker_operator.workloads.kubernetes import CONTAINER
 from tests.support.api_proxy import ApiFaultProxy
 from tests.support.chaos import (
@@ -75,7 +78,7 @@ AUTOSCALING = {
 NEED = Need(TASK_SECONDS, 5, CONCURRENCY, MIN_REPLICAS, MAX_REPLICAS)
 BURST = 80  # 80 task-seconds: ten seconds of the full pool's 8 slots, a backlog for all four workers
 STREAM_RATE = 2.0  # tasks per second behind the burst (about two workers' worth), until the fault is over
-OBSERVE_AFTER = 8.0  # seconds watched at the pool's floor for a flap back up
+OBSERVE_AFTER = 5.0  # seconds watched at the pool's floor for a flap back up
 
 
 @dataclass
@@ -99,6 +102,16 @@ class Stage:
         assert self.operator is not None
         self.operator.popen.kill()
         self.operator.popen.wait(10)
+
+    @contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """Every operator process's log tail on stderr if the block fails (the fixture never sees why)."""
+        try:
+            yield
+        except BaseException:
+            for log in sorted(self.setup.logs.glob("operator-*.log")):
+                sys.stderr.write(f"--- {log} ---\n{log.read_text(errors='replace')[-6000:]}\n")
+            raise
 
     def restart_apiserver(self) -> None:
         restart = subprocess.run(["bash", "scripts/cluster.sh", "restart-apiserver"], capture_output=True, text=True,
@@ -130,6 +143,16 @@ def stage(
     with ExitStack() as stack:
         yield Stage(kube_api, kube_namespace, name, queue, f"chaos-ledger-{suffix}", kubelet, operator, stack)
     redis.Redis.from_url(redis_url).delete(queue, f"chaos-ledger-{suffix}:started", f"chaos-ledger-{suffix}:ended")
+    release_pool(kube_api, kube_namespace, name)
+
+
+def release_pool(api: client.ApiClient, namespace: str, name: str) -> None:
+    """Drop the operator's finalizer (the operator is gone): else the namespace never finishes deleting."""
+    objects = client.CustomObjectsApi(api)
+    with suppress(ApiException):  # never created, or gone
+        objects.patch_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, namespace, spec.PLURAL, name, {"metadata": {"finalizers": None}}
+        )
 
 
 def chaos_pool(name: str, queue: str, ledger_url: str) -> dict[str, Any]:
@@ -151,7 +174,7 @@ def run_chaos(
     ledger = redis.Redis.from_url(ledger_url)
     create_secret(api, ns, f"{name}-broker", broker_url)
     publisher = Publisher(publish_url, stage.queue, stage.key, TASK_SECONDS)
-    with Recorder(api, ns, name) as recorder:
+    with Recorder(api, ns, name) as recorder, stage.logs_on_failure():
         if stage.operator is None:
             stage.start_operator()
         apply_pool(api, ns, chaos_pool(name, stage.queue, ledger_url))
@@ -167,6 +190,8 @@ def run_chaos(
             fault = inject(stage)
         finally:
             publisher.stop()
+        if stage.operator is not None:
+            stage.operator.assert_alive()  # an operator that gives up on a fault has lost
         # Not an assertion: a task that never ends is reported by number in the verdict below.
         settles(lambda: publisher.numbers <= {a.number for a in read_ledger(ledger, stage.key) if a.ended}, 120)
         wait_until("the pool back at its floor", lambda: _latest(recorder, "replicas") == MIN_REPLICAS, timeout=90)
@@ -250,6 +275,19 @@ def test_redis_restarted(stage: Stage, redis_url: str, tmp_path: Path) -> None:
     assert all(password not in str(s.status) for s in recorder.samples), "the broker's password reached the status"
 
 
+def outage(proxy: TcpProxy, seconds: float, name: str) -> Inject:
+    """A fault: the proxy cut for `seconds`, then restored."""
+
+    def inject(stage: Stage) -> Fault:
+        start = time.time()
+        proxy.cut()
+        time.sleep(seconds)
+        proxy.restore()
+        return Fault(name, start, time.time())
+
+    return inject
+
+
 def test_rabbitmq_restarted(stage: Stage, redis_url: str, amqp_url: str, management_url: str) -> None:
     parts = urlsplit(amqp_url)
     with (
@@ -260,13 +298,8 @@ def test_rabbitmq_restarted(stage: Stage, redis_url: str, amqp_url: str, managem
             (parts.scheme, f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}", f"/{vhost}", "", "")
         )
 
-        def inject(stage: Stage) -> Fault:
-            start = time.time()
-            proxy.cut()  # every connection of every client dropped, new ones refused: the server is down
-            time.sleep(8)
-            proxy.restore()
-            return Fault("RabbitMQ restart", start, time.time())
-
+        # every connection of every client dropped, new ones refused: all a client sees of a restart
+        inject = outage(proxy, 8, "RabbitMQ restart")
         judged, recorder = run_chaos(stage, broker_url=via_proxy, publish_url=via_proxy, ledger_url=redis_url,
                                      inject=inject)  # fmt: skip
     assert_survived(judged)
@@ -278,13 +311,7 @@ def test_network_to_the_broker_cut_for_a_minute(stage: Stage, redis_url: str) ->
     with TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379)) as proxy:
         via_proxy = urlunsplit((parts.scheme, f"127.0.0.1:{proxy.port}", parts.path, "", ""))
 
-        def inject(stage: Stage) -> Fault:
-            start = time.time()
-            proxy.cut()  # the operator and the workers lose the broker; the app that publishes does not
-            time.sleep(60)
-            proxy.restore()
-            return Fault("network cut", start, time.time())
-
+        inject = outage(proxy, 60, "network cut")  # the operator and workers lose the broker, the publisher not
         judged, recorder = run_chaos(stage, broker_url=via_proxy, publish_url=redis_url, ledger_url=redis_url,
                                      inject=inject)  # fmt: skip
     assert_survived(judged)

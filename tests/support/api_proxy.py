@@ -85,16 +85,17 @@ class ApiFaultProxy:
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
         await self._runner.setup()
         await web.SockSite(self._runner, self._socket, ssl_context=self._server_tls).start()
 
     async def _shutdown(self) -> None:
+        """Streams first (a watch waits for the API server's next event), then the server."""
         await self._drop_open()
-        if self._runner is not None:
-            await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     async def _drop_open(self) -> None:
         for transport in list(self._open):
@@ -111,21 +112,28 @@ class ApiFaultProxy:
         transport = request.transport
         if transport is not None:
             self._open.add(transport)
+        answer = web.StreamResponse(status=502)
         try:
             async with self._session.request(
-                request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=body or None
+                request.method,
+                self.upstream + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body or None,
+                skip_auto_headers=["Content-Type"],  # the kubernetes client sends none; the API server takes JSON
             ) as upstream:
                 self.forwarded += 1
-                answer = web.StreamResponse(status=upstream.status)
+                answer.set_status(upstream.status)
                 answer.headers.update({k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
                 await answer.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await answer.write(chunk)
                 await answer.write_eof()
-                return answer
+        except (ConnectionError, aiohttp.ClientError):
+            pass  # the client went away, fail() dropped the stream, or the proxy is closing: nobody to answer
         finally:
             if transport is not None:
                 self._open.discard(transport)
+        return answer
 
     def _error(self, status: int) -> web.Response:
         self.answered[status] += 1

@@ -48,8 +48,7 @@ def temporary_user(management_url: str, vhost: str = "/") -> Iterator[TempUser]:
     user = TempUser(f"cwo-test-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(16))
     management_call(management_url, "PUT", f"/api/users/{user.name}", {"password": user.password, "tags": ""})
     try:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user.name}", everything)
+        grant_everything(management_url, vhost, user.name)
         yield user
     finally:
         management_call(management_url, "DELETE", f"/api/users/{user.name}")
@@ -77,8 +76,14 @@ def temporary_vhost(management_url: str) -> Iterator[str]:
     admin = unquote(urlsplit(management_url).username or "guest")
     management_call(management_url, "PUT", f"/api/vhosts/{name}")
     try:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        management_call(management_url, "PUT", f"/api/permissions/{name}/{quote(admin, safe='')}", everything)
+        grant_everything(management_url, name, admin)
         yield name
     finally:
         management_call(management_url, "DELETE", f"/api/vhosts/{name}")
+
+
+def grant_everything(management_url: str, vhost: str, user: str) -> None:
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    management_call(
+        management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}", everything
+    )
