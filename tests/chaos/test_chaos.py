@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -67,15 +68,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TASK_SECONDS = 1.0
 CONCURRENCY = 2
 MIN_REPLICAS, MAX_REPLICAS = 1, 4
+TARGET_WAIT = 5.0
 AUTOSCALING = {
     "minReplicas": MIN_REPLICAS,
     "maxReplicas": MAX_REPLICAS,
     "pollSeconds": 1,
-    "targetWaitSeconds": 5,
+    "targetWaitSeconds": TARGET_WAIT,
     "taskDurationSeconds": TASK_SECONDS,
     "scaleDown": {"stabilizationSeconds": 6},
 }
-NEED = Need(TASK_SECONDS, 5, CONCURRENCY, MIN_REPLICAS, MAX_REPLICAS)
+NEED = Need(TASK_SECONDS, TARGET_WAIT, CONCURRENCY, MIN_REPLICAS, MAX_REPLICAS)
 BURST = 80  # 80 task-seconds: ten seconds of the full pool's 8 slots, a backlog for all four workers
 STREAM_RATE = 2.0  # tasks per second behind the burst (about two workers' worth), until the fault is over
 OBSERVE_AFTER = 5.0  # seconds watched at the pool's floor for a flap back up
@@ -113,10 +115,32 @@ class Stage:
                 sys.stderr.write(f"--- {log} ---\n{log.read_text(errors='replace')[-6000:]}\n")
             raise
 
-    def restart_apiserver(self) -> None:
+    def restart_apiserver(self) -> float:
+        """Restart kube-apiserver (then the controller manager, as scripts/cluster.sh does); returns when
+        the API answered again, which is when the operator could act again."""
+        answering: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            down = False
+            while not stop.wait(0.2):
+                try:
+                    client.VersionApi(self.api).get_code(_request_timeout=1)
+                except Exception:  # refused, reset or timed out: it is down
+                    down = True
+                    continue
+                if down:
+                    answering.append(time.time())
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         restart = subprocess.run(["bash", "scripts/cluster.sh", "restart-apiserver"], capture_output=True, text=True,
                                  timeout=180, cwd=ROOT, check=False)  # fmt: skip
         assert restart.returncode == 0, restart.stdout + restart.stderr
+        watcher.join(timeout=10)
+        stop.set()
+        return answering[0] if answering else time.time()
 
     def busy_pod(self, ledger: redis.Redis) -> str:
         """A pod running a task now, by the ledger."""
@@ -250,8 +274,7 @@ def test_operator_killed_and_restarted(stage: Stage, redis_url: str) -> None:
 def test_kube_apiserver_restarted(stage: Stage, redis_url: str) -> None:
     def inject(stage: Stage) -> Fault:
         start = time.time()
-        stage.restart_apiserver()
-        return Fault("kube-apiserver restart", start, time.time())
+        return Fault("kube-apiserver restart", start, stage.restart_apiserver())
 
     judged, _ = run_chaos(stage, broker_url=redis_url, publish_url=redis_url, ledger_url=redis_url, inject=inject)
     assert_survived(judged)
