@@ -16,12 +16,19 @@ from .manifests import InvalidPool, parse_pool
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
 
 PREFIX = "celery-operator.dev"
+# Seconds between retries of a failed API call (429, 5xx, a dropped connection). kopf's default
+# gives up after ~55 s and a watch that gives up stops the whole operator: a minute of API errors
+# (an overloaded or upgrading control plane) would restart it and throw away every pool's windows.
+# These ride out ~6 minutes, and try again every 10 s at most; longer, and the exit (and the pod's
+# restart) is the right answer.
+API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, *(10,) * 35)
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Our own annotation and finalizer names; kopf's log lines are not turned into Events."""
+    """Our own annotation and finalizer names; kopf's log lines are not turned into Events; API errors
+    are retried for minutes, not seconds."""
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -29,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = API_ERROR_BACKOFFS
 
 
 @kopf.on.cleanup(registry=registry)

@@ -403,6 +403,43 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(
     assert not alive(pid)
 
 
+# A pod process with a child at work: on SIGTERM it waits for the child, as a Celery worker's warm
+# shutdown waits for the tasks its pool's children run. The child says whether it was signalled too.
+WARM_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("child got SIGTERM", flush=True), sys.exit(1)))
+time.sleep(1.5)
+print("child finished", flush=True)
+"""
+WARM_PARENT = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+signal.signal(signal.SIGTERM, lambda *_: (print("parent got SIGTERM", flush=True), child.wait(), sys.exit(0)))
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_graceful_deletion_signals_the_main_process_only(
+    kube_api: client.ApiClient, kube_namespace: str, kubelet: ProcessKubelet
+) -> None:
+    """As a container runtime does: SIGTERM to the main process only, which lets its children finish."""
+    core = client.CoreV1Api(kube_api)
+    command = ["python", "-c", WARM_PARENT, WARM_CHILD]
+    body = {
+        "metadata": {"name": "warm"},
+        "spec": {"containers": [{"name": "main", "image": "python:3", "command": command}]},
+    }
+    core.create_namespaced_pod(kube_namespace, body, _preload_content=False)
+    wait_for(lambda: kubelet.log("warm").splitlines(), lambda lines: "up" in lines, timeout=30)
+    core.delete_namespaced_pod("warm", kube_namespace, _preload_content=False)
+    wait_for(lambda: pods(kube_api, kube_namespace), lambda found: found == [], timeout=30)
+    lines = kubelet.log("warm").splitlines()
+    assert "parent got SIGTERM" in lines and "child finished" in lines, lines
+    assert "child got SIGTERM" not in lines
+    assert kubelet.signals("warm") == ["SIGTERM"]
+
+
 def test_closing_the_kubelet_leaves_no_process_behind(kube_cluster: Cluster, kube_namespace: str) -> None:
     api = kube_cluster.api_client()
     core = client.CoreV1Api(api)

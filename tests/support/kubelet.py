@@ -13,9 +13,12 @@ for the pods it is given (one namespace, and/or a label selector):
   ContainersReady and Ready conditions, running containerStatuses, podIP 127.0.0.1): Ready as soon
   as the process runs, or once ``ready_when(pod, container, output)`` is true (a readiness probe on
   what the process printed, e.g. a celery worker's "ready." line);
-- on graceful deletion (``deletionTimestamp`` set) sends SIGTERM to the process group, waits up to
-  ``deletionGracePeriodSeconds``, then SIGKILL, reports the containers terminated and finalizes
-  the pod (delete with ``gracePeriodSeconds=0`` and a uid precondition), as a kubelet does;
+- on graceful deletion (``deletionTimestamp`` set) sends SIGTERM to the container's main process
+  only (a container runtime signals PID 1, which stops its own children: a Celery worker's warm
+  shutdown lets its pool's children finish their tasks), waits up to
+  ``deletionGracePeriodSeconds``, then SIGKILL to the whole process group, reports the containers
+  terminated and finalizes the pod (delete with ``gracePeriodSeconds=0`` and a uid precondition),
+  as a kubelet does;
 - a process that exits on its own is reported (terminated, exit code, ``restartCount``) and
   restarted per ``restartPolicy`` (Always, OnFailure, Never) after a short back-off.
 
@@ -328,7 +331,7 @@ class ProcessKubelet:
             return found.process.pid if found and found.running and found.process else None
 
     def signals(self, pod: str, namespace: str | None = None, container: str | None = None) -> list[str]:
-        """Signals the kubelet sent to the pod's process group, in order (over restarts too)."""
+        """Signals the kubelet sent to the pod's process (group), in order (over restarts too)."""
         with self._lock:
             run = self._find(pod, namespace)
             found = self._container(run, container) if run else None
@@ -877,7 +880,8 @@ class ProcessKubelet:
             container.restart_at = None
             if container.running and container.process is not None:
                 container.signals.append("SIGTERM")
-                _kill_group(container.process, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    container.process.send_signal(signal.SIGTERM)
 
     def _finalize(self, run: _PodRun) -> None:
         """Report the containers terminated, then remove the pod (grace 0, this uid only)."""

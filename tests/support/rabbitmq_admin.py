@@ -48,8 +48,7 @@ def temporary_user(management_url: str, vhost: str = "/") -> Iterator[TempUser]:
     user = TempUser(f"cwo-test-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(16))
     management_call(management_url, "PUT", f"/api/users/{user.name}", {"password": user.password, "tags": ""})
     try:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user.name}", everything)
+        grant_everything(management_url, vhost, user.name)
         yield user
     finally:
         management_call(management_url, "DELETE", f"/api/users/{user.name}")
@@ -68,3 +67,23 @@ def delete_queues(amqp_url: str, names: Iterable[str]) -> None:
             channel.queue_delete(name)
     finally:
         connection.close()
+
+
+@contextmanager
+def temporary_vhost(management_url: str) -> Iterator[str]:
+    """A vhost of its own (the admin user of `management_url` may use it), deleted with all it holds."""
+    name = f"cwo-test-{uuid.uuid4().hex[:12]}"
+    admin = unquote(urlsplit(management_url).username or "guest")
+    management_call(management_url, "PUT", f"/api/vhosts/{name}")
+    try:
+        grant_everything(management_url, name, admin)
+        yield name
+    finally:
+        management_call(management_url, "DELETE", f"/api/vhosts/{name}")
+
+
+def grant_everything(management_url: str, vhost: str, user: str) -> None:
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    management_call(
+        management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}", everything
+    )

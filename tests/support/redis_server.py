@@ -26,11 +26,14 @@ def free_port() -> int:
 class PrivateRedis:
     """`start()` / `stop()` a throwaway server in `directory`; restarts keep the port and password."""
 
-    def __init__(self, directory: Path, password: str, *, tls: bool = False) -> None:
+    def __init__(self, directory: Path, password: str, *, tls: bool = False, durable: bool = False) -> None:
         self.port, self.password, self.tls = free_port(), password, tls
         self.certificate = directory / "cert.pem"
         self.config = directory / "redis.conf"
-        settings = f'bind 127.0.0.1\nrequirepass {password}\nsave ""\nappendonly no\ndir {directory}\n'
+        # durable: every write is in the append-only file before it is answered, so a restart (even
+        # after SIGKILL) keeps every message, as a production broker configured for it does.
+        append_only = "appendonly yes\nappendfsync always\n" if durable else "appendonly no\n"
+        settings = f'bind 127.0.0.1\nrequirepass {password}\nsave ""\n{append_only}dir {directory}\n'
         if tls:
             _make_certificate(self.certificate, directory / "key.pem")
             settings += f"port 0\ntls-port {self.port}\ntls-auth-clients no\n"
