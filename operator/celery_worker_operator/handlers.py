@@ -16,12 +16,18 @@ from .manifests import InvalidPool, parse_pool
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
 
 PREFIX = "celery-operator.dev"
+# Each pool's loop is a sync daemon holding one of kopf's executor threads for the pool's lifetime;
+# the executor's default size (cores + 4) would leave every pool past the first few unserved.
+# Threads start only as they are needed.
+MAX_THREADS = 4096
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Our own annotation and finalizer names; kopf's log lines are not turned into Events."""
+    """Our own annotation and finalizer names; kopf's log lines are not turned into Events; a thread
+    for every pool's loop."""
+    settings.execution.max_workers = MAX_THREADS
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
