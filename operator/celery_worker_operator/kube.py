@@ -17,7 +17,7 @@ from kubernetes import client, config
 
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
-from .secrets import PemFiles, broker_urls
+from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
 from .workloads.kubernetes import KubernetesWorkload
 
@@ -87,6 +87,9 @@ class Operator:
     loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
     pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
 
+    def __post_init__(self) -> None:
+        self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
+
     def loop(self, body: Mapping[str, Any]) -> PoolLoop:
         """The pool's loop; a new one resumes from the status the pool carries."""
         meta = body["metadata"]
@@ -105,7 +108,7 @@ class Operator:
 
     def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
         workload = KubernetesWorkload(self.api, pool)
-        broker = broker_urls(client.CoreV1Api(self.api), pool, self.pem_files)
+        broker = broker_urls(self.secrets, pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 
     def ensure_workload(self, pool: CeleryWorkerPool, uid: str) -> None:

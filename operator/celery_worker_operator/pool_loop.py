@@ -11,6 +11,7 @@ broker share (probe, event monitor, control state) comes from `SharedResources`,
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from .workloads.command import grace_seconds
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
 MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
 WAKE_CHECK_SECONDS = 0.5  # how often a pool at its floor looks at its queues between passes
+POLL_JITTER = 0.1  # each interval is pollSeconds +-10 %: pools started together drift apart, not poll in lockstep
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
@@ -163,13 +165,13 @@ class PoolLoop:
         source: Callable[[], Mapping[str, Any] | CeleryWorkerPool],
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
-        """Pass after pass, every pollSeconds (an invalid spec: every 30 s) or sooner when a pool at
-        its floor sees a burst, until `stopping` is set."""
+        """Pass after pass, every pollSeconds (an invalid spec: every 30 s; jittered) or sooner when a
+        pool at its floor sees a burst, until `stopping` is set."""
         while not stopping.is_set():
             started = time.monotonic()
             self.step(source())
             after_pass()
-            self._sleep(stopping, started + self.interval)
+            self._sleep(stopping, started + self.interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER))
 
     def _sleep(self, stopping: Stopping, until: float) -> None:
         """Until the monotonic time `until`, `stopping`, or the early-wake check says a pass is due."""
