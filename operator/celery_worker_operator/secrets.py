@@ -48,16 +48,15 @@ class SecretCache:
 
     def data(self, namespace: str, name: str) -> dict[str, bytes | str]:
         """The Secret's `data` (base64 values); ApiException (404: not found) as the API raises it."""
-        now = self._clock()
-        with self._lock:
+        with self._lock:  # held while reading: the pools that find it stale together read it once
+            now = self._clock()
             read = self._read.get((namespace, name))
-        if read is not None and now - read[0] < self._max_age:
-            return read[1]
-        data = dict(self._core.read_namespaced_secret(name, namespace).data or {})
-        with self._lock:
+            if read is not None and now - read[0] < self._max_age:
+                return read[1]
+            data = dict(self._core.read_namespaced_secret(name, namespace).data or {})
             self._read = {key: kept for key, kept in self._read.items() if now - kept[0] < self._max_age}
             self._read[(namespace, name)] = (now, data)
-        return data
+            return data
 
 
 class PemFiles:
