@@ -8,13 +8,14 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueProbe, QueueStats, Rates
-from celery_worker_operator.brokers.coalesce import CoalescingProbe
+from celery_worker_operator.brokers.coalesce import FRESH_SECONDS, CoalescingProbe
 from celery_worker_operator.brokers.rabbitmq import AMQP_SCHEMES, RabbitMQProbe
 from celery_worker_operator.brokers.redis import KeyLayout, RedisProbe
 from celery_worker_operator.redact import redact
 from celery_worker_operator.spec import TransportOptions
 
 __all__ = [
+    "FRESH_SECONDS",
     "BrokerAuthFailed",
     "BrokerUnavailable",
     "ProbeRegistry",
