@@ -166,7 +166,7 @@ def wait_for_first_passes(api: client.ApiClient, namespace: str, count: int, tim
     while time.monotonic() - started < timeout:
         try:
             pools = objects.list_namespaced_custom_object(spec.GROUP, spec.VERSION, namespace, spec.PLURAL)["items"]
-        except ApiException:  # a loaded API server times out now and then
+        except (ApiException, ProtocolError):  # a loaded API server times out or cuts a response now and then
             continue
         if sum(1 for p in pools if (p.get("status") or {}).get("conditions")) >= count:
             return time.monotonic() - started
