@@ -11,9 +11,10 @@ has been through a first pass and a settling period, over `--measure` seconds:
   cpu        the operator's process time (user + system, /proc) per wall second: 1.0 = one core;
   rss        its resident memory at the end;
   requests   API requests per minute by verb, from the API server's apiserver_request_total for the
-             resources the operator touches (pools, their status, Deployments, Pods, Secrets, Events),
-             and all requests of ServiceAccounts (the operator is the only one) from the API priority
-             and fairness counters, which do know the client;
+             resources the operator touches (pools, their status, Deployments, Pods, Secrets, Events;
+             the namespace controller's cleanup of an earlier namespace shows there too), and all
+             requests of ServiceAccounts (the operator is the only one) from the API priority and
+             fairness counters, which do know the client;
   writes     status writes (PATCH celeryworkerpools/status) per pool per minute;
   conns      the operator's TCP connections to each broker URL: its sockets (/proc) joined with Redis's
              CLIENT LIST (db=) and RabbitMQ's management API (vhost).
@@ -433,7 +434,9 @@ def report(sample: Sample, baseline: Sample) -> None:
         )
     if sample is not baseline:
         per_pool = (sample.cpu / n) / (baseline.cpu / baseline.pools) if baseline.cpu else float("nan")
-        requests = (sum(sample.requests.values()) / n) / (sum(baseline.requests.values()) / baseline.pools)
+        # The ServiceAccount count is the operator's alone (the namespace controller's cleanup of an
+        # earlier run's namespace shows in the per-resource counts).
+        requests = (sample.service_account_requests / n) / (baseline.service_account_requests / baseline.pools)
         slope = (sample.cpu - baseline.cpu) / (n - baseline.pools)
         print(
             f"  vs {baseline.pools} pools: per-pool cpu x{per_pool:.2f}, per-pool requests x{requests:.2f} "
