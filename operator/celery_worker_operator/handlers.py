@@ -22,13 +22,18 @@ PREFIX = "celery-operator.dev"
 # These ride out ~6 minutes, and try again every 10 s at most; longer, and the exit (and the pod's
 # restart) is the right answer.
 API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, *(10,) * 35)
+# Each pool's loop is a sync daemon holding one of kopf's executor threads for the pool's lifetime;
+# the executor's default size (cores + 4) would leave every pool past the first few unserved.
+# Threads start only as they are needed.
+MAX_THREADS = 4096
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Our own annotation and finalizer names; kopf's log lines are not turned into Events; API errors
-    are retried for minutes, not seconds."""
+    are retried for minutes, not seconds; a thread for every pool's loop."""
+    settings.execution.max_workers = MAX_THREADS
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -17,23 +17,28 @@ from kubernetes import client, config
 
 from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
-from .secrets import PemFiles, broker_urls
+from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
 from .workloads import FieldConflict
 from .workloads.kubernetes import KubernetesWorkload
 
 COMPONENT = "celery-worker-operator"
 MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
+# Kept connections to the API server: pools' passes run in threads of their own, and a call that
+# finds none idle opens (TLS handshake) and then drops one; the client's default keeps 5 per core.
+API_CONNECTIONS = 32
 PoolKey = tuple[str, str]  # (namespace, name)
 
 
 def kubernetes_client() -> client.ApiClient:
-    """In-cluster credentials when running in a pod, the current kubeconfig otherwise."""
+    """In-cluster credentials when running in a pod, the current kubeconfig otherwise; API_CONNECTIONS kept."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = API_CONNECTIONS
+    return client.ApiClient(configuration)
 
 
 @dataclass
@@ -88,6 +93,9 @@ class Operator:
     loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
     pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
 
+    def __post_init__(self) -> None:
+        self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
+
     def loop(self, body: Mapping[str, Any]) -> PoolLoop:
         """The pool's loop; a new one resumes from the status the pool carries."""
         meta = body["metadata"]
@@ -106,7 +114,7 @@ class Operator:
 
     def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
         workload = KubernetesWorkload(self.api, pool)
-        broker = broker_urls(client.CoreV1Api(self.api), pool, self.pem_files)
+        broker = broker_urls(self.secrets, pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 
     def ensure_workload(self, pool: CeleryWorkerPool, body: Mapping[str, Any]) -> None:

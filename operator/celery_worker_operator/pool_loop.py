@@ -3,7 +3,7 @@
 Each pass it reads the pool (a kopf body or a parsed pool), resolves where to measure and act
 (`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
 `Reconciler`, and records the result in the metrics. Between passes a pool at its floor checks its
-queues' depth every half second (one probe round trip), so a burst on an idle pool starts a pass
+queues' depth every second (one probe call for all pools of a broker), so a burst on an idle pool starts a pass
 at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
 here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
 broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
@@ -11,12 +11,13 @@ broker share (probe, event monitor, control state) comes from `SharedResources`,
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
+from .brokers import FRESH_SECONDS, BrokerUnavailable, ProbeRegistry, QueueProbe
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
@@ -41,7 +42,8 @@ from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
 MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
-WAKE_CHECK_SECONDS = 0.5  # how often a pool at its floor looks at its queues between passes
+WAKE_CHECK_SECONDS = FRESH_SECONDS  # how often a pool at its floor looks at its queues between passes
+POLL_JITTER = 0.1  # each interval is pollSeconds +-10 %: pools started together drift apart, not poll in lockstep
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
@@ -164,13 +166,13 @@ class PoolLoop:
         source: Callable[[], Mapping[str, Any] | CeleryWorkerPool],
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
-        """Pass after pass, every pollSeconds (an invalid spec: every 30 s) or sooner when a pool at
-        its floor sees a burst, until `stopping` is set."""
+        """Pass after pass, every pollSeconds (an invalid spec: every 30 s; jittered) or sooner when a
+        pool at its floor sees a burst, until `stopping` is set."""
         while not stopping.is_set():
             started = time.monotonic()
             self.step(source())
             after_pass()
-            self._sleep(stopping, started + self.interval)
+            self._sleep(stopping, started + self.interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER))
 
     def _sleep(self, stopping: Stopping, until: float) -> None:
         """Until the monotonic time `until`, `stopping`, or the early-wake check says a pass is due."""

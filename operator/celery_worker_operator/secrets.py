@@ -11,6 +11,8 @@ import re
 import shutil
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +29,34 @@ class SecretMissing(Exception):
 
 class SecretUnusable(SecretMissing):
     """A referenced value cannot be used as it is; the text says why, never the value."""
+
+
+SECRET_MAX_AGE = 10.0  # a Secret read this recently answers again: a rotation is seen within it
+
+
+class SecretCache:
+    """Secrets' data as read at most `max_age` seconds ago. Every pass of every pool resolves its
+    broker Secret, and hundreds of pools often share a few: each is read once per `max_age`, not once
+    per pool and pass. A Secret not found is asked for again every time."""
+
+    def __init__(
+        self, core: client.CoreV1Api, max_age: float = SECRET_MAX_AGE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._core, self._max_age, self._clock = core, max_age, clock
+        self._read: dict[tuple[str, str], tuple[float, dict[str, bytes | str]]] = {}
+        self._lock = threading.Lock()
+
+    def data(self, namespace: str, name: str) -> dict[str, bytes | str]:
+        """The Secret's `data` (base64 values); ApiException (404: not found) as the API raises it."""
+        with self._lock:  # held while reading: the pools that find it stale together read it once
+            now = self._clock()
+            read = self._read.get((namespace, name))
+            if read is not None and now - read[0] < self._max_age:
+                return read[1]
+            data = dict(self._core.read_namespaced_secret(name, namespace).data or {})
+            self._read = {key: kept for key, kept in self._read.items() if now - kept[0] < self._max_age}
+            self._read[(namespace, name)] = (now, data)
+            return data
 
 
 class PemFiles:
@@ -62,18 +92,19 @@ class PemFiles:
                 self._directory = None
 
 
-def broker_urls(core: client.CoreV1Api, pool: CeleryWorkerPool, pem_files: PemFiles) -> tuple[str, str | None]:
+def broker_urls(secrets: SecretCache, pool: CeleryWorkerPool, pem_files: PemFiles) -> tuple[str, str | None]:
     """(broker URL, management API URL or None) for a pool, reading Secrets where it refers to them."""
     broker = pool.spec.broker
     namespace = pool.metadata.namespace
-    url = broker.url if broker.url is not None else _read(core, namespace, broker.url_from)
+    url = broker.url if broker.url is not None else _read(secrets, namespace, broker.url_from)
     if broker.username_from or broker.password_from:
-        username = _credential(core, namespace, broker.username_from, username=True)
-        password = _credential(core, namespace, broker.password_from, username=False)
+        username = _credential(secrets, namespace, broker.username_from, username=True)
+        password = _credential(secrets, namespace, broker.password_from, username=False)
         url = with_credentials(url, username, password)
     if broker.tls is not None:
-        url = with_tls(_tls_ready(url, broker.url_from, namespace), _tls_files(core, namespace, broker.tls, pem_files))
-    management = _read(core, namespace, broker.management_url_from) if broker.management_url_from else None
+        files = _tls_files(secrets, namespace, broker.tls, pem_files)
+        url = with_tls(_tls_ready(url, broker.url_from, namespace), files)
+    management = _read(secrets, namespace, broker.management_url_from) if broker.management_url_from else None
     return url, management
 
 
@@ -91,19 +122,19 @@ def _tls_ready(url: str, source: ValueFrom | None, namespace: str) -> str:
     raise SecretUnusable(where + problem)
 
 
-def _tls_files(core: client.CoreV1Api, namespace: str, tls: BrokerTLS, pem_files: PemFiles) -> dict[str, str]:
+def _tls_files(secrets: SecretCache, namespace: str, tls: BrokerTLS, pem_files: PemFiles) -> dict[str, str]:
     def file(source: ValueFrom | None) -> str | None:
-        return None if source is None else pem_files.path(_read_bytes(core, namespace, source))
+        return None if source is None else pem_files.path(_read_bytes(secrets, namespace, source))
 
     return tls_settings(file(tls.ca_from), file(tls.cert_from), file(tls.key_from))
 
 
-def _credential(core: client.CoreV1Api, namespace: str, source: ValueFrom | None, *, username: bool) -> str | None:
+def _credential(secrets: SecretCache, namespace: str, source: ValueFrom | None, *, username: bool) -> str | None:
     """A user name or password from its Secret key, refused when the workers could not receive it
     intact inside their URL (see urls.py)."""
     if source is None:
         return None
-    value = _read(core, namespace, source)
+    value = _read(secrets, namespace, source)
     if not fits_raw_in_url(value, username=username):  # which character is not said: it would tell of the value
         ref = source.secret_key_ref
         refused = "".join(sorted(UNSAFE_IN_USERNAME if username else UNSAFE))
@@ -115,20 +146,19 @@ def _credential(core: client.CoreV1Api, namespace: str, source: ValueFrom | None
     return value
 
 
-def _read(core: client.CoreV1Api, namespace: str, source: ValueFrom | None) -> str:
-    return _read_bytes(core, namespace, source).decode()
+def _read(secrets: SecretCache, namespace: str, source: ValueFrom | None) -> str:
+    return _read_bytes(secrets, namespace, source).decode()
 
 
-def _read_bytes(core: client.CoreV1Api, namespace: str, source: ValueFrom | None) -> bytes:
+def _read_bytes(secrets: SecretCache, namespace: str, source: ValueFrom | None) -> bytes:
     assert source is not None
     ref = source.secret_key_ref
     try:
-        secret = core.read_namespaced_secret(ref.name, namespace)
+        data = secrets.data(namespace, ref.name)
     except ApiException as error:
         if error.status == 404:
             raise SecretMissing(f"Secret {namespace}/{ref.name} not found") from None
         raise
-    data = secret.data or {}
     if ref.key not in data:
         raise SecretMissing(f"Secret {namespace}/{ref.name} has no key {ref.key!r}") from None
     return base64.b64decode(data[ref.key])

@@ -90,7 +90,8 @@ class Scene:
 @pytest.fixture
 def scene(broker_url: str, tmp_path: Path) -> Iterator[Scene]:
     client = make_app(broker_url)
-    controller = PoolController(reply_timeout=0.5)  # workers answer a ping in milliseconds
+    # Workers answer a ping in milliseconds; each pass pings afresh, as tests start workers between passes.
+    controller = PoolController(reply_timeout=0.5, discovery_max_age=0)
     with CeleryWorkers("tests.support.control_app", broker_url) as workers:
         setup = Scene(broker_url, workers, client, controller, tmp_path / "records")
         try:
@@ -248,7 +249,7 @@ def test_a_frozen_worker_is_retried_then_reported_and_converged_once_back(scene:
     pool, queue = unique("frozen"), scene.queue("frozen")
     hostname = scene.start(f"{pool}@w1", [queue])
     desired = PoolSettings(frozenset({queue}), {RECORD: "6/m"})
-    controller = PoolController(reply_timeout=1.0, attempts=2)
+    controller = PoolController(reply_timeout=1.0, attempts=2, discovery_max_age=0)
     try:
         result = converge_while(controller, scene, pool, desired, during=lambda: scene.workers.pause(hostname))
         scene.workers.resume(hostname)

@@ -27,11 +27,11 @@ class FakeProbe:
 
 
 def test_registry_shares_one_probe_per_broker() -> None:
-    opened: list[tuple[str, str | None]] = []
+    opened: list[FakeProbe] = []
 
     def opener(url: str, management_url: str | None, options: TransportOptions | None) -> FakeProbe:
-        opened.append((url, management_url))
-        return FakeProbe()
+        opened.append(FakeProbe())
+        return opened[-1]
 
     registry = ProbeRegistry(opener)
     first = registry.probe("redis://r:6379/0")
@@ -45,7 +45,7 @@ def test_registry_shares_one_probe_per_broker() -> None:
     )
     assert len(opened) == 5
     registry.close()
-    assert isinstance(first, FakeProbe) and first.closed
+    assert all(probe.closed for probe in opened)
     assert registry.probe("redis://r:6379/0") is not first
 
 

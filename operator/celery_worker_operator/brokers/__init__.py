@@ -1,4 +1,5 @@
-"""Broker probes, one per broker URL: every pool on a broker shares its connection and caches."""
+"""Broker probes, one per broker URL: every pool on a broker shares its connection and caches, and
+its pools are measured together (`CoalescingProbe`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueProbe, QueueStats, Rates
+from celery_worker_operator.brokers.coalesce import FRESH_SECONDS, CoalescingProbe
 from celery_worker_operator.brokers.rabbitmq import AMQP_SCHEMES, RabbitMQProbe
 from celery_worker_operator.brokers.redis import KeyLayout, RedisProbe
 from celery_worker_operator.redact import redact
 from celery_worker_operator.spec import TransportOptions
 
 __all__ = [
+    "FRESH_SECONDS",
     "BrokerAuthFailed",
     "BrokerUnavailable",
     "ProbeRegistry",
@@ -47,11 +50,11 @@ def open_probe(
 
 class ProbeRegistry:
     """Hands out one probe per (broker URL, management URL, transport options), shared by all pools
-    that use it."""
+    that use it, which measures their queues together."""
 
     def __init__(self, opener: Opener = open_probe) -> None:
         self._opener = opener
-        self._probes: dict[tuple[str, str | None, TransportOptions | None], QueueProbe] = {}
+        self._probes: dict[tuple[str, str | None, TransportOptions | None], CoalescingProbe] = {}
         self._lock = threading.Lock()
 
     def probe(
@@ -60,7 +63,7 @@ class ProbeRegistry:
         key = (url, management_url, transport_options)
         with self._lock:
             if key not in self._probes:
-                self._probes[key] = self._opener(url, management_url, transport_options)
+                self._probes[key] = CoalescingProbe(self._opener(url, management_url, transport_options))
             return self._probes[key]
 
     def close(self) -> None:

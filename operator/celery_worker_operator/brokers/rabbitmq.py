@@ -189,6 +189,7 @@ class RabbitMQProbe:
         self._clock = clock
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
+        self._open_channel: BlockingChannel | None = None
 
     def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
         names = list(dict.fromkeys(queues))
@@ -232,9 +233,13 @@ class RabbitMQProbe:
         return declared
 
     def _channel(self) -> BlockingChannel:
+        """The kept channel, or a new one when the broker closed it (after a failed declare): a
+        channel opened per poll and never closed would pile up to the broker's channel_max."""
         if self._connection is None or not self._connection.is_open:
             self._connection = pika.BlockingConnection(self._parameters)
-        return self._connection.channel()
+        if self._open_channel is None or not self._open_channel.is_open:
+            self._open_channel = self._connection.channel()
+        return self._open_channel
 
     def _drop(self) -> None:
         connection, self._connection = self._connection, None

@@ -13,6 +13,7 @@ Calls block for up to a few reply timeouts: run `converge` in a worker thread fr
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ COMMANDS = frozenset(
 DRAIN_POLL_SECONDS = 0.5
 BACKGROUND_PASSES = 4  # pools converged at the same time, off their sizing loops
 CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a pass in seconds; the next poll tries again
+DISCOVERY_MAX_AGE = 5.0  # one discovery ping serves every pool of a broker this long (a new worker waits at most this)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,10 @@ class PoolController:
     shutdown.
     """
 
-    def __init__(self, *, reply_timeout: float = 1.0, attempts: int = 3) -> None:
-        self.reply_timeout, self.attempts = reply_timeout, attempts
+    def __init__(
+        self, *, reply_timeout: float = 1.0, attempts: int = 3, discovery_max_age: float = DISCOVERY_MAX_AGE
+    ) -> None:
+        self.reply_timeout, self.attempts, self.discovery_max_age = reply_timeout, attempts, discovery_max_age
         self._apps: dict[str, Celery] = {}
         self._transport_options: dict[str, dict[str, Any]] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -83,6 +87,7 @@ class PoolController:
         self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
         self._draining: dict[tuple[str, str], set[str]] = {}  # workers on their way out: not re-subscribed
         self._running: dict[tuple[str, str], Future[ConvergeResult]] = {}
+        self._discovered: dict[str, tuple[float, frozenset[str]]] = {}  # broker -> (ping sent, who answered)
         self._finished: dict[tuple[str, str], ConvergeResult] = {}
         self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_PASSES, thread_name_prefix="converge")
         self._guard = threading.Lock()
@@ -158,7 +163,7 @@ class PoolController:
         """Finish the passes under way, then release every broker connection."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._guard:
-            apps, self._apps, self._locks = list(self._apps.values()), {}, {}
+            apps, self._apps, self._locks, self._discovered = list(self._apps.values()), {}, {}, {}
         for app in apps:
             app.close()
 
@@ -177,7 +182,7 @@ class PoolController:
 
     def _converge(self, app: Celery, key: tuple[str, str], desired: PoolSettings) -> ConvergeResult:
         valid, invalid = validate(desired)
-        discovered = self._discover(app, key[1])
+        discovered = self._discover(app, *key)
         draining = self._draining.setdefault(key, set())
         draining.intersection_update(discovered)  # a drained worker that is gone is done
         workers = [w for w in discovered if w not in draining]
@@ -205,13 +210,20 @@ class PoolController:
         conf = self._ask(app, "conf", {"with_defaults": False}, list(stats), attempts=1)
         return {worker: worker_stats(stats[worker], conf.get(worker)) for worker in stats}
 
-    def _discover(self, app: Celery, pool: str) -> list[str]:
+    def _discover(self, app: Celery, broker_url: str, pool: str) -> list[str]:
         """The pool's workers that answer a ping: the one broadcast without a destination.
 
-        Its full reply timeout is waited for, since the number of workers is what we ask.
+        Its full reply timeout is waited for, since the number of workers is what we ask; so one ping
+        answers for every pool of the broker for `discovery_max_age` seconds: passes on one broker
+        take turns (the app's lock), and a ping each would make a broker's pools wait a reply
+        timeout apiece. Called under the app's lock.
         """
-        replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
-        hostnames = {hostname for reply in replies for hostname in reply}
+        sent, hostnames = self._discovered.get(broker_url, (-math.inf, frozenset()))
+        if time.monotonic() - sent >= self.discovery_max_age:
+            sent = time.monotonic()
+            replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
+            hostnames = frozenset(hostname for reply in replies for hostname in reply)
+            self._discovered[broker_url] = (sent, hostnames)
         return sorted(h for h in hostnames if pool_of(h) == pool)
 
     def _observe(

@@ -286,7 +286,7 @@ class KubernetesWorkload:
         spec, status = deployment.spec, deployment.status
         match = dict(spec.selector.match_labels or {})
         containers = spec.template.spec.containers or []
-        pods = self._pods(match)
+        pods = self._pods(match) if spec.replicas or (status and status.replicas) else []  # scaled to zero: no pods
         return WorkloadState(
             replicas=spec.replicas or 0,
             ready_replicas=(status.ready_replicas if status else None) or 0,
