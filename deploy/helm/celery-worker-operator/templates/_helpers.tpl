@@ -101,6 +101,9 @@ deletion cost; urlFrom reads the broker URL from a Secret.
 {{- end }}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --metrics-port={{ .Values.metrics.port }}
+{{- with (.Values.workerTemplatePolicy | default dict).allow }}
+- --allow-template={{ join "," . }}
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
