@@ -37,7 +37,7 @@ from .secrets import SecretMissing, SecretUnusable
 from .spec import AutoscalingSpec, CeleryWorkerPool, TransportOptions
 from .telemetry import TelemetryMonitors
 from .template_policy import TemplatePolicy
-from .workloads import Workload, WorkloadMissing
+from .workloads import Workload, WorkloadMissing, WorkloadNotOwned
 from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
@@ -48,6 +48,7 @@ BLOCKED_REASONS: dict[type[Exception], str] = {
     SecretMissing: "SecretMissing",
     SecretUnusable: "SecretUnusable",
     WorkloadMissing: "WorkloadMissing",
+    WorkloadNotOwned: "WorkloadNotOwned",
 }
 
 SourcesFor = Callable[[CeleryWorkerPool], Sources]  # raises SecretMissing or WorkloadMissing when it cannot

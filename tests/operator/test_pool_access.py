@@ -186,3 +186,34 @@ def test_namespace_editors_get_pools_through_the_aggregated_edit_role(
     listed = editor.list_namespaced_custom_object(spec.GROUP, spec.VERSION, ns, spec.PLURAL)["items"]
     assert [p["metadata"]["name"] for p in listed] == ["by-edit"]
     editor.delete_namespaced_custom_object(spec.GROUP, spec.VERSION, ns, spec.PLURAL, "by-edit")
+
+
+def test_a_pool_named_after_someone_elses_deployment_does_not_take_it_over(
+    operator: OperatorSetup, kube_api: client.ApiClient, kube_namespace: str, redis_url: str, names: tuple[str, str]
+) -> None:
+    """Else a pool named `payments` would put its image into Deployment payments' pods, ServiceAccount and all."""
+    name, queue = names
+    ns = kube_namespace
+    create_secret(kube_api, ns, f"{name}-broker", redis_url)
+    theirs: Any = {
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "payments"}},
+            "template": {
+                "metadata": {"labels": {"app": "payments"}},
+                "spec": {"serviceAccountName": "payments", "containers": [{"name": "api", "image": "payments:1"}]},
+            },
+        },
+    }
+    client.AppsV1Api(kube_api).create_namespaced_deployment(ns, theirs)
+    with operator.run() as running:
+        apply_pool(kube_api, ns, pool_manifest(name, queue))
+        refused = wait_for(lambda: ready(kube_api, ns, name), lambda c: c.get("status") == "False", timeout=60)
+        assert refused["reason"] == "WorkloadNotOwned" and "will not take it over" in refused["message"]
+        wait_for(lambda: events_for(kube_api, ns, name, "WorkloadNotOwned"), bool, timeout=30)
+        running.assert_alive()
+    left = deployment(kube_api, ns, name)
+    assert left is not None and left["metadata"].get("ownerReferences") is None
+    assert left["spec"]["replicas"] == 3
+    assert [c["name"] for c in left["spec"]["template"]["spec"]["containers"]] == ["api"]
