@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from .kube_status import PoolReading
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
+# kube-apiserver stores objects nested up to 10,000 levels (a pool's worker.template is free-form), and
+# Python's JSON reader, copy.deepcopy and the YAML reader recurse once or twice per level: below this one
+# pool could stop kopf's watch, and with it the operator, for every pool (tests/operator/test_fuzz_api.py).
+RECURSION_LIMIT = 60000
 
 
 class BadInput(click.ClickException):
@@ -174,6 +178,7 @@ def main(debug: bool) -> None:
     Every command answers bad input with one message naming the file, line, field or option, and
     exit code 2.
     """
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 @main.command()

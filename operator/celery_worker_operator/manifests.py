@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from .spec import KIND, PATTERN_MEANING, CeleryWorkerPool
-from .template_policy import TemplatePolicy, worker_template
+from .template_policy import TemplatePolicy, depth_problem, worker_template
 
 STDIN = Path("-")
 MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -66,12 +66,13 @@ def parse_pool(document: dict[str, Any], template_policy: TemplatePolicy | None 
     """Validate one manifest; raise InvalidPool naming the pool and each bad field.
 
     With `template_policy` (the operator, `validate`), `worker.template` fields it refuses are problems
-    too; without it (local mode, which runs no pods) the template is not looked at."""
-    pool, problems = None, []
+    too; without it (local mode, which runs no pods) only the template's depth is looked at."""
+    too_deep = depth_problem(worker_template(document))
+    pool, problems = None, [too_deep] if too_deep else []
     try:
         pool = CeleryWorkerPool.model_validate(document)
     except ValidationError as error:
-        problems = describe_errors(error)
+        problems += describe_errors(error)
     if template_policy is not None:
         problems += [str(refusal) for refusal in template_policy.refusals(worker_template(document))]
     if pool is None or problems:
@@ -125,6 +126,8 @@ def read_documents(source: Path) -> list[Document]:
         raise InvalidPool(f"{origin}{line}: not valid YAML: {error.problem or error.context}") from None
     except yaml.YAMLError as error:
         raise InvalidPool(f"{origin}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise InvalidPool(f"{origin}: nested too deeply to read") from None
 
 
 def _documents(origin: str, text: str) -> Iterator[Document]:

@@ -27,6 +27,9 @@ ALLOWABLE: dict[str, str] = {
 }
 CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 TEMPLATE_PATH = "spec.worker.template"
+# A PodTemplateSpec's deepest fields (affinity terms, ephemeral volume claims) sit about 12 levels down;
+# the API server stores a template up to 10,000 levels deep, which only serves to exhaust a reader.
+MAX_TEMPLATE_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,19 @@ class TemplatePolicy:
 def worker_template(document: object) -> object:
     """`spec.worker.template` of a manifest as written, before (or without) validation."""
     return _mapping(_mapping(_mapping(document).get("spec")).get("worker")).get("template")
+
+
+def depth_problem(template: object) -> str | None:
+    """A template nested deeper than any PodTemplateSpec is, named as a problem; measured without recursion."""
+    pending, deepest = [(template, 0)], 0
+    while pending:
+        node, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_TEMPLATE_DEPTH:
+            return f"{TEMPLATE_PATH}: nested deeper than {MAX_TEMPLATE_DEPTH} levels, which no PodTemplateSpec is"
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _set(value: object) -> bool:

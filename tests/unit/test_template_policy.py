@@ -138,3 +138,34 @@ def test_validate_applies_the_default_policy_and_the_allow_list(tmp_path: Path) 
     assert from_env.exit_code == 0
     unknown = runner.invoke(main, ["validate", "--allow-template", "root", str(pool)])
     assert unknown.exit_code == 2 and "unknown template field root" in unknown.output
+
+
+def nested(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {}
+    for _ in range(depth):
+        node = {"a": node}
+    return node
+
+
+def test_a_template_deeper_than_any_pod_template_is_invalid_however_deep() -> None:
+    assert TemplatePolicy().refusals(nested(40)) == [], "depth is not the policy's: no flag allows it"
+    deepest_real = {"spec": {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"podAffinityTerm": {"labelSelector": {"matchExpressions": [{"values": ["x"]}]}}}]}}}}  # fmt: skip
+    assert parse_pool(pool_with(deepest_real["spec"]), TemplatePolicy()).spec.worker is not None
+    for depth in (33, 10_000):
+        document = copy.deepcopy(BASE)
+        document["spec"]["worker"]["template"] = nested(depth)
+        with pytest.raises(InvalidPool, match=r"spec\.worker\.template: nested deeper than 32 levels"):
+            parse_pool(document)
+
+
+def test_validate_reads_yaml_as_deep_as_the_api_server_stores(tmp_path: Path) -> None:
+    """kube-apiserver keeps objects up to 10,000 levels deep; the CLI reads them as a problem, not a crash."""
+    document = copy.deepcopy(BASE)
+    document["spec"]["worker"]["template"] = {"spec": "PLACEHOLDER"}
+    text = yaml.safe_dump(document).replace("PLACEHOLDER", '{"a":' * 9_990 + "{}" + "}" * 9_990)
+    pool = tmp_path / "deep.yaml"
+    pool.write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(pool)])
+    assert result.exit_code == 2, result.output
+    assert "spec.worker.template: nested deeper than 32 levels" in result.output
