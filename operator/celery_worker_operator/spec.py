@@ -46,8 +46,9 @@ QUEUE_NAME = r"^[A-Za-z0-9_.:-]+$"
 # A positive rate: Celery reads 0/m as "no limit", the opposite of what it seems to ask for.
 RATE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)/[smh]$"
 BROKER_SCHEME = r"^(redis|rediss|sentinel|amqp|amqps|pyamqp)://"
-# Userinfo with a password, or a password query parameter (redis-py accepts `?password=`).
-INLINE_PASSWORD = r"^[^:/]+://[^/@]*:[^/@]*@|[?&]password="
+# Userinfo with a password, in the URL or in any later `;`-separated one (Celery's sentinel://a;sentinel://b),
+# or a password query parameter (redis-py accepts `?password=`).
+INLINE_PASSWORD = r"(^|;)[^:/;]+://[^/@;]*:[^/@]*@|[?&]password="
 # Worker flags the operator sets itself (and -X, which would undo -Q); a second copy in extraArgs would
 # silently win or clash. Click reads a short option's value glued on (`-nother@host`) and short flags
 # bundled (`-Bc8` is -B -c 8; -B, -D and -E are the worker's flags), so those forms are owned too. `(?s)`:

@@ -121,6 +121,15 @@ BROKEN = [
         "broker.url",
     ),
     ("unsupported scheme", mutate("spec.broker.url", "http://redis:6379"), "broker.url"),
+    (
+        "password in the second sentinel",
+        mutate(
+            "spec.broker.url",
+            "sentinel://s1:26379;sentinel://:s3cret@s2:26379/0",
+            spec__broker__transportOptions={"master_name": "m"},
+        ),
+        "broker.url",
+    ),
     ("sentinel without master_name", mutate("spec.broker.url", "sentinel://s1:26379;sentinel://s2:26379"), "broker"),
     ("tls on a plain redis:// url", mutate("spec.broker.tls", {"caFrom": SECRET_REF}), "broker.tls"),
     (
