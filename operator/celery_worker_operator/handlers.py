@@ -16,18 +16,23 @@ from .manifests import InvalidPool, parse_pool
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
 
 PREFIX = "celery-operator.dev"
+# Every pool's loop is a sync daemon that holds one of kopf's threads while the pool exists, and the
+# handlers need threads too: with kopf's default pool (min(32, CPUs + 4) threads) the seventh pool on a
+# 2-CPU node, and every handler after it, waited for a thread that never came free.
+MAX_THREADS = 5000
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Our own annotation and finalizer names; kopf's log lines are not turned into Events."""
+    """Our own annotation and finalizer names; kopf's log lines are not turned into Events; a thread per pool."""
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    settings.execution.max_workers = MAX_THREADS
     settings.watching.server_timeout = 300
 
 
