@@ -34,12 +34,17 @@ from .simulation.engine import LOCAL_STARTUP_SECONDS, PoolModel, Result, oracle_
 from .simulation.scenarios import SCENARIOS, Scenario, run_scenario
 from .spec import BROKER_SCHEME, PATTERN_MEANING, AutoscalingSpec, CeleryWorkerPool
 from .status_view import document, pool_view, pools_table
+from .template_policy import ALLOWABLE, TemplatePolicy
 from .units import parse_duration, parse_rate
 
 if TYPE_CHECKING:
     from .kube_status import PoolReading
 
 MOST_REPLICAS = 10000  # AutoscalingSpec.maxReplicas' bound
+# kube-apiserver stores objects nested up to 10,000 levels (a pool's worker.template is free-form), and
+# Python's JSON reader, copy.deepcopy and the YAML reader recurse once or twice per level: below this one
+# pool could stop kopf's watch, and with it the operator, for every pool (tests/operator/test_fuzz_api.py).
+RECURSION_LIMIT = 60000
 
 
 class BadInput(click.ClickException):
@@ -129,6 +134,27 @@ def _broker_url(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
+def _template_policy(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> TemplatePolicy:
+    """`--allow-template` values (each a comma list, repeatable) as the policy they allow."""
+    try:
+        return TemplatePolicy.allowing([name for names in value for name in names.split(",")])
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def template_policy_option(command: Callable[..., None]) -> Callable[..., None]:
+    """`--allow-template`, the same on `run` and `validate`: what a pool's worker.template may set."""
+    return click.option(
+        "--allow-template",
+        "template_policy",
+        multiple=True,
+        envvar="CWO_ALLOW_TEMPLATE",
+        callback=_template_policy,
+        metavar="FIELD[,FIELD...]",
+        help="Let pools' worker.template set these (default: none of them): " + ", ".join(ALLOWABLE) + ".",
+    )(command)
+
+
 def logging_options(command: Callable[..., None]) -> Callable[..., None]:
     """`--log-format` and `--log-level`, the same on every long-running command."""
     command = click.option(
@@ -152,6 +178,7 @@ def main(debug: bool) -> None:
     Every command answers bad input with one message naming the file, line, field or option, and
     exit code 2.
     """
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 @main.command()
@@ -160,6 +187,7 @@ def main(debug: bool) -> None:
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True, help="kopf's liveness URL.")
 @click.option("--peering", help="Peering name, to run several replicas with one active; default: standalone.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Serves /metrics.")
+@template_policy_option
 @logging_options
 def run(
     namespaces: tuple[str, ...],
@@ -167,6 +195,7 @@ def run(
     liveness: str,
     peering: str | None,
     metrics_port: int,
+    template_policy: TemplatePolicy,
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -184,7 +213,7 @@ def run(
         api = kubernetes_client()
     except ConfigException as error:
         raise BadInput(f"no Kubernetes credentials: not in a pod, and {error}") from None
-    state = Operator(api)
+    state = Operator(api, template_policy=template_policy)
     state.shared.metrics.serve(metrics_port)
     kopf.run(
         registry=registry,
@@ -212,10 +241,12 @@ def crd() -> None:
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=_Path(exists=True, allow_dash=True, path_type=Path))
-def validate(sources: tuple[Path, ...]) -> None:
+@template_policy_option
+def validate(sources: tuple[Path, ...], template_policy: TemplatePolicy) -> None:
     """Check pool manifests as the operator would: files, directories (their *.yaml, *.yml) or - for stdin.
 
-    Every problem of every file is reported in one pass; exit code 2 when there is any.
+    Every problem of every file is reported in one pass; exit code 2 when there is any. worker.template
+    is checked against the same policy as `run`'s (--allow-template).
     """
     problems = 0
     for source in sources:
@@ -224,7 +255,7 @@ def validate(sources: tuple[Path, ...]) -> None:
             click.echo(f"{source}: no .yaml or .yml files", err=True)
             problems += 1
         for path in files:
-            checked = check_file(path)
+            checked = check_file(path, template_policy)
             for pool in checked.pools:
                 click.echo(f"{checked.origin}: CeleryWorkerPool {pool.metadata.name} is valid")
             for problem in checked.problems:

@@ -63,7 +63,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
 def ensure_workload(body: kopf.Body, memo: Operator, **_: Any) -> None:
     """Apply the managed Deployment; adopted ones are left to their owners."""
-    memo.ensure_workload(_parse(body), body)
+    memo.ensure_workload(_parse(body, memo), body)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10, backoff=10)
@@ -77,8 +77,9 @@ def forget(body: kopf.Body, memo: Operator, **_: Any) -> None:
     memo.forget(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-def _parse(body: kopf.Body) -> CeleryWorkerPool:
+def _parse(body: kopf.Body, memo: Operator) -> CeleryWorkerPool:
+    """The pool, or a permanent error: the pool loop reports the same problems as InvalidSpec."""
     try:
-        return parse_pool(dict(body))
+        return parse_pool(dict(body), memo.template_policy)
     except InvalidPool as invalid:
         raise kopf.PermanentError(str(invalid)) from None

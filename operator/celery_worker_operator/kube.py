@@ -19,6 +19,7 @@ from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
 from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
+from .template_policy import TemplatePolicy
 from .workloads import FieldConflict
 from .workloads.kubernetes import KubernetesWorkload
 
@@ -92,6 +93,7 @@ class Operator:
     shared: SharedResources = field(default_factory=SharedResources)
     loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
     pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
+    template_policy: TemplatePolicy = field(default_factory=TemplatePolicy)  # what worker.template may set
 
     def __post_init__(self) -> None:
         self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
@@ -109,6 +111,7 @@ class Operator:
                 sources=lambda pool: self._sources(*key, pool),
                 metrics=self.shared.metrics,
                 memory=PoolMemory.resume(status, time.time()),
+                template_policy=self.template_policy,
             )
         return self.loops[key]
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from .spec import KIND, PATTERN_MEANING, CeleryWorkerPool
+from .template_policy import TemplatePolicy, depth_problem, worker_template
 
 STDIN = Path("-")
 MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -61,14 +62,24 @@ def describe_errors(error: ValidationError) -> list[str]:
     return lines
 
 
-def parse_pool(document: dict[str, Any]) -> CeleryWorkerPool:
-    """Validate one manifest; raise InvalidPool naming the pool and each bad field."""
+def parse_pool(document: dict[str, Any], template_policy: TemplatePolicy | None = None) -> CeleryWorkerPool:
+    """Validate one manifest; raise InvalidPool naming the pool and each bad field.
+
+    With `template_policy` (the operator, `validate`), `worker.template` fields it refuses are problems
+    too; without it (local mode, which runs no pods) only the template's depth is looked at."""
+    too_deep = depth_problem(worker_template(document))
+    pool, problems = None, [too_deep] if too_deep else []
     try:
-        return CeleryWorkerPool.model_validate(document)
+        pool = CeleryWorkerPool.model_validate(document)
     except ValidationError as error:
+        problems += describe_errors(error)
+    if template_policy is not None:
+        problems += [str(refusal) for refusal in template_policy.refusals(worker_template(document))]
+    if pool is None or problems:
         metadata = document.get("metadata")
         name = metadata.get("name", "<unnamed>") if isinstance(metadata, dict) else "<unnamed>"
-        raise InvalidPool(f"CeleryWorkerPool {name} is invalid:\n  " + "\n  ".join(describe_errors(error))) from None
+        raise InvalidPool(f"CeleryWorkerPool {name} is invalid:\n  " + "\n  ".join(problems))
+    return pool
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,8 @@ def read_documents(source: Path) -> list[Document]:
         raise InvalidPool(f"{origin}{line}: not valid YAML: {error.problem or error.context}") from None
     except yaml.YAMLError as error:
         raise InvalidPool(f"{origin}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise InvalidPool(f"{origin}: nested too deeply to read") from None
 
 
 def _documents(origin: str, text: str) -> Iterator[Document]:
@@ -128,7 +141,7 @@ def _documents(origin: str, text: str) -> Iterator[Document]:
         loader.dispose()
 
 
-def check_document(document: Document, checked: Checked) -> None:
+def check_document(document: Document, checked: Checked, template_policy: TemplatePolicy | None = None) -> None:
     """Add the document's pool, or its problems, to `checked`; other kinds (Secrets...) are skipped."""
     content = document.content
     if not isinstance(content, dict):
@@ -140,12 +153,12 @@ def check_document(document: Document, checked: Checked) -> None:
     if content.get("kind") != KIND:
         return
     try:
-        checked.pools.append(parse_pool(content))
+        checked.pools.append(parse_pool(content, template_policy))
     except InvalidPool as invalid:
         checked.problems.append(f"{document.where}: {invalid}")
 
 
-def check_file(source: Path) -> Checked:
+def check_file(source: Path, template_policy: TemplatePolicy | None = None) -> Checked:
     """Every pool of a file and every problem in it, in one pass."""
     checked = Checked("<stdin>" if source == STDIN else str(source))
     try:
@@ -154,7 +167,7 @@ def check_file(source: Path) -> Checked:
         checked.problems.append(str(unreadable))
         return checked
     for document in documents:
-        check_document(document, checked)
+        check_document(document, checked, template_policy)
     if not checked.pools and not checked.problems:
         checked.problems.append(f"{checked.origin}: holds no {KIND}")
     return checked

@@ -37,7 +37,8 @@ from .reconciler import (
 from .secrets import SecretMissing, SecretUnusable
 from .spec import AutoscalingSpec, CeleryWorkerPool, TransportOptions
 from .telemetry import TelemetryMonitors
-from .workloads import Workload, WorkloadMissing
+from .template_policy import TemplatePolicy
+from .workloads import Workload, WorkloadMissing, WorkloadNotOwned
 from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
@@ -49,6 +50,7 @@ BLOCKED_REASONS: dict[type[Exception], str] = {
     SecretMissing: "SecretMissing",
     SecretUnusable: "SecretUnusable",
     WorkloadMissing: "WorkloadMissing",
+    WorkloadNotOwned: "WorkloadNotOwned",
 }
 
 SourcesFor = Callable[[CeleryWorkerPool], Sources]  # raises SecretMissing or WorkloadMissing when it cannot
@@ -135,6 +137,7 @@ class PoolLoop:
     last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
     wake: EarlyWake | None = None  # set while the last pass left the pool at its floor
+    template_policy: TemplatePolicy | None = None  # what worker.template may set (None: local mode, no pods)
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
@@ -145,7 +148,7 @@ class PoolLoop:
         self.interval, self.wake = INVALID_SPEC_RETRY_SECONDS, None
         pool: CeleryWorkerPool | None = None
         try:
-            pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
+            pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source), self.template_policy)
             self.interval = pool.spec.autoscaling.poll_seconds
             sources = self.sources(pool)
             self.last_broker = sources.broker_url

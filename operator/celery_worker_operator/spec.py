@@ -48,10 +48,16 @@ QUEUE_NAME = r"^[A-Za-z0-9_.:-]+$"
 # A positive rate: Celery reads 0/m as "no limit", the opposite of what it seems to ask for.
 RATE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)/[smh]$"
 BROKER_SCHEME = r"^(redis|rediss|sentinel|amqp|amqps|pyamqp)://"
-# Userinfo with a password, or a password query parameter (redis-py accepts `?password=`).
-INLINE_PASSWORD = r"^[^:/]+://[^/@]*:[^/@]*@|[?&]password="
-# Worker flags the operator sets itself; a second copy in extraArgs would silently win or clash.
-OWNED_FLAGS = r"^(-A|--app|-c|--concurrency|-P|--pool|-Q|--queues|-n|--hostname|-E|--events|--task-events)(=.*)?$"
+# Userinfo with a password, in the URL or in any later `;`-separated one (Celery's sentinel://a;sentinel://b),
+# or a password query parameter (redis-py accepts `?password=`).
+INLINE_PASSWORD = r"(^|;)[^:/;]+://[^/@;]*:[^/@]*@|[?&]password="
+# Worker flags the operator sets itself (and -X, which would undo -Q); a second copy in extraArgs would
+# silently win or clash. Click reads a short option's value glued on (`-nother@host`) and short flags
+# bundled (`-Bc8` is -B -c 8; -B, -D and -E are the worker's flags), so those forms are owned too. `(?s)`:
+# a newline is part of the argument for RE2 (CEL) and Python alike.
+OWNED_FLAGS = (
+    r"(?s)^(--(app|concurrency|pool|queues|exclude-queues|hostname|events|task-events)(=.*)?|-[BD]*[AcPQXnE].*)$"
+)
 
 # What each pattern asks for, in words: error messages say this instead of the regex.
 PATTERN_MEANING = {
@@ -443,7 +449,7 @@ class TimeLimit(Model):
 
 
 def _task_names_valid(names: Any) -> bool:
-    return all(re.match(TASK_NAME, name) for name in names)
+    return all(re.fullmatch(TASK_NAME, name) for name in names)  # `$` alone lets a final newline through
 
 
 class LimitsSpec(Model):
@@ -534,9 +540,10 @@ class WorkerSpec(Model):
         ),
         Rule(
             f"self.extraArgs.all(a, !a.matches(r'{OWNED_FLAGS}'))",
-            "extraArgs must not set -A, -c, -P, -Q, -n or -E: use the matching fields",
+            "extraArgs must not set -A, -c, -P, -Q, -X, -n or -E (nor glued to a value, -n<name>, or bundled, "
+            "-Bc<n>): use the matching fields",
             ".extraArgs",
-            lambda w: not any(re.match(OWNED_FLAGS, arg) for arg in w.extra_args),
+            lambda w: not any(re.fullmatch(OWNED_FLAGS, arg) for arg in w.extra_args),
         ),
     )
 

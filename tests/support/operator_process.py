@@ -116,13 +116,15 @@ class OperatorProcess:
 
 
 @contextmanager
-def running_operator(cluster: Cluster, kubeconfig: Path, namespace: str, log_path: Path) -> Iterator[OperatorProcess]:
-    """`celery-worker-operator run --namespace NS` as its ServiceAccount, until the block ends."""
+def running_operator(
+    cluster: Cluster, kubeconfig: Path, namespace: str, log_path: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[OperatorProcess]:
+    """`celery-worker-operator run --namespace NS [extra_args]` as its ServiceAccount, until the block ends."""
     metrics_port = free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     command = [
         sys.executable, "-m", "celery_worker_operator.cli", "run", "--namespace", namespace,
-        "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(metrics_port),
+        "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(metrics_port), *extra_args,
     ]  # fmt: skip
     with log_path.open("ab") as log:
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -143,9 +145,10 @@ class OperatorSetup:
     logs: Path
 
     @contextmanager
-    def run(self) -> Iterator[OperatorProcess]:
+    def run(self, *extra_args: str) -> Iterator[OperatorProcess]:
+        """The operator, with `run`'s options after the chart's ones (e.g. `--allow-template hostPath`)."""
         log_path = self.logs / f"operator-{time.monotonic_ns()}.log"
-        with running_operator(self.cluster, self.kubeconfig, self.namespace, log_path) as process:
+        with running_operator(self.cluster, self.kubeconfig, self.namespace, log_path, extra_args) as process:
             try:
                 yield process
             except BaseException:

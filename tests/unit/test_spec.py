@@ -121,6 +121,15 @@ BROKEN = [
         "broker.url",
     ),
     ("unsupported scheme", mutate("spec.broker.url", "http://redis:6379"), "broker.url"),
+    (
+        "password in the second sentinel",
+        mutate(
+            "spec.broker.url",
+            "sentinel://s1:26379;sentinel://:s3cret@s2:26379/0",
+            spec__broker__transportOptions={"master_name": "m"},
+        ),
+        "broker.url",
+    ),
     ("sentinel without master_name", mutate("spec.broker.url", "sentinel://s1:26379;sentinel://s2:26379"), "broker"),
     ("tls on a plain redis:// url", mutate("spec.broker.tls", {"caFrom": SECRET_REF}), "broker.tls"),
     (
@@ -158,6 +167,11 @@ BROKEN = [
     ),
     ("queues flag in extraArgs", mutate("spec.worker.extraArgs", ["-Q", "other"]), "worker.extraArgs"),
     ("concurrency flag in extraArgs", mutate("spec.worker.extraArgs", ["--concurrency=9"]), "worker.extraArgs"),
+    ("hostname glued to -n in extraArgs", mutate("spec.worker.extraArgs", ["-nother@host"]), "worker.extraArgs"),
+    ("concurrency bundled after -B in extraArgs", mutate("spec.worker.extraArgs", ["-Bc8"]), "worker.extraArgs"),
+    ("pool after a newline in extraArgs", mutate("spec.worker.extraArgs", ["-DP\nsolo"]), "worker.extraArgs"),
+    ("exclude-queues in extraArgs", mutate("spec.worker.extraArgs", ["--exclude-queues=emails"]), "worker.extraArgs"),
+    ("task name ending in a newline", mutate("spec.limits.rateLimits", {"shop.tasks.send\n": "1/s"}), "rateLimits"),
     (
         "disablePrefetch on AMQP",
         mutate("spec.broker.url", "amqp://rabbit//", spec__worker__disablePrefetch=True),
@@ -233,3 +247,10 @@ def test_defaults_follow_the_operations_guide() -> None:
     assert (worker.prefetch_multiplier, worker.acks_late, worker.events) == (1, True, True)
     scaling = spec.AutoscalingSpec()
     assert scaling.scale_down.stabilization_seconds < 300, "workers start in seconds: no HPA-length window"
+
+
+def test_extra_args_the_worker_reads_as_other_options_pass() -> None:
+    """Only what Celery's parser would read as an owned flag is refused: -l, -O, -B and settings are fine."""
+    args = ["-l", "INFO", "-lINFO", "-lnotice", "-Ofair", "-B", "-D", "--loglevel=DEBUG", "--without-gossip"]
+    worker = spec.WorkerSpec(app="a", image="i", extra_args=[*args, "worker_eta_task_limit=10"])
+    assert worker.extra_args[-1] == "worker_eta_task_limit=10"

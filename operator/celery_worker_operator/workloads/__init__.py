@@ -46,6 +46,11 @@ class WorkloadMissing(Exception):
     """The workload does not exist (yet): an adopted Deployment that is not there, say."""
 
 
+class WorkloadNotOwned(WorkloadMissing):
+    """The managed Deployment's name is taken by one the pool does not own: the operator leaves it alone,
+    or a pool named after any Deployment would take it over (its pods, its ServiceAccount)."""
+
+
 class Workload(Protocol):
     def observe(self) -> WorkloadState:
         """The current state; raises WorkloadMissing when there is nothing to scale."""

@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..spec import API_VERSION, KIND, BrokerTLS, CeleryWorkerPool, ValueFrom
 from ..urls import PASSWORD_ENV, USERNAME_ENV, tls_settings, with_credentials
-from . import FieldConflict, WorkloadMissing, WorkloadState
+from . import FieldConflict, WorkloadMissing, WorkloadNotOwned, WorkloadState
 from .command import concurrency_from_args, grace_seconds, worker_args
 
 FIELD_MANAGER = "celery-worker-operator"
@@ -175,6 +175,14 @@ def merge_template(base: dict[str, Any], override: Mapping[str, Any]) -> dict[st
     return merged
 
 
+def _controlled_by(deployment: Any, pool_name: str) -> bool:
+    """True when the pool named `pool_name` is the Deployment's controller (build_deployment sets it so)."""
+    return any(
+        ref.controller and ref.kind == KIND and ref.api_version == API_VERSION and ref.name == pool_name
+        for ref in deployment.metadata.owner_references or []
+    )
+
+
 def _named(items: list[Any]) -> bool:
     return all(isinstance(item, Mapping) and "name" in item for item in items)
 
@@ -243,6 +251,8 @@ class KubernetesWorkload:
         try:
             self._read()
             new = False
+        except WorkloadNotOwned:
+            raise
         except WorkloadMissing:
             new = True
         self._apply(wanted)
@@ -316,12 +326,20 @@ class KubernetesWorkload:
                     raise
 
     def _read(self) -> Any:
+        """The Deployment; a managed pool's only if the pool controls it (WorkloadNotOwned otherwise)."""
         try:
-            return self.apps.read_namespaced_deployment(self.name, self.namespace)
+            deployment = self.apps.read_namespaced_deployment(self.name, self.namespace)
         except ApiException as error:
             if error.status == 404:
                 raise WorkloadMissing(f"Deployment {self.namespace}/{self.name} not found") from None
             raise
+        if self.pool.spec.worker is not None and not _controlled_by(deployment, self.pool.metadata.name):
+            raise WorkloadNotOwned(
+                f"Deployment {self.namespace}/{self.name} exists and is not this pool's (no controller reference "
+                f"to {KIND} {self.pool.metadata.name}): the operator will not take it over; rename the pool, "
+                "or adopt the Deployment with scaleTargetRef"
+            )
+        return deployment
 
     def _pods(self, match: Mapping[str, str]) -> list[Any]:
         selector = ",".join(f"{k}={v}" for k, v in match.items())

@@ -103,6 +103,9 @@ deletion cost; urlFrom reads the broker URL from a Secret.
 - --metrics-port={{ .Values.metrics.port }}
 - --log-level={{ .Values.logLevel }}
 - --log-format={{ .Values.logFormat }}
+{{- with (.Values.workerTemplatePolicy | default dict).allow }}
+- --allow-template={{ join "," . }}
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
