@@ -13,10 +13,12 @@ queue, one scaler after the other in this one run, each scaling real `celery wor
               polled every 5 s with a 60 s down window and cooldown;
   keda        the same with KEDA's and the HPA's defaults (15 s sync, 30 s activation, 300 s window);
   limit       six workers ready before the first task: no scaler waits less (the physical limit).
-Waits are the tasks' own start minus the publish time they carry; worker-seconds are sampled the
-same way for all (worker processes alive, every 0.5 s, until the trace ends plus `--tail`); a task
-lost is one published and never finished. Targets (issue 15): ours p95 <= 0.9x keda-tuned's on
-each workload; worker-seconds <= 0.6x keda-tuned's on burst-trickle, <= 0.8x on the others; 0 lost.
+The publisher stamps its tasks as README asks (`instrument`), so the probe knows the oldest task's
+wait; only ours reads it. Waits are the tasks' own start minus the publish time they carry;
+worker-seconds are sampled the same way for all (worker processes alive, every 0.5 s, until the
+trace ends plus `--tail`); a task lost is one published and never finished. Targets (issue 15):
+ours p95 <= 0.9x keda-tuned's on each workload; worker-seconds <= 0.6x keda-tuned's on
+burst-trickle, <= 0.8x on the others; 0 lost.
 
 `--reaction N` instead times a burst landing on a pool at zero until the scale call, N times for
 ours with pollSeconds 10 (target: median <= 1.5 s) and a third as often for keda-tuned.
@@ -38,6 +40,7 @@ from typing import Protocol
 
 import redis
 
+from celery_worker_operator import instrument
 from celery_worker_operator.brokers import ProbeRegistry
 from celery_worker_operator.demo.app import app, work
 from celery_worker_operator.localmode import LocalRun
@@ -288,6 +291,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["CELERY_BROKER_URL"] = args.url
     app.conf.broker_url = args.url
+    instrument(app)
     if args.reaction:
         ours = reaction(args.url, "ours", 10.0, args.reaction)
         tuned = reaction(args.url, "keda-tuned", 5.0, max(args.reaction // 3, 1))

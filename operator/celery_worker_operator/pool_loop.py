@@ -2,9 +2,9 @@
 
 Each pass it reads the pool (a kopf body or a parsed pool), resolves where to measure and act
 (`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
-`Reconciler`, and records the result in the metrics. Between passes a pool at its floor checks its
-queues' depth every half second (one probe round trip), so a burst on an idle pool starts a pass
-at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
+`Reconciler`, and records the result in the metrics. Between passes a pool that may still grow
+checks its queues' depth every half second (one probe round trip), so a burst starts a pass at
+once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
 here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
 broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
 """
@@ -21,7 +21,7 @@ from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
-from .policy import wakes_early
+from .policy import WAKE_CHECK_SECONDS, Decision, wakes_early
 from .reconciler import (
     Clock,
     ControlReport,
@@ -41,7 +41,6 @@ from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
 MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
-WAKE_CHECK_SECONDS = 0.5  # how often a pool at its floor looks at its queues between passes
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
     SecretMissing: "SecretMissing",
@@ -102,13 +101,12 @@ class SharedResources:
 
 @dataclass(frozen=True)
 class EarlyWake:
-    """The between-polls check of a pool the last pass left at its floor: is a burst waiting?"""
+    """The between-polls check of a pool that may still grow: is a burst waiting?"""
 
     probe: QueueProbe
     queues: tuple[str, ...]
-    replicas: int
+    last: Decision
     autoscaling: AutoscalingSpec
-    concurrency: int
 
     def due(self) -> bool:
         """True when ready messages call for a pass now; a broker that cannot answer waits for the poll."""
@@ -116,7 +114,7 @@ class EarlyWake:
             waiting = sum(stats.depth for stats in self.probe.stats(self.queues).values())
         except BrokerUnavailable:
             return False
-        return wakes_early(waiting, self.replicas, self.autoscaling, self.concurrency)
+        return wakes_early(waiting, self.last, self.autoscaling)
 
 
 @dataclass
@@ -132,7 +130,7 @@ class PoolLoop:
     clock: Clock = time.time
     last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
-    wake: EarlyWake | None = None  # set while the last pass left the pool at its floor
+    wake: EarlyWake | None = None  # set while the last pass left the pool room to grow
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.reporter, self.memory, self.clock, name=f"{self.namespace}/{self.name}")
@@ -163,8 +161,8 @@ class PoolLoop:
         source: Callable[[], Mapping[str, Any] | CeleryWorkerPool],
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
-        """Pass after pass, every pollSeconds (an invalid spec: every 30 s) or sooner when a pool at
-        its floor sees a burst, until `stopping` is set."""
+        """Pass after pass, every pollSeconds (an invalid spec: every 30 s) or sooner when a burst
+        lands between passes, until `stopping` is set."""
         while not stopping.is_set():
             started = time.monotonic()
             self.step(source())
@@ -212,11 +210,11 @@ def controller_hooks(
 
 
 def _early_wake(pool: CeleryWorkerPool, sources: Sources, result: PassResult) -> EarlyWake | None:
-    """The check to run between polls when this pass left the pool at its floor, else None."""
+    """The check to run between polls when this pass left the pool room to grow, else None."""
     decision, autoscaling = result.decision, pool.spec.autoscaling
-    if decision is None or decision.terms.concurrency is None or decision.replicas > autoscaling.min_replicas:
+    if decision is None or decision.terms.concurrency is None or decision.replicas >= autoscaling.max_replicas:
         return None
-    return EarlyWake(sources.probe, tuple(pool.spec.queues), decision.replicas, autoscaling, decision.terms.concurrency)
+    return EarlyWake(sources.probe, tuple(pool.spec.queues), decision, autoscaling)
 
 
 def _generation(source: Mapping[str, Any] | CeleryWorkerPool) -> int | None:
