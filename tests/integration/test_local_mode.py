@@ -60,17 +60,24 @@ def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: 
 
 
 @contextmanager
-def loop_running(run: LocalRun) -> Iterator[None]:
-    """The pool's loop on its own thread, as `local` runs it: the test's thread only watches."""
-    stop = threading.Event()
-    loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
-    loop.start()
-    try:
-        wait_for(lambda: bool(run.reporter.status_now), 20)
-        yield
-    finally:
-        stop.set()
-        loop.join(timeout=10)
+def looping_every_minute(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, prefix: str, max_replicas: int, scale_down_seconds: float
+) -> Iterator[LocalRun]:
+    """A pool polled every 60 s with its loop on its own thread, as `local` runs it: the test's
+    thread only watches, so anything sooner than a minute is the loop's look between polls."""
+    with local_pool_run(
+        redis_url, monkeypatch, prefix, concurrency=2, max_replicas=max_replicas,
+        scale_down_seconds=scale_down_seconds, poll_seconds=60,
+    ) as run:  # fmt: skip
+        stop = threading.Event()
+        loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            wait_for(lambda: bool(run.reporter.status_now), 20)
+            yield run
+        finally:
+            stop.set()
+            loop.join(timeout=10)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -87,12 +94,7 @@ def scale_ups(run: LocalRun) -> list[float]:
 def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with (
-        local_pool_run(
-            redis_url, monkeypatch, "wake", concurrency=2, max_replicas=2, scale_down_seconds=0, poll_seconds=60
-        ) as run,
-        loop_running(run),
-    ):
+    with looping_every_minute(redis_url, monkeypatch, "wake", max_replicas=2, scale_down_seconds=0) as run:
         assert run.reporter.status_now.get("replicas") == 0, "the first pass leaves the pool at zero"
         sent = time.time()
         send(run, 3, 0.1)
@@ -105,12 +107,7 @@ def test_a_spike_on_a_running_pool_wakes_the_loop_long_before_the_next_poll(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Above its floor too: one worker busy with a long task, then 12 short ones land at once."""
-    with (
-        local_pool_run(
-            redis_url, monkeypatch, "spike", concurrency=2, max_replicas=3, scale_down_seconds=60, poll_seconds=60
-        ) as run,
-        loop_running(run),
-    ):
+    with looping_every_minute(redis_url, monkeypatch, "spike", max_replicas=3, scale_down_seconds=60) as run:
         send(run, 1, 20.0)
         assert wait_for(lambda: sum(ran(run, "started").values()) == 1, 30), "one worker runs the long task"
         assert len(scale_ups(run)) == 1 and run.reporter.status_now.get("replicas") == 1
