@@ -1,6 +1,7 @@
 """Real workers on real Redis: our local mode against a KEDA-style process scaler, tuned and default.
 
     .venv/bin/python benchmarks/real_workload.py [--url redis://127.0.0.1:6379/14] [--workloads NAMES] [--tail 45]
+        [--decisions]   (also print each of our scale decisions with its terms, seconds from the first publish)
     .venv/bin/python benchmarks/real_workload.py --reaction 10
 
 Each workload (burst-trickle: 240 tasks at once, then 2/s for 60 s; steady-spikes: 1.5/s for 90 s
@@ -220,13 +221,13 @@ def sample_cost(workload: LocalWorkload, until: float) -> float:
     return total
 
 
-def run_one(url: str, scaler: str, sends: Sends, tail: float) -> Outcome:
+def run_one(url: str, scaler: str, sends: Sends, tail: float, decisions: bool = False) -> Outcome:
     queue = f"bench-{scaler}-{uuid.uuid4().hex[:6]}"
     client = redis.Redis.from_url(url)
     scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=5), url)
     try:
         time.sleep(1.0)  # the scaler's first pass, at zero
-        until = time.monotonic() + sends[-1][0] + tail
+        until, started = time.monotonic() + sends[-1][0] + tail, time.time()
         publisher = threading.Thread(target=publish, args=(queue, sends), daemon=True)
         publisher.start()
         cost = sample_cost(scaling.workload, until)
@@ -235,18 +236,21 @@ def run_one(url: str, scaler: str, sends: Sends, tail: float) -> Outcome:
         while client.llen(f"{queue}:waits") < len(sends) and time.monotonic() < deadline:
             time.sleep(0.5)  # recorded when a task ends: the count of finished tasks
         waits = [float(line.split(b",")[0]) for line in client.lrange(f"{queue}:waits", 0, -1)]
+        if decisions and isinstance(scaling, Ours):
+            for at, _, reason, message in scaling.run.reporter.events:
+                print(f"  {scaler} +{at - started:6.1f} s {reason}: {message}", flush=True)
         return Outcome(waits, cost, len(sends) - len(waits))
     finally:
         scaling.stop()
         client.delete(queue, f"{queue}:waits")
 
 
-def compare(url: str, names: list[str], tail: float, seed: int) -> None:
+def compare(url: str, names: list[str], tail: float, seed: int, decisions: bool) -> None:
     header = f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4}"
     print(f"{header} {'p95/tuned':>9} {'cost/tuned':>10}")
     for name in names:
         sends = WORKLOADS[name](random.Random(seed))
-        outcomes = {scaler: run_one(url, scaler, sends, tail) for scaler in SCALERS}
+        outcomes = {scaler: run_one(url, scaler, sends, tail, decisions) for scaler in SCALERS}
         tuned_p95, tuned_cost = percentile(outcomes["keda-tuned"].waits, 95), outcomes["keda-tuned"].worker_seconds
         for scaler, outcome in outcomes.items():
             p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
@@ -288,6 +292,7 @@ def main() -> None:
     parser.add_argument("--tail", type=float, default=45.0, help="seconds of cost counted after the last publish")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reaction", type=int, default=0, help="time N bursts at zero instead")
+    parser.add_argument("--decisions", action="store_true", help="print our scale decisions with their terms")
     args = parser.parse_args()
     os.environ["CELERY_BROKER_URL"] = args.url
     app.conf.broker_url = args.url
@@ -301,7 +306,8 @@ def main() -> None:
             f"ratio {statistics.median(ours) / statistics.median(tuned):.2f}"
         )
         return
-    compare(args.url, [n.strip() for n in args.workloads.split(",") if n.strip()], args.tail, args.seed)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    compare(args.url, names, args.tail, args.seed, args.decisions)
 
 
 if __name__ == "__main__":
