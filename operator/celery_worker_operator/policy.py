@@ -11,11 +11,12 @@ It reads like the HPA's replica calculator, with Celery's own numbers in place o
 The arrival rate is the lower of a recent one (seconds) and the windowed one (a minute), so a
 burst, which the backlog term already drains, does not size the steady term for a minute after
 it was served. The backlog drains within what is left of the target wait for its oldest task,
-so a burst found late asks for more. Then a tolerance band, min/max, the HPA's stabilization windows (lowest recent
-recommendation bounds a scale-up, highest bounds a scale-down) and per-poll step limits; workers
-measured idle while nothing waits may all go in one step. Missing or stale measurements never
-shrink a pool. Between polls the loop looks at the queues (`wakes_early`) and starts a pass as
-soon as more messages are ready than the pool has slots and than its last pass saw waiting.
+so a burst found late asks for more. Then a tolerance band, min/max, the HPA's stabilization
+windows (lowest recent recommendation bounds a scale-up, highest bounds a scale-down) and per-poll
+step limits; workers measured idle while nothing waits may all go in one step. Missing or stale
+measurements never shrink a pool. Between polls the loop looks at the queues (`wakes_early`) and
+starts a pass as soon as more messages are ready than the pool has slots and than its last pass
+saw waiting.
 """
 
 from __future__ import annotations
