@@ -106,17 +106,17 @@ def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(
 def test_a_spike_on_a_running_pool_wakes_the_loop_long_before_the_next_poll(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above its floor too: one worker busy with a long task, then 12 short ones land at once."""
+    """Above its floor too: one worker busy with a long task, then 30 short ones land at once."""
     with looping_every_minute(redis_url, monkeypatch, "spike", max_replicas=3, scale_down_seconds=60) as run:
         send(run, 1, 20.0)
         assert wait_for(lambda: sum(ran(run, "started").values()) == 1, 30), "one worker runs the long task"
-        assert len(scale_ups(run)) == 1 and run.reporter.status_now.get("replicas") == 1
+        assert len(scale_ups(run)) == 1 and run.workload.observe().replicas == 1
         sent = time.time()
-        send(run, 12, 0.5)
+        send(run, 30, 0.5)
         assert wait_for(lambda: len(scale_ups(run)) == 2, 15)
         assert scale_ups(run)[1] - sent < 5, "a spike on a running pool must not wait out the 60 s poll"
         assert run.workload.observe().replicas > 1
-        assert wait_for(lambda: sum(ran(run, "ended").values()) == 13, 60)
+        assert wait_for(lambda: sum(ran(run, "ended").values()) == 31, 60)
 
 
 def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:
