@@ -21,7 +21,7 @@ from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
-from .policy import WAKE_CHECK_SECONDS, Decision, wakes_early
+from .policy import WAKE_CHECK_SECONDS, Decision, Mode, wakes_early
 from .reconciler import (
     Clock,
     ControlReport,
@@ -150,8 +150,9 @@ class PoolLoop:
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
         autoscaling = pool.spec.autoscaling if pool else None
+        carried_out = result.decision if result.mode is not Mode.RECOMMEND else None  # counted as scales
         self.metrics.record_pass(
-            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry, autoscaling
+            self.namespace, self.name, result.status, carried_out, result.busy_slots, result.telemetry, autoscaling
         )
         return result
 
@@ -210,9 +211,13 @@ def controller_hooks(
 
 
 def _early_wake(pool: CeleryWorkerPool, sources: Sources, result: PassResult) -> EarlyWake | None:
-    """The check to run between polls when this pass left the pool room to grow, else None."""
+    """The check to run between polls when this pass left the pool room to grow, else None (and
+    always None unless the pool scales by itself: a paused or recommend-only pool would pass at once
+    again and again)."""
     decision, autoscaling = result.decision, pool.spec.autoscaling
     if decision is None or decision.terms.concurrency is None or decision.replicas >= autoscaling.max_replicas:
+        return None
+    if result.mode is not Mode.AUTO:
         return None
     return EarlyWake(sources.probe, tuple(pool.spec.queues), decision, autoscaling)
 
