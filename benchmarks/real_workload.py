@@ -1,6 +1,7 @@
 """Real workers on real Redis: our local mode against a KEDA-style process scaler, tuned and default.
 
     .venv/bin/python benchmarks/real_workload.py [--url redis://127.0.0.1:6379/14] [--workloads NAMES] [--tail 45]
+        [--decisions]   (also print each of our scale decisions with its terms, seconds from the first publish)
     .venv/bin/python benchmarks/real_workload.py --reaction 10
 
 Each workload (burst-trickle: 240 tasks at once, then 2/s for 60 s; steady-spikes: 1.5/s for 90 s
@@ -13,10 +14,12 @@ queue, one scaler after the other in this one run, each scaling real `celery wor
               polled every 5 s with a 60 s down window and cooldown;
   keda        the same with KEDA's and the HPA's defaults (15 s sync, 30 s activation, 300 s window);
   limit       six workers ready before the first task: no scaler waits less (the physical limit).
-Waits are the tasks' own start minus the publish time they carry; worker-seconds are sampled the
-same way for all (worker processes alive, every 0.5 s, until the trace ends plus `--tail`); a task
-lost is one published and never finished. Targets (issue 15): ours p95 <= 0.9x keda-tuned's on
-each workload; worker-seconds <= 0.6x keda-tuned's on burst-trickle, <= 0.8x on the others; 0 lost.
+The publisher stamps its tasks as README asks (`instrument`), so the probe knows the oldest task's
+wait; only ours reads it. Waits are the tasks' own start minus the publish time they carry;
+worker-seconds are sampled the same way for all (worker processes alive, every 0.5 s, until the
+trace ends plus `--tail`); a task lost is one published and never finished. Targets (issue 15):
+ours p95 <= 0.9x keda-tuned's on each workload; worker-seconds <= 0.6x keda-tuned's on
+burst-trickle, <= 0.8x on the others; 0 lost.
 
 `--reaction N` instead times a burst landing on a pool at zero until the scale call, N times for
 ours with pollSeconds 10 (target: median <= 1.5 s) and a third as often for keda-tuned.
@@ -38,6 +41,7 @@ from typing import Protocol
 
 import redis
 
+from celery_worker_operator import instrument
 from celery_worker_operator.brokers import ProbeRegistry
 from celery_worker_operator.demo.app import app, work
 from celery_worker_operator.localmode import LocalRun
@@ -217,13 +221,13 @@ def sample_cost(workload: LocalWorkload, until: float) -> float:
     return total
 
 
-def run_one(url: str, scaler: str, sends: Sends, tail: float) -> Outcome:
+def run_one(url: str, scaler: str, sends: Sends, tail: float, decisions: bool = False) -> Outcome:
     queue = f"bench-{scaler}-{uuid.uuid4().hex[:6]}"
     client = redis.Redis.from_url(url)
     scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=5), url)
     try:
         time.sleep(1.0)  # the scaler's first pass, at zero
-        until = time.monotonic() + sends[-1][0] + tail
+        until, started = time.monotonic() + sends[-1][0] + tail, time.time()
         publisher = threading.Thread(target=publish, args=(queue, sends), daemon=True)
         publisher.start()
         cost = sample_cost(scaling.workload, until)
@@ -232,18 +236,21 @@ def run_one(url: str, scaler: str, sends: Sends, tail: float) -> Outcome:
         while client.llen(f"{queue}:waits") < len(sends) and time.monotonic() < deadline:
             time.sleep(0.5)  # recorded when a task ends: the count of finished tasks
         waits = [float(line.split(b",")[0]) for line in client.lrange(f"{queue}:waits", 0, -1)]
+        if decisions and isinstance(scaling, Ours):
+            for at, _, reason, message in scaling.run.reporter.events:
+                print(f"  {scaler} +{at - started:6.1f} s {reason}: {message}", flush=True)
         return Outcome(waits, cost, len(sends) - len(waits))
     finally:
         scaling.stop()
         client.delete(queue, f"{queue}:waits")
 
 
-def compare(url: str, names: list[str], tail: float, seed: int) -> None:
+def compare(url: str, names: list[str], tail: float, seed: int, decisions: bool) -> None:
     header = f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4}"
     print(f"{header} {'p95/tuned':>9} {'cost/tuned':>10}")
     for name in names:
         sends = WORKLOADS[name](random.Random(seed))
-        outcomes = {scaler: run_one(url, scaler, sends, tail) for scaler in SCALERS}
+        outcomes = {scaler: run_one(url, scaler, sends, tail, decisions) for scaler in SCALERS}
         tuned_p95, tuned_cost = percentile(outcomes["keda-tuned"].waits, 95), outcomes["keda-tuned"].worker_seconds
         for scaler, outcome in outcomes.items():
             p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
@@ -285,9 +292,11 @@ def main() -> None:
     parser.add_argument("--tail", type=float, default=45.0, help="seconds of cost counted after the last publish")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reaction", type=int, default=0, help="time N bursts at zero instead")
+    parser.add_argument("--decisions", action="store_true", help="print our scale decisions with their terms")
     args = parser.parse_args()
     os.environ["CELERY_BROKER_URL"] = args.url
     app.conf.broker_url = args.url
+    instrument(app)
     if args.reaction:
         ours = reaction(args.url, "ours", 10.0, args.reaction)
         tuned = reaction(args.url, "keda-tuned", 5.0, max(args.reaction // 3, 1))
@@ -297,7 +306,8 @@ def main() -> None:
             f"ratio {statistics.median(ours) / statistics.median(tuned):.2f}"
         )
         return
-    compare(args.url, [n.strip() for n in args.workloads.split(",") if n.strip()], args.tail, args.seed)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    compare(args.url, names, args.tail, args.seed, args.decisions)
 
 
 if __name__ == "__main__":

@@ -425,6 +425,7 @@ def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) 
 @click.option("--target-wait", type=TARGET_WAIT, default="30s", show_default=True, help="Acceptable queue wait.")
 @click.option("--utilization", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
 @click.option("--backlog", type=click.IntRange(0, 10**9), default=0, show_default=True, help="Tasks already waiting.")
+@click.option("--oldest", type=TARGET_WAIT, help="How long the oldest waiting task has waited: 5s, 2m.")
 @click.option(
     "--max-replicas", type=click.IntRange(1, MOST_REPLICAS), default=MOST_REPLICAS, show_default=True, help="The cap."
 )
@@ -436,26 +437,38 @@ def plan(
     target_wait: float,
     utilization: float,
     backlog: int,
+    oldest: float | None,
     max_replicas: int,
 ) -> None:
     """Size a pool with the capacity formula and show the working."""
     spec = AutoscalingSpec(
         min_replicas=0, max_replicas=max_replicas, target_wait_seconds=target_wait, target_utilization=utilization
     )
-    terms = plan_pool(arrival, duration, backlog, spec, concurrency, recent_rate=recent).terms
+    terms = plan_pool(arrival, duration, backlog, spec, concurrency, recent_rate=recent, oldest_wait=oldest).terms
     offered, steady, drain = terms.offered_load or 0.0, terms.steady_slots or 0.0, terms.backlog_slots or 0.0
     rate = terms.arrival_rate or 0.0
     if recent is not None:
         click.echo(f"arrival rate   lower of {arrival:.4g}/s (minute) and {recent:.4g}/s (recent) = {rate:.4g}/s")
     click.echo(f"offered load   {rate:.4g}/s x {duration:.4g} s = {offered:.4g} busy slots")
     click.echo(f"steady slots   {offered:.4g} / {utilization:.2g} utilization = {steady:.4g}")
-    click.echo(f"backlog slots  {backlog} waiting x {duration:.4g} s / {target_wait:.4g} s = {drain:.4g}")
+    within = terms.drain_seconds or target_wait
+    if within < target_wait:
+        click.echo(
+            f"drain within   {target_wait:.4g} s target - {oldest:.4g} s waited = {within:.4g} s (>= half the target)"
+        )
+    click.echo(f"backlog slots  {backlog} waiting x {duration:.4g} s / {within:.4g} s = {drain:.4g}")
     slots = terms.slots or 0.0
     wanted = math.ceil(slots / concurrency)
     click.echo(f"slots          {slots:.4g}")
     click.echo(f"replicas       ceil({slots:.4g} / {concurrency}) = {wanted}")
     if wanted > max_replicas:
         click.echo(f"capped         at maxReplicas {max_replicas}: the formula asks for {wanted}")
+    replicas = min(wanted, max_replicas)
+    if replicas < max_replicas:
+        click.echo(
+            f"between polls  a pass starts at once when more than {max(replicas * concurrency, backlog)} messages "
+            f"are ready ({replicas} x {concurrency} slots, {backlog} seen waiting)"
+        )
 
 
 @main.command()
@@ -507,6 +520,11 @@ def simulate(
         raise click.BadParameter(str(error), param_hint="--policy") from None
     oracle = oracle_worker_seconds(chosen.tasks(seed), chosen.pool, chosen.autoscaling.min_replicas, results[0].end)
     Console(width=120).print(comparison_table(chosen, results, oracle))
+    for result in results:
+        if result.explanation:
+            click.echo(
+                f"{result.scaler}: {result.early_polls} early passes (a burst between polls); {result.explanation}"
+            )
     if plot:
         from .simulation.charts import plot_results
 

@@ -4,15 +4,19 @@ It reads like the HPA's replica calculator, with Celery's own numbers in place o
 
     slots    = max(arrival_rate x service_time / targetUtilization,   (Little's law, steady state)
                    busy_slots)                                        (never below what runs now)
-             + (depth + reserved) x service_time / targetWaitSeconds  (drain the backlog in time)
+             + (depth + reserved) x service_time / drain_seconds      (drain the backlog in time)
+    drain_seconds = targetWaitSeconds - oldest task's wait, at least half the target
     replicas = ceil(slots / concurrency)
 
 The arrival rate is the lower of a recent one (seconds) and the windowed one (a minute), so a
 burst, which the backlog term already drains, does not size the steady term for a minute after
-it was served. Then a tolerance band, min/max, the HPA's stabilization windows (lowest recent
-recommendation bounds a scale-up, highest bounds a scale-down) and per-poll step limits; workers
-measured idle while nothing waits may all go in one step. Missing or stale measurements never
-shrink a pool.
+it was served. The backlog drains within what is left of the target wait for its oldest task,
+so a burst found late asks for more. Then a tolerance band, min/max, the HPA's stabilization
+windows (lowest recent recommendation bounds a scale-up, highest bounds a scale-down) and per-poll
+step limits; workers measured idle while nothing waits may all go in one step. Missing or stale
+measurements never shrink a pool. Between polls the loop looks at the queues (`wakes_early`) and
+starts a pass as soon as more messages are ready than the pool has slots and than its last pass
+saw waiting.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from enum import StrEnum
 from .spec import PAUSED_ANNOTATION, PAUSED_REPLICAS_ANNOTATION, AutoscalingSpec, CeleryWorkerPool
 
 TOLERANCE = 0.1  # as the HPA: within 10 % of the current size, stay
+# How often a pool loop looks at its queues between passes (wakes_early); the shared probe's numbers are this fresh.
+WAKE_CHECK_SECONDS = 1.0
+MIN_DRAIN_SHARE = 0.5  # the backlog drains within at least this share of targetWaitSeconds
 EPSILON = 1e-9  # keeps ceil(2.0000000001) from becoming 3 after float arithmetic
 
 
@@ -109,7 +116,9 @@ class Terms:
     slots = steady_slots + backlog_slots; steady_slots = max(offered_load / targetUtilization,
     busy_slots); offered_load = arrival_rate x service_time, where arrival_rate is the lower of
     the recent and the windowed rate (`rate_source` says which); backlog_slots = backlog x
-    service_time / targetWaitSeconds. Without a service time, slots = (backlog + busy) / utilization.
+    service_time / drain_seconds, where drain_seconds is targetWaitSeconds less `oldest_wait`
+    (the oldest waiting task's age, when known), never below half the target. Without a service
+    time, slots = (backlog + busy) / utilization.
     `idle_workers` is how many workers' worth of slots stood idle with nothing waiting: the
     scale-down step may remove that many at once.
     """
@@ -128,6 +137,8 @@ class Terms:
     offered_load: float | None = None
     steady_slots: float | None = None
     backlog_slots: float | None = None
+    oldest_wait: float | None = None
+    drain_seconds: float | None = None
     slots: float | None = None
     fallback_replicas: int | None = None
     idle_workers: int | None = None
@@ -187,12 +198,13 @@ def plan(
     spec: AutoscalingSpec,
     concurrency: int,
     recent_rate: float | None = None,
+    oldest_wait: float | None = None,
 ) -> Decision:
     """What the formula asks for, from scratch, given these numbers: for `plan`, `demo` and docs."""
     obs = Observation(
         time=0.0,
         current_replicas=0,
-        queues=(QueueObservation("planned", backlog),),
+        queues=(QueueObservation("planned", backlog, oldest_age_seconds=oldest_wait),),
         measured_at=0.0,
         arrival_rate=arrival_rate,
         arrival_rate_recent=recent_rate,
@@ -202,15 +214,21 @@ def plan(
     return decide(obs, spec, concurrency)
 
 
-def wakes_early(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int) -> bool:
-    """Whether a check between polls should start a pass now: a pool at its floor (minReplicas or
-    zero) holds more ready messages than it has slots, and may grow.
+def wakes_early(waiting: int, last: Decision, spec: AutoscalingSpec) -> bool:
+    """Whether a look at the queues between polls (`waiting` ready messages) should start a pass now.
 
-    A burst landing on an idle pool would otherwise wait up to pollSeconds for the next pass;
-    ready messages exceed the slots only when every prefetch buffer is already full.
+    Yes when the pool may grow and more messages are ready than it has slots (every prefetch buffer
+    is full) and than its last pass saw waiting. A burst would otherwise wait up to pollSeconds
+    for the next pass, on an idle pool as on one serving a steady load, and a pass that saw half
+    a burst land would size the pool for half of it. A backlog that only drains never wakes it,
+    and a pass held back by the step limit or the up window waits for its poll: those are per poll.
     """
-    at_floor = replicas <= spec.min_replicas and replicas < spec.max_replicas
-    return spec.enabled and at_floor and waiting > replicas * concurrency
+    concurrency = last.terms.concurrency
+    if not spec.enabled or concurrency is None or last.limit in (Limit.UP_STEP, Limit.UP_STABILIZED):
+        return False
+    ceiling = min(spec.max_replicas, task_ceiling(spec, concurrency) or spec.max_replicas)
+    seen = last.terms.backlog or 0
+    return last.replicas < ceiling and waiting > max(last.replicas * concurrency, seen)
 
 
 def remember(
@@ -251,7 +269,8 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
         arrival, rate_source = _ongoing_rate(obs)
         offered = arrival * service_time  # Little's law: L = lambda x W
         steady = max(offered / spec.target_utilization, busy)
-        drain = backlog * service_time / spec.target_wait_seconds
+        oldest, within = _drain_seconds(obs, spec)
+        drain = backlog * service_time / within
         slots = steady + drain
         terms = replace(
             terms,
@@ -262,8 +281,11 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
             offered_load=offered,
             steady_slots=steady,
             backlog_slots=drain,
+            oldest_wait=oldest,
+            drain_seconds=within,
         )
-        why = f"{arrival:.3g}/s ({rate_source}) x {service_time:.3g}s {source} + {backlog} waiting -> {slots:.3g} slots"
+        waiting = f"{backlog} waiting" + (f" (oldest {oldest:.3g}s) within {within:.3g}s" if backlog and oldest else "")
+        why = f"{arrival:.3g}/s ({rate_source}) x {service_time:.3g}s {source} + {waiting} -> {slots:.3g} slots"
     terms = replace(terms, slots=slots)
     raw = math.ceil(slots / concurrency - EPSILON)
     current = obs.current_replicas
@@ -272,6 +294,18 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
     if raw == 0 and (backlog > 0 or busy > 0 or (obs.busy_slots is None and current > 0)):
         raw = 1  # a task waits or runs, or we cannot tell: keep one worker
     return raw, terms, why
+
+
+def _drain_seconds(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None, float]:
+    """The oldest waiting task's age (None when unknown) and the seconds the backlog has to drain.
+
+    What the oldest task already waited is gone from its target; the floor at half the target keeps
+    a task found long after its deadline from asking for every worker at once.
+    """
+    target, oldest = spec.target_wait_seconds, obs.oldest_age_seconds
+    if not obs.backlog or oldest is None:
+        return oldest, target
+    return oldest, max(target - oldest, target * MIN_DRAIN_SHARE)
 
 
 def _service_time(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None, str]:

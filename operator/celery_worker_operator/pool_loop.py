@@ -2,9 +2,9 @@
 
 Each pass it reads the pool (a kopf body or a parsed pool), resolves where to measure and act
 (`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
-`Reconciler`, and records the result in the metrics. Between passes a pool at its floor checks its
-queues' depth every second (one probe call for all pools of a broker), so a burst on an idle pool starts a pass
-at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
+`Reconciler`, and records the result in the metrics. Between passes a pool that may still grow
+checks its queues' depth every second (one probe call measures all pools of a broker), so a burst
+starts a pass at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
 here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
 broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
 """
@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .brokers import FRESH_SECONDS, BrokerUnavailable, ProbeRegistry, QueueProbe
+from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import member_of, worker_hostname
-from .policy import Mode, wakes_early
+from .policy import WAKE_CHECK_SECONDS, Decision, Mode, wakes_early
 from .reconciler import (
     Clock,
     ControlReport,
@@ -43,7 +43,6 @@ from .workloads.command import grace_seconds
 
 INVALID_SPEC_RETRY_SECONDS = 30.0  # a spec that fails validation is looked at again this often
 MAX_DRAIN_SECONDS = 60.0  # a pass waits at most this long for draining workers to finish
-WAKE_CHECK_SECONDS = FRESH_SECONDS  # how often a pool at its floor looks at its queues between passes
 POLL_JITTER = 0.1  # each interval is pollSeconds +-10 %: pools started together drift apart, not poll in lockstep
 BLOCKED_REASONS: dict[type[Exception], str] = {
     InvalidPool: "InvalidSpec",
@@ -106,13 +105,12 @@ class SharedResources:
 
 @dataclass(frozen=True)
 class EarlyWake:
-    """The between-polls check of a pool the last pass left at its floor: is a burst waiting?"""
+    """The between-polls check of a pool that may still grow: is a burst waiting?"""
 
     probe: QueueProbe
     queues: tuple[str, ...]
-    replicas: int
+    last: Decision
     autoscaling: AutoscalingSpec
-    concurrency: int
 
     def due(self) -> bool:
         """True when ready messages call for a pass now; a broker that cannot answer waits for the poll."""
@@ -120,7 +118,7 @@ class EarlyWake:
             waiting = sum(stats.depth for stats in self.probe.stats(self.queues).values())
         except BrokerUnavailable:
             return False
-        return wakes_early(waiting, self.replicas, self.autoscaling, self.concurrency)
+        return wakes_early(waiting, self.last, self.autoscaling)
 
 
 @dataclass
@@ -136,7 +134,7 @@ class PoolLoop:
     clock: Clock = time.time
     last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
-    wake: EarlyWake | None = None  # set while the last pass left the pool at its floor
+    wake: EarlyWake | None = None  # set while the last pass left the pool room to grow
     template_policy: TemplatePolicy | None = None  # what worker.template may set (None: local mode, no pods)
 
     def __post_init__(self) -> None:
@@ -170,7 +168,7 @@ class PoolLoop:
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
         """Pass after pass, every pollSeconds (an invalid spec: every 30 s; jittered) or sooner when a
-        pool at its floor sees a burst, until `stopping` is set."""
+        burst lands between passes, until `stopping` is set."""
         while not stopping.is_set():
             started = time.monotonic()
             self.step(source())
@@ -218,15 +216,15 @@ def controller_hooks(
 
 
 def _early_wake(pool: CeleryWorkerPool, sources: Sources, result: PassResult) -> EarlyWake | None:
-    """The check to run between polls when this pass left the pool at its floor, else None (and
+    """The check to run between polls when this pass left the pool room to grow, else None (and
     always None unless the pool scales by itself: a paused or recommend-only pool would pass at once
     again and again)."""
     decision, autoscaling = result.decision, pool.spec.autoscaling
-    if decision is None or decision.terms.concurrency is None or decision.replicas > autoscaling.min_replicas:
+    if decision is None or decision.terms.concurrency is None or decision.replicas >= autoscaling.max_replicas:
         return None
     if result.mode is not Mode.AUTO:
         return None
-    return EarlyWake(sources.probe, tuple(pool.spec.queues), decision.replicas, autoscaling, decision.terms.concurrency)
+    return EarlyWake(sources.probe, tuple(pool.spec.queues), decision, autoscaling)
 
 
 def _generation(source: Mapping[str, Any] | CeleryWorkerPool) -> int | None:

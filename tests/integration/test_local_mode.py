@@ -7,7 +7,8 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,32 +59,64 @@ def test_burst_scales_up_runs_every_task_once_and_returns_to_minimum(local_run: 
     assert advised == [], "a healthy pool under a burst raised advice"
 
 
-def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextmanager
+def looping_every_minute(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, prefix: str, max_replicas: int, scale_down_seconds: float
+) -> Iterator[LocalRun]:
+    """A pool polled every 60 s with its loop on its own thread, as `local` runs it: the test's
+    thread only watches, so anything sooner than a minute is the loop's look between polls."""
     with local_pool_run(
-        redis_url, monkeypatch, "wake", concurrency=2, max_replicas=2, scale_down_seconds=0, poll_seconds=60
-    ) as run:
+        redis_url, monkeypatch, prefix, concurrency=2, max_replicas=max_replicas,
+        scale_down_seconds=scale_down_seconds, poll_seconds=60,
+    ) as run:  # fmt: skip
         stop = threading.Event()
         loop = threading.Thread(target=run.run, args=(stop,), daemon=True)
         loop.start()
         try:
-            deadline = time.monotonic() + 20
-            while not run.reporter.status_now and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert run.reporter.status_now.get("replicas") == 0, "the first pass leaves the pool at zero"
-            sent = time.time()
-            send(run, 3, 0.1)
-            while run.reporter.scale_events == 0 and time.monotonic() < deadline + 10:
-                time.sleep(0.05)
-            scaled_at = next(at for at, _, reason, _ in run.reporter.events if reason == "ScaledUp")
-            assert scaled_at - sent < 5, "a burst at zero must not wait out the 60 s poll"
-            while sum(ran(run, "ended").values()) < 3 and time.monotonic() < deadline + 40:
-                time.sleep(0.2)  # the loop thread runs the passes: this one only watches
-            assert sum(ran(run, "ended").values()) == 3
+            wait_for(lambda: bool(run.reporter.status_now), 20)
+            yield run
         finally:
             stop.set()
             loop.join(timeout=10)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def scale_ups(run: LocalRun) -> list[float]:
+    return [at for at, _, reason, _ in run.reporter.events if reason == "ScaledUp"]
+
+
+def test_a_burst_at_zero_wakes_the_loop_long_before_the_next_poll(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with looping_every_minute(redis_url, monkeypatch, "wake", max_replicas=2, scale_down_seconds=0) as run:
+        assert run.reporter.status_now.get("replicas") == 0, "the first pass leaves the pool at zero"
+        sent = time.time()
+        send(run, 3, 0.1)
+        assert wait_for(lambda: bool(scale_ups(run)), 15)
+        assert scale_ups(run)[0] - sent < 5, "a burst at zero must not wait out the 60 s poll"
+        assert wait_for(lambda: sum(ran(run, "ended").values()) == 3, 40)
+
+
+def test_a_spike_on_a_running_pool_wakes_the_loop_long_before_the_next_poll(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above its floor too: one worker busy with a long task, then 30 short ones land at once."""
+    with looping_every_minute(redis_url, monkeypatch, "spike", max_replicas=3, scale_down_seconds=60) as run:
+        send(run, 1, 20.0)
+        assert wait_for(lambda: sum(ran(run, "started").values()) == 1, 30), "one worker runs the long task"
+        assert len(scale_ups(run)) == 1 and run.workload.observe().replicas == 1
+        sent = time.time()
+        send(run, 30, 0.5)
+        assert wait_for(lambda: len(scale_ups(run)) == 2, 15)
+        assert scale_ups(run)[1] - sent < 5, "a spike on a running pool must not wait out the 60 s poll"
+        assert run.workload.observe().replicas > 1
+        assert wait_for(lambda: sum(ran(run, "ended").values()) == 31, 60)
 
 
 def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:

@@ -40,6 +40,17 @@ def test_plan_counts_the_backlog() -> None:
     assert "ceil(10 / 2) = 5" in output
 
 
+def test_plan_shows_the_drain_horizon_and_the_wake_threshold() -> None:
+    code, output = run(
+        "plan", "--arrival", "0", "--duration", "1s", "--concurrency", "1", "--backlog", "30", "--target-wait", "10s",
+        "--oldest", "4s", "--max-replicas", "20",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "10 s target - 4 s waited = 6 s" in output
+    assert "30 waiting x 1 s / 6 s = 5" in output
+    assert "more than 30 messages are ready (5 x 1 slots, 30 seen waiting)" in output
+
+
 def test_plan_rejects_a_bad_rate_with_usage_help() -> None:
     code, output = run("plan", "--arrival", "ten a minute", "--duration", "1s", "--concurrency", "1")
     assert code == 2
@@ -51,6 +62,16 @@ def test_simulate_compares_policies_on_a_scenario() -> None:
     assert code == 0
     for row in ("ours", "keda", "fixed:3", "oracle"):
         assert row in output
+
+
+def test_simulate_says_which_terms_drove_our_decisions() -> None:
+    code, output = run("simulate", "--scenario", "burst", "--policy", "ours,keda-tuned")
+    assert code == 0, output
+    ours = next(line for line in output.splitlines() if line.startswith("ours:"))
+    assert "early passes (a burst between polls)" in ours
+    assert "steady term from the recent rate in" in ours
+    assert "its oldest had waited" in ours and "idle workers removed past the step limit" in ours
+    assert not any(line.startswith("keda-tuned:") for line in output.splitlines())
 
 
 def test_simulate_replays_a_trace_with_a_pools_spec(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from celery_worker_operator.policy import (
+    Decision,
+    DecisionKind,
     Limit,
     Observation,
     QueueObservation,
     Recommendation,
+    Terms,
     decide,
     remember,
     wakes_early,
@@ -22,12 +25,20 @@ from celery_worker_operator.spec import AutoscalingSpec, ScaleDown, ScaleUp
 NOW = 1000.0
 
 
-def observe(depth: int | None = 0, reserved: int = 0, current: int = 1, age: float = 0.0, **fields: Any) -> Observation:
-    """An observation at NOW whose broker numbers were measured `age` seconds ago."""
+def observe(
+    depth: int | None = 0,
+    reserved: int = 0,
+    current: int = 1,
+    age: float = 0.0,
+    oldest: float | None = None,
+    **fields: Any,
+) -> Observation:
+    """An observation at NOW whose broker numbers were measured `age` seconds ago; the oldest
+    waiting task has waited `oldest` seconds (None: unknown)."""
     return Observation(
         time=NOW,
         current_replicas=current,
-        queues=(QueueObservation("q", depth, reserved),),
+        queues=(QueueObservation("q", depth, reserved, oldest),),
         measured_at=NOW - age,
         **fields,
     )
@@ -43,6 +54,33 @@ def past(*replicas: int, ago: float = 10.0) -> tuple[Recommendation, ...]:
 
 # (case, observation, spec, concurrency, history, expected replicas, words the reason must hold)
 CASES = [
+    (
+        "drain: with the oldest task's age unknown, the backlog drains within the target: 30 x 1 s / 10 s",
+        observe(depth=30, current=1, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
+        scaling(target_wait_seconds=10),
+        1,
+        (),
+        3,
+        "30 waiting -> 3 slots",
+    ),
+    (
+        "drain: what the oldest task waited is gone from its target: 30 x 1 s / (10 - 4) s = 5 slots",
+        observe(depth=30, current=1, oldest=4.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
+        scaling(target_wait_seconds=10),
+        1,
+        (),
+        5,
+        "30 waiting (oldest 4s) within 6s",
+    ),
+    (
+        "drain: a task long past its target still leaves half the target: 30 x 1 s / 5 s = 6 slots",
+        observe(depth=30, current=1, oldest=40.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
+        scaling(target_wait_seconds=10),
+        1,
+        (),
+        6,
+        "(oldest 40s) within 5s",
+    ),
     (
         "guide: 10/min of 10 min tasks = 100 busy slots = 25 workers of 4",
         observe(current=25, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=100),
@@ -377,23 +415,41 @@ def test_terms_name_the_rate_and_the_idle_workers() -> None:
     assert terms.idle_workers == (24 - 3) // 4
 
 
-# (case, waiting, replicas, spec, concurrency, wakes)
+def last_pass(replicas: int, seen: int = 0, limit: Limit = Limit.WITHIN_RANGE, concurrency: int | None = 4) -> Decision:
+    """The decision of the last pass: `replicas` for a pool of `concurrency` slots each, `seen` waiting."""
+    terms = Terms(replicas, replicas, replicas, backlog=seen, concurrency=concurrency)
+    return Decision(replicas, DecisionKind.HOLD, limit, "", replicas, terms)
+
+
+# (case, ready messages now, the last pass, spec, wakes)
 WAKE_CASES = [
-    ("at zero, one ready message wakes the loop", 1, 0, scaling(), 4, True),
-    ("at zero, nothing waits: sleep on", 0, 0, scaling(), 4, False),
-    ("at minReplicas 1, more ready than 4 slots wakes it", 5, 1, scaling(min_replicas=1), 4, True),
-    ("at minReplicas 1, as many ready as slots: prefetch may take them", 4, 1, scaling(min_replicas=1), 4, False),
-    ("above the floor the regular poll decides", 50, 2, scaling(min_replicas=1), 4, False),
-    ("at maxReplicas there is nowhere to grow", 50, 1, scaling(min_replicas=1, max_replicas=1), 4, False),
-    ("autoscaling off never wakes", 50, 0, scaling(enabled=False), 4, False),
+    ("at zero, one ready message wakes the loop", 1, last_pass(0), scaling(), True),
+    ("at zero, nothing waits: sleep on", 0, last_pass(0), scaling(), False),
+    ("at minReplicas 1, more ready than 4 slots wakes it", 5, last_pass(1), scaling(min_replicas=1), True),
+    ("as many ready as slots: prefetch may take them", 4, last_pass(1), scaling(min_replicas=1), False),
+    ("a spike on a pool above its floor wakes it: 9 ready > 8 slots", 9, last_pass(2), scaling(), True),
+    ("half a burst seen: 51 ready > the 35 the last pass sized for", 51, last_pass(3, seen=35), scaling(), True),
+    ("a backlog that only drains waits for the poll", 30, last_pass(3, seen=35), scaling(), False),
+    ("held back by the step limit: steps are per poll", 90, last_pass(3, 35, Limit.UP_STEP), scaling(), False),
+    ("held back by the up window: it is per poll", 90, last_pass(3, 35, Limit.UP_STABILIZED), scaling(), False),
+    ("at maxReplicas there is nowhere to grow", 50, last_pass(1), scaling(min_replicas=1, max_replicas=1), False),
+    ("at maxConcurrentTasks' ceiling neither", 50, last_pass(2), scaling(max_concurrent_tasks=8), False),
+    ("a blind pass (no concurrency known) waits for its poll", 50, last_pass(1, concurrency=None), scaling(), False),
+    ("autoscaling off never wakes", 50, last_pass(0), scaling(enabled=False), False),
 ]
 
 
 @pytest.mark.parametrize(
-    ("waiting", "replicas", "spec", "concurrency", "wakes"), [c[1:] for c in WAKE_CASES], ids=[c[0] for c in WAKE_CASES]
+    ("waiting", "last", "spec", "wakes"), [c[1:] for c in WAKE_CASES], ids=[c[0] for c in WAKE_CASES]
 )
-def test_wake_rule(waiting: int, replicas: int, spec: AutoscalingSpec, concurrency: int, wakes: bool) -> None:
-    assert wakes_early(waiting, replicas, spec, concurrency) is wakes
+def test_wake_rule(waiting: int, last: Decision, spec: AutoscalingSpec, wakes: bool) -> None:
+    assert wakes_early(waiting, last, spec) is wakes
+
+
+def test_terms_carry_the_drain_horizon() -> None:
+    obs = observe(depth=30, current=1, oldest=4.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0)
+    terms = decide(obs, scaling(target_wait_seconds=10), 1).terms
+    assert (terms.oldest_wait, terms.drain_seconds, terms.backlog_slots) == (4.0, 6.0, pytest.approx(5.0))
 
 
 def test_remember_keeps_only_the_windows() -> None:

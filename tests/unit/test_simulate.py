@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from celery_worker_operator.policy import Observation, QueueObservation
-from celery_worker_operator.simulation.baselines import FixedScaler, KedaScaler
+from celery_worker_operator.simulation.baselines import FixedScaler, KedaScaler, OurScaler
 from celery_worker_operator.simulation.engine import (
     PoolModel,
     Task,
@@ -21,6 +21,7 @@ from celery_worker_operator.simulation.engine import (
     union_length,
 )
 from celery_worker_operator.simulation.scenarios import SCENARIOS, run_scenario
+from celery_worker_operator.spec import AutoscalingSpec
 
 
 def erlang_c(servers: int, offered: float) -> float:
@@ -56,6 +57,20 @@ def test_youngest_pod_removal_kills_busy_workers_and_idle_only_does_not() -> Non
     results = {r.scaler: r for r in run_scenario(SCENARIOS["long"], ["ours", "keda"])}
     assert results["keda"].killed_tasks > 0
     assert results["ours"].killed_tasks == 0
+
+
+def test_a_burst_between_polls_is_seen_at_the_next_look_not_the_next_poll() -> None:
+    """Ours looks at the queue every half second between its 60 s polls; KEDA waits for its poll."""
+    steady = [Task(float(t), 1.0) for t in range(0, 120)]
+    spike = [Task(30.0 + i / 100, 1.0) for i in range(400)]
+    spec = AutoscalingSpec(min_replicas=1, max_replicas=10, target_wait_seconds=10, poll_seconds=60)
+    pool = PoolModel(concurrency=4, startup_seconds=2)
+    ours = simulate(steady + spike, pool, OurScaler(spec, 4), 10.0, 120.0)
+    keda = simulate(steady + spike, pool, KedaScaler(1, 10, 4, poll_seconds=60), 10.0, 120.0)
+    assert ours.early_polls >= 1
+    assert next(at for at, replicas in ours.timeline if replicas > 1) <= 31.0
+    assert next(at for at, replicas in keda.timeline if replicas > 1) == 60.0
+    assert ours.p95 < keda.p95
 
 
 def test_keda_ignores_reserved_messages() -> None:

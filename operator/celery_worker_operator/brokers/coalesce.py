@@ -1,6 +1,6 @@
 """Every pool of a broker measured together: one probe round trip for all of them, at most every `max_age`.
 
-Each pool at its floor checks its queues twice a second between polls, and each pass measures them
+Each pool that may still grow checks its queues every second between polls, and each pass measures them
 again: with hundreds of pools on one broker that is hundreds of round trips a second, one per pool.
 `CoalescingProbe` answers from numbers at most `max_age` old; when a queue asked for is older, it
 measures every queue some pool asked for lately and is due too, in one `stats` call (one pipelined
@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 
 from celery_worker_operator.brokers.base import QueueProbe, QueueStats
+from celery_worker_operator.policy import WAKE_CHECK_SECONDS
 
-FRESH_SECONDS = 1.0  # numbers this young answer for every pool (a burst on a pool at its floor waits at most this more)
-INTEREST_SECONDS = 5.0  # a queue nobody asked about this long (its pool left its floor, or is gone) is dropped
+FRESH_SECONDS = WAKE_CHECK_SECONDS  # numbers this young answer for every pool: each check between passes sees new ones
+INTEREST_SECONDS = 5.0  # a queue nobody asked about this long (its pool stopped checking, or is gone) is dropped
 
 
 class CoalescingProbe:

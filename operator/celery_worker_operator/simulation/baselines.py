@@ -14,10 +14,10 @@ sync every 5 s, a 60 s scale-down window and a 60 s cooldown.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ..policy import Observation, Recommendation, decide, remember
+from ..policy import Decision, Observation, Recommendation, decide, remember, wakes_early
 from ..spec import AutoscalingSpec
 from .engine import Removal
 
@@ -39,6 +39,8 @@ class OurScaler:
     name: str = "ours"
     removal: Removal = "idle_only"
     history: tuple[Recommendation, ...] = ()
+    last: Decision | None = None
+    tally: DecisionTally = field(default_factory=lambda: DecisionTally())
 
     @property
     def poll_seconds(self) -> float:
@@ -48,9 +50,53 @@ class OurScaler:
         return self.spec.min_replicas
 
     def desired(self, obs: Observation) -> int:
-        decision = decide(obs, self.spec, self.concurrency, self.history)
-        self.history = remember(self.history, decision, obs.time, self.spec)
-        return decision.replicas
+        self.last = decide(obs, self.spec, self.concurrency, self.history)
+        self.history = remember(self.history, self.last, obs.time, self.spec)
+        self.tally.add(self.last, self._step_down())
+        return self.last.replicas
+
+    def wakes(self, waiting: int) -> bool:
+        """As the pool loop does between passes."""
+        return self.last is not None and wakes_early(waiting, self.last, self.spec)
+
+    def explain(self) -> str:
+        return self.tally.describe()
+
+    def _step_down(self) -> int:
+        current = self.last.terms.current if self.last else 0
+        down = self.spec.scale_down
+        return max(down.max_step_pods, math.floor(current * down.max_step_percent / 100))
+
+
+@dataclass
+class DecisionTally:
+    """How often each term of the policy drove a decision over a run: `simulate` prints it."""
+
+    passes: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    rates: Counter[str] = field(default_factory=Counter)
+    drain_shortened: int = 0  # passes whose backlog had less than the target left (its oldest waited)
+    idle_steps: int = 0  # scale-downs past the step limit: measured-idle workers went at once
+
+    def add(self, decision: Decision, step_down: int) -> None:
+        terms = decision.terms
+        self.passes += 1
+        self.kinds[decision.kind] += 1
+        if terms.rate_source:
+            self.rates[terms.rate_source] += 1
+        if terms.drain_seconds is not None and terms.backlog and terms.oldest_wait:
+            self.drain_shortened += 1
+        self.idle_steps += terms.current - decision.replicas > step_down
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in self.kinds.most_common() if kind != "Hold")
+        rated = sum(self.rates.values()) or 1
+        return (
+            f"{self.passes} passes ({kinds or 'no changes'}); steady term from the recent rate in "
+            f"{self.rates['recent'] / rated:.0%}, the minute's in {self.rates['window'] / rated:.0%}; "
+            f"backlog given less than the target (its oldest had waited) in {self.drain_shortened}; "
+            f"idle workers removed past the step limit in {self.idle_steps}"
+        )
 
 
 @dataclass
@@ -115,6 +161,12 @@ class KedaScaler:
             return max(wanted, min(current, max(r for _, r in self.recent)))
         return min(wanted, current + max(4, current))
 
+    def wakes(self, waiting: int) -> bool:
+        return False  # KEDA and the HPA look only at their polls
+
+    def explain(self) -> str:
+        return ""
+
 
 @dataclass
 class FixedScaler:
@@ -133,3 +185,9 @@ class FixedScaler:
 
     def desired(self, obs: Observation) -> int:
         return self.replicas
+
+    def wakes(self, waiting: int) -> bool:
+        return False
+
+    def explain(self) -> str:
+        return ""

@@ -2,7 +2,8 @@
 
 It models what decides waits and cost in a real pool: worker start-up delay, concurrency,
 prefetch with late acks (a worker holds at most concurrency x multiplier unacked messages),
-the polling interval of the scaler, and what a scale-down does to a worker: Kubernetes sends
+the polling interval of the scaler (and its looks at the queue between polls, if it has any), and
+what a scale-down does to a worker: Kubernetes sends
 SIGTERM, Celery stops consuming, returns its prefetched messages and finishes running tasks
 within the grace period; a task still running then is killed and redelivered. Which workers go
 is the scaler's choice: ours removes only idle workers (marked with pod-deletion-cost; a smaller
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from ..policy import Observation, QueueObservation
+from ..policy import WAKE_CHECK_SECONDS, Observation, QueueObservation
 
 RATE_WINDOW = 60.0  # seconds of arrivals behind the measured arrival rate
 RECENT_WINDOW = 10.0  # seconds of arrivals behind the recent arrival rate
@@ -68,6 +69,14 @@ class Scaler(Protocol):
 
     def desired(self, obs: Observation) -> int: ...
 
+    def wakes(self, waiting: int) -> bool:
+        """Whether a look at the queue between polls (`waiting` ready messages) starts a poll now."""
+        ...
+
+    def explain(self) -> str:
+        """What drove the scaler's decisions over the run, in a line ("" when there is nothing to say)."""
+        ...
+
 
 @dataclass
 class Worker:
@@ -103,6 +112,8 @@ class Result:
     killed_tasks: int
     end: float
     target_wait: float
+    early_polls: int = 0  # polls started between two regular ones by a look at the queue
+    explanation: str = ""  # the scaler's own account of its decisions
 
     @property
     def p50(self) -> float:
@@ -146,12 +157,15 @@ class Simulation:
         self.timeline: list[tuple[float, int]] = []
         self.samples: list[Sample] = []
         self.killed = 0
+        self.polls = 0  # polls so far: a poll or check event for an earlier one is stale
+        self.early_polls = 0
+        self.next_poll = 0.0
 
     def run(self) -> Result:
         for index, task in enumerate(self.tasks):
             self._at(task.arrival, "arrive", index)
         self._scale_to(self.scaler.initial_replicas())
-        self._at(0.0, "poll", 0)
+        self._at(0.0, "poll", self.polls)
         give_up = self.horizon + 24 * 3600  # a scaler that never serves the queue must still end
         while self.events and self.events[0][0] <= give_up:
             self.now, _, kind, item = heapq.heappop(self.events)
@@ -193,12 +207,27 @@ class Simulation:
         self._exit(worker)
         self._dispatch()
 
-    def _on_poll(self, _: int) -> None:
+    def _on_poll(self, generation: int) -> None:
+        if generation != self.polls:
+            return  # an early poll came first
+        self.polls += 1
         obs = self._observe()
         self.samples.append(Sample(self.now, obs.backlog or 0, obs.oldest_age_seconds or 0.0, obs.current_replicas))
         self._scale_to(self.scaler.desired(obs))
         if self._work_left():
-            self._at(self.now + self.scaler.poll_seconds, "poll", 0)
+            self.next_poll = self.now + self.scaler.poll_seconds
+            self._at(self.next_poll, "poll", self.polls)
+            self._at(self.now + WAKE_CHECK_SECONDS, "check", self.polls)
+
+    def _on_check(self, generation: int) -> None:
+        """The loop's look at the queue between polls: a poll now if the scaler wakes on what waits."""
+        if generation != self.polls:
+            return
+        if self.scaler.wakes(len(self.queue)):
+            self.early_polls += 1
+            self._on_poll(generation)
+        elif self.now + WAKE_CHECK_SECONDS < self.next_poll:
+            self._at(self.now + WAKE_CHECK_SECONDS, "check", generation)
 
     # mechanics
 
@@ -313,6 +342,8 @@ class Simulation:
             self.killed,
             end,
             self.target_wait,
+            self.early_polls,
+            self.scaler.explain(),
         )
 
 
