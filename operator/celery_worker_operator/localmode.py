@@ -133,7 +133,7 @@ class LocalRun:
 
     def telemetry(self) -> PoolTelemetry:
         """The pool's numbers from its workers' events, now."""
-        return self.shared.telemetry.snapshot(self.broker_url, self.pool.metadata.name, self.pool.spec.queues)
+        return self.shared.telemetry.snapshot(self.broker_url, self.pool.identity.key, self.pool.spec.queues)
 
     def _exited(self, exit_: WorkerExit) -> None:
         self.reporter.event("Warning", "WorkerExited", exit_.message())

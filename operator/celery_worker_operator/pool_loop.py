@@ -11,8 +11,9 @@ broker share (probe, event monitor, control state) comes from `SharedResources`,
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
-from .naming import member_of, worker_hostname
+from .naming import PoolIdentity
 from .policy import wakes_early
 from .reconciler import (
     Clock,
@@ -60,15 +61,35 @@ class Stopping(Protocol):
     def wait(self, timeout: float | None = None) -> object: ...
 
 
+@dataclass(frozen=True)
+class BrokerUse:
+    """The per-broker resources one pool holds: the probe of (URL, management URL, transport options);
+    the event monitor and control app of the URL."""
+
+    url: str
+    management: str | None
+    transport_options: TransportOptions | None
+
+    @property
+    def probe_key(self) -> tuple[str, str | None, TransportOptions | None]:
+        return self.url, self.management, self.transport_options
+
+
 @dataclass
 class SharedResources:
     """What every pool of one process shares: per broker URL one probe, one event monitor and the
-    control state; and the process's metrics."""
+    control state; and the process's metrics.
+
+    Reference-counted by pool: each pass records which broker its pool uses, and when the last pool
+    on a broker is released (deleted, or moved to another broker) its probe, monitor and control app
+    are closed, so a cluster whose pools come and go keeps no connection to a broker nobody uses."""
 
     probes: ProbeRegistry = field(default_factory=ProbeRegistry)
     telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
     controller: PoolController = field(default_factory=PoolController)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
+    _users: dict[tuple[str, str], BrokerUse] = field(default_factory=dict)  # (namespace, name) -> its broker
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sources(
         self,
@@ -88,11 +109,41 @@ class SharedResources:
             if result.errors:
                 self.metrics.record_broadcast_error(namespace, name, len(result.errors))
 
-        self.controller.use_transport_options(url, celery_options)
+        use = BrokerUse(url, management, transport_options)
+        with self._lock:  # a release on another thread must not close what this pass is taking
+            previous = self._users.get((namespace, name))
+            self._users[(namespace, name)] = use
+            if previous is not None and previous != use:  # the pool moved: what it held may be unused now
+                self._close_unused(namespace, name, previous)
+            self.controller.use_transport_options(url, celery_options)
+            probe = TimedProbe(self.probes.probe(*use.probe_key), self.metrics, url)
+            monitor = self.telemetry.monitor(url, celery_options)
         limits, drain = controller_hooks(self.controller, url, count_errors)
-        probe = TimedProbe(self.probes.probe(url, management, transport_options), self.metrics, url)
-        monitor = self.telemetry.monitor(url, celery_options)
         return Sources(probe, monitor, workload, limits, drain, broker_url=url)
+
+    def release(self, namespace: str, name: str) -> None:
+        """Pool `namespace/name` is gone: forget its control state and metrics, and close its broker's
+        probe, monitor and control app if no other pool uses them."""
+        self.metrics.forget(namespace, name)
+        with self._lock:
+            use = self._users.pop((namespace, name), None)
+            if use is not None:
+                self._close_unused(namespace, name, use)
+
+    def brokers(self) -> set[str]:
+        """The broker URLs some pool holds now."""
+        with self._lock:
+            return {use.url for use in self._users.values()}
+
+    def _close_unused(self, namespace: str, name: str, use: BrokerUse) -> None:
+        """Called with the lock held, after `namespace/name` let go of `use`."""
+        self.controller.forget(use.url, PoolIdentity(namespace, name))
+        held = self._users.values()
+        if all(other.probe_key != use.probe_key for other in held):
+            self.probes.release(*use.probe_key)
+        if all(other.url != use.url for other in held):
+            self.telemetry.release(use.url)
+            self.controller.release(use.url)
 
     def close(self) -> None:
         self.telemetry.stop()
@@ -130,7 +181,6 @@ class PoolLoop:
     metrics: PoolMetrics
     memory: PoolMemory = field(default_factory=PoolMemory)
     clock: Clock = time.time
-    last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
     wake: EarlyWake | None = None  # set while the last pass left the pool at its floor
 
@@ -146,7 +196,6 @@ class PoolLoop:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source))
             self.interval = pool.spec.autoscaling.poll_seconds
             sources = self.sources(pool)
-            self.last_broker = sources.broker_url
             result = self.reconciler.reconcile(pool, sources, generation)
             self.wake = _early_wake(pool, sources, result)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
@@ -193,9 +242,9 @@ def controller_hooks(
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
-        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=members)
-        result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
+    def limits(pool: CeleryWorkerPool, expected: int, members: Sequence[str]) -> ControlReport:
+        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=expected)
+        result, fresh = controller.converge_in_background(broker_url, pool.identity, settings, members)
         if result is None:
             return ControlReport("Unknown", "Converging", "the first convergence pass is under way")
         if fresh:
@@ -203,10 +252,8 @@ def controller_hooks(
         return ControlReport(*result.condition, workers=result.stats)
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
-        hostnames = [worker_hostname(pool.metadata.name, member) for member in members]
         timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
-        busy = controller.drain(broker_url, pool.metadata.name, hostnames, pool.spec.queues, timeout)
-        return [member_of(hostname) for hostname in busy]
+        return controller.drain(broker_url, pool.identity, members, pool.spec.queues, timeout)
 
     return limits, drain
 

@@ -31,7 +31,7 @@ BURST = 200
 
 def workers_of(pool: str) -> list[str]:
     listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if f"{pool}@{pool}-" in line]
+    return [line for line in listing.splitlines() if f"{pool}.default@{pool}-" in line]
 
 
 def pool_manifest(redis_url: str, name: str, autoscaling: dict[str, Any], app_path: str) -> dict[str, Any]:

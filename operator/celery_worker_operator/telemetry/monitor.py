@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -88,9 +88,10 @@ class EventMonitor:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
+    def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
+        """The numbers of pool `pool` (a `PoolIdentity.key`), see `EventAggregator.snapshot`."""
         with self._lock:
-            return self._aggregator.snapshot(pool, self._clock(), queues)
+            return self._aggregator.snapshot(pool, self._clock(), queues, claim)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -189,6 +190,13 @@ class TelemetryMonitors:
 
     def snapshot(self, broker_url: str, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
         return self.monitor(broker_url).snapshot(pool, queues)
+
+    def release(self, broker_url: str) -> None:
+        """Stop the monitor of `broker_url` (its last pool is gone); a later `monitor` starts a new one."""
+        with self._lock:
+            monitor = self._monitors.pop(broker_url, None)
+        if monitor is not None:
+            monitor.stop()
 
     def stop(self) -> None:
         with self._lock:

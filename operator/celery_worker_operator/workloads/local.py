@@ -1,6 +1,6 @@
 """Pools on this machine: replicas are real `celery worker` processes, supervised.
 
-Same command line as the pods (workloads/command.py), hostname `<pool>@<pool>-<n>`. A worker that
+Same command line as the pods (workloads/command.py), hostname `<pool>.<namespace>@<pool>-<n>`. A worker that
 dies unasked is reported with the last lines it wrote (Celery's own reason: "Unable to load celery
 application") and replaced after a back-off that doubles from 10 s to 5 min, as the kubelet's
 CrashLoopBackOff does, so a pool with a typo in its app does not restart a worker every poll.
@@ -208,7 +208,7 @@ class LocalWorkload:
         worker = self.pool.spec.worker
         assert worker is not None
         member = f"{self.pool.metadata.name}-{next(self._numbers)}"
-        command = [self.python, "-m", "celery", *worker_args(self.pool.metadata.name, member, self.pool.spec, worker)]
+        command = [self.python, "-m", "celery", *worker_args(self.pool.identity, member, self.pool.spec, worker)]
         env = dict(os.environ, **{BROKER_ENV: self.broker_url})
         popen = subprocess.Popen(
             command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
