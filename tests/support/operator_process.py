@@ -26,6 +26,7 @@ from kubernetes import client, utils
 from kubernetes.client.exceptions import ApiException
 
 from celery_worker_operator import spec
+from celery_worker_operator.workloads.lifeline import die_with_parent
 from tests.deploy.chart import manifests
 from tests.support.cluster import Cluster, service_account_token
 
@@ -125,7 +126,9 @@ def running_operator(cluster: Cluster, kubeconfig: Path, namespace: str, log_pat
         "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     with log_path.open("ab") as log:
-        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # A killed test run stops it too (kopf exits on SIGTERM), so it scales nothing afterwards.
+        stops = die_with_parent(signal.SIGTERM)
+        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=stops)
     process = OperatorProcess(popen, log_path, metrics_port)
     try:
         yield process
