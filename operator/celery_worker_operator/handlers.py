@@ -16,12 +16,17 @@ from .manifests import InvalidPool, parse_pool
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
 
 PREFIX = "celery-operator.dev"
+# Every pool's loop is a sync daemon holding one of kopf's executor threads for as long as the pool
+# lives; with kopf's default (CPUs + 4 threads) the seventh pool on two cores waits forever, and so do
+# the handlers that create Deployments. Threads are started only as needed, so the cap costs nothing.
+HANDLER_THREADS = 1000
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Our own annotation and finalizer names; kopf's log lines are not turned into Events."""
+    """Our own annotation and finalizer names; kopf's log lines are not turned into Events; a thread
+    for every pool's loop."""
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -29,6 +34,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    settings.execution.max_workers = HANDLER_THREADS
 
 
 @kopf.on.cleanup(registry=registry)

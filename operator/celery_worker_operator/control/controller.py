@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from kombu import pools
 from kombu.exceptions import KombuError
+from kombu.utils.collections import eqhash
 
 from ..naming import PoolIdentity, member_of
 from ..redact import redact, url_secrets
@@ -172,7 +174,7 @@ class PoolController:
                     del state[key]
         wait(running)  # a pass holding the app must not reopen its connections after the close
         if app is not None:
-            app.close()
+            close_app(app)
 
     def close(self) -> None:
         """Finish the passes under way, then release every broker connection."""
@@ -180,7 +182,7 @@ class PoolController:
         with self._guard:
             apps, self._apps, self._locks = list(self._apps.values()), {}, {}
         for app in apps:
-            app.close()
+            close_app(app)
 
     def _pool_state(self) -> tuple[dict[tuple[str, str], Any], ...]:
         """Everything kept per (broker URL, pool)."""
@@ -310,6 +312,19 @@ class PoolController:
             replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
             missing = [w for w in missing if w not in replies]
         return replies
+
+
+def close_app(app: Celery) -> None:
+    """Close every broker connection `app` opened. Celery's `app.close()` only forgets the app's pool,
+    and broadcasts publish through kombu's process-wide producer and connection pools for the broker,
+    which nothing closes: without this, every broker ever used keeps its connections for good."""
+    key = eqhash(app.connection_for_write())  # type: ignore[no-untyped-call]
+    for group in (pools.producers, pools.connections):
+        pool = group.pop(key, None)
+        if pool is not None:
+            pool.force_close_all()
+    app.pool.force_close_all()
+    app.close()
 
 
 def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:

@@ -23,6 +23,7 @@ from celery.events.event import get_exchange
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
+from ..control.controller import close_app
 from ..redact import redact, url_secrets
 from .aggregator import EventAggregator, unbatch
 from .model import PoolTelemetry
@@ -84,9 +85,11 @@ class EventMonitor:
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming and close the connections the stream and its wakeup broadcasts used."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        close_app(self._app)
 
     def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
         """The numbers of pool `pool` (a `PoolIdentity.key`), see `EventAggregator.snapshot`."""
