@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
+from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe, QueueStats
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
@@ -75,6 +76,44 @@ class BrokerUse:
         return self.url, self.management, self.transport_options
 
 
+class Lease:
+    """One pool's hold on its broker's resources. Revoked when the pool is released: a pass of the
+    deleted pool still under way then reaches none of them (it would reopen a closed connection that
+    nobody closes again); revoking waits for a call already in progress."""
+
+    def __init__(self, use: BrokerUse) -> None:
+        self.use = use
+        self._lock = threading.Lock()
+        self._revoked = False
+
+    @contextmanager
+    def held(self) -> Iterator[bool]:
+        """While inside, the resources stay open if this yields True."""
+        with self._lock:
+            yield not self._revoked
+
+    def revoke(self) -> None:
+        with self._lock:
+            self._revoked = True
+
+
+@dataclass(frozen=True)
+class LeasedProbe:
+    """The shared probe, reached only while the pool's lease holds."""
+
+    probe: QueueProbe
+    lease: Lease
+
+    def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
+        with self.lease.held() as holds:
+            if not holds:
+                raise BrokerUnavailable(self.lease.use.url, "the pool was deleted")
+            return self.probe.stats(queues)
+
+    def close(self) -> None:
+        """Nothing: the probe is shared, `SharedResources` closes it with its last pool."""
+
+
 @dataclass
 class SharedResources:
     """What every pool of one process shares: per broker URL one probe, one event monitor and the
@@ -88,7 +127,7 @@ class SharedResources:
     telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
     controller: PoolController = field(default_factory=PoolController)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
-    _users: dict[tuple[str, str], BrokerUse] = field(default_factory=dict)  # (namespace, name) -> its broker
+    _leases: dict[tuple[str, str], Lease] = field(default_factory=dict)  # (namespace, name) -> its hold
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sources(
@@ -111,14 +150,16 @@ class SharedResources:
 
         use = BrokerUse(url, management, transport_options)
         with self._lock:  # a release on another thread must not close what this pass is taking
-            previous = self._users.get((namespace, name))
-            self._users[(namespace, name)] = use
-            if previous is not None and previous != use:  # the pool moved: what it held may be unused now
-                self._close_unused(namespace, name, previous)
+            lease = self._leases.get((namespace, name))
+            if lease is None or lease.use != use:
+                self._leases[(namespace, name)] = Lease(use)
+                if lease is not None:  # the pool moved: what it held may be unused now
+                    self._let_go(namespace, name, lease)
+                lease = self._leases[(namespace, name)]
             self.controller.use_transport_options(url, celery_options)
-            probe = TimedProbe(self.probes.probe(*use.probe_key), self.metrics, url)
+            probe = TimedProbe(LeasedProbe(self.probes.probe(*use.probe_key), lease), self.metrics, url)
             monitor = self.telemetry.monitor(url, celery_options)
-        limits, drain = controller_hooks(self.controller, url, count_errors)
+        limits, drain = controller_hooks(self.controller, url, count_errors, lease)
         return Sources(probe, monitor, workload, limits, drain, broker_url=url)
 
     def release(self, namespace: str, name: str) -> None:
@@ -126,19 +167,21 @@ class SharedResources:
         probe, monitor and control app if no other pool uses them."""
         self.metrics.forget(namespace, name)
         with self._lock:
-            use = self._users.pop((namespace, name), None)
-            if use is not None:
-                self._close_unused(namespace, name, use)
+            lease = self._leases.pop((namespace, name), None)
+            if lease is not None:
+                self._let_go(namespace, name, lease)
 
     def brokers(self) -> set[str]:
         """The broker URLs some pool holds now."""
         with self._lock:
-            return {use.url for use in self._users.values()}
+            return {lease.use.url for lease in self._leases.values()}
 
-    def _close_unused(self, namespace: str, name: str, use: BrokerUse) -> None:
-        """Called with the lock held, after `namespace/name` let go of `use`."""
+    def _let_go(self, namespace: str, name: str, lease: Lease) -> None:
+        """Called with the lock held, once `namespace/name` no longer holds `lease`."""
+        lease.revoke()
+        use = lease.use
         self.controller.forget(use.url, PoolIdentity(namespace, name))
-        held = self._users.values()
+        held = [other.use for other in self._leases.values()]
         if all(other.probe_key != use.probe_key for other in held):
             self.probes.release(*use.probe_key)
         if all(other.url != use.url for other in held):
@@ -234,9 +277,11 @@ class PoolLoop:
 def controller_hooks(
     controller: PoolController,
     broker_url: str,
-    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
+    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None],
+    lease: Lease,
 ) -> tuple[LimitsConverger, Drainer]:
-    """The limits and drain steps of a pass, done by the control broadcasts of `controller`.
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller` while
+    the pool's `lease` holds.
 
     Limits converge in the background (the condition shows the latest finished pass; `on_result`
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
@@ -244,7 +289,10 @@ def controller_hooks(
 
     def limits(pool: CeleryWorkerPool, expected: int, members: Sequence[str]) -> ControlReport:
         settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=expected)
-        result, fresh = controller.converge_in_background(broker_url, pool.identity, settings, members)
+        with lease.held() as holds:
+            if not holds:
+                return ControlReport("Unknown", "PoolDeleted", "the pool is being deleted")
+            result, fresh = controller.converge_in_background(broker_url, pool.identity, settings, members)
         if result is None:
             return ControlReport("Unknown", "Converging", "the first convergence pass is under way")
         if fresh:
@@ -253,7 +301,8 @@ def controller_hooks(
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
         timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
-        return controller.drain(broker_url, pool.identity, members, pool.spec.queues, timeout)
+        with lease.held() as holds:
+            return controller.drain(broker_url, pool.identity, members, pool.spec.queues, timeout) if holds else members
 
     return limits, drain
 

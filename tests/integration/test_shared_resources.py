@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from celery_worker_operator.brokers import BrokerUnavailable
 from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.pool_loop import SharedResources
 from celery_worker_operator.reconciler import Sources
@@ -69,16 +70,23 @@ def test_the_last_pool_on_a_broker_closes_its_connections_and_a_moved_pool_lets_
     first, second = (server.url.rsplit("/", 1)[0] + f"/{db}" for db in (1, 2))
     shared = SharedResources()
     try:
-        used(shared, "a", first)
+        deleted = used(shared, "a", first)
         used(shared, "b", first)
         held = wait_for(lambda: clients(server, 1), lambda count: count >= 2, timeout=15)
         shared.release("team", "a")
         assert clients(server, 1) == held, "b still uses the broker: nothing of it is closed"
+        with pytest.raises(BrokerUnavailable, match="the pool was deleted"):
+            deleted.probe.stats(["a"])  # the deleted pool's last pass reaches nothing any more
         used(shared, "b", second)  # b's broker changed (its Secret, say): the first has no pool left
         wait_for(lambda: clients(server, 1), lambda count: count == 0, timeout=15)
         assert clients(server, 2) > 0 and shared.brokers() == {second}
+        last = used(shared, "b", second)
         shared.release("team", "b")
         wait_for(lambda: clients(server, 2), lambda count: count == 0, timeout=15)
         assert shared.brokers() == set()
+        with pytest.raises(BrokerUnavailable):
+            last.probe.stats(["b"])
+        assert last.limits is not None and last.limits(pool("b"), 1, ()).reason == "PoolDeleted"
+        assert clients(server, 2) == 0, "a pass of a released pool opened its broker again"
     finally:
         shared.close()

@@ -37,14 +37,18 @@ def management_call(management_url: str, method: str, path: str, body: Any = Non
     return json.loads(answer) if answer else None
 
 
+def grant_everything(management_url: str, vhost: str, user: str) -> None:
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user}", everything)
+
+
 @contextmanager
 def temporary_vhost(management_url: str, user: str = "guest") -> Iterator[str]:
     """A fresh vhost (a broker of its own, to kombu) with full rights for `user`, deleted afterwards."""
     vhost = f"cwo-test-{uuid.uuid4().hex[:12]}"
     management_call(management_url, "PUT", f"/api/vhosts/{vhost}")
     try:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        management_call(management_url, "PUT", f"/api/permissions/{vhost}/{user}", everything)
+        grant_everything(management_url, vhost, user)
         yield vhost
     finally:
         management_call(management_url, "DELETE", f"/api/vhosts/{vhost}")
@@ -62,8 +66,7 @@ def temporary_user(management_url: str, vhost: str = "/") -> Iterator[TempUser]:
     user = TempUser(f"cwo-test-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(16))
     management_call(management_url, "PUT", f"/api/users/{user.name}", {"password": user.password, "tags": ""})
     try:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user.name}", everything)
+        grant_everything(management_url, vhost, user.name)
         yield user
     finally:
         management_call(management_url, "DELETE", f"/api/users/{user.name}")

@@ -163,16 +163,18 @@ class PoolController:
 
     def release(self, broker_url: str) -> None:
         """Close the app of `broker_url` and drop what was kept for it (its last pool is gone); a pass
-        under way on it finishes first. A later pass opens a new app."""
+        under way on it finishes first (so that it does not open the app again). A later pass opens
+        a new app."""
+        with self._guard:
+            running = [future for key, future in self._running.items() if key[0] == broker_url]
+        wait(running)
         with self._guard:
             app = self._apps.pop(broker_url, None)
             self._locks.pop(broker_url, None)
             self._transport_options.pop(broker_url, None)
-            running = [future for key, future in self._running.items() if key[0] == broker_url]
             for state in self._pool_state():
                 for key in [key for key in state if key[0] == broker_url]:
                     del state[key]
-        wait(running)  # a pass holding the app must not reopen its connections after the close
         if app is not None:
             close_app(app)
 
