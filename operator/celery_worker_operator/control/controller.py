@@ -155,8 +155,12 @@ class PoolController:
         return [member_of(worker) for worker in busy]
 
     def forget(self, broker_url: str, pool: PoolIdentity) -> None:
-        """Drop what was learned about a pool's defaults (the pool is gone)."""
+        """Drop what was learned about a pool's defaults (the pool is gone), once its pass under way,
+        if any, has ended (it would write them again); a pass still queued is not run."""
         key = (broker_url, pool.key)
+        with self._guard:
+            running = self._running.get(key)
+        _finish_or_cancel([running] if running is not None else [])
         with self._guard:
             for state in self._pool_state():
                 state.pop(key, None)
@@ -167,7 +171,7 @@ class PoolController:
         a new app."""
         with self._guard:
             running = [future for key, future in self._running.items() if key[0] == broker_url]
-        wait(running)
+        _finish_or_cancel(running)
         with self._guard:
             app = self._apps.pop(broker_url, None)
             self._locks.pop(broker_url, None)
@@ -314,6 +318,11 @@ class PoolController:
             replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
             missing = [w for w in missing if w not in replies]
         return replies
+
+
+def _finish_or_cancel(passes: Iterable[Future[ConvergeResult]]) -> None:
+    """Cancel the passes not started yet and wait for those under way."""
+    wait([future for future in passes if not future.cancel()])
 
 
 def close_app(app: Celery) -> None:
