@@ -9,17 +9,17 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+tool=prometheus
 bin_dir=${CWO_PROMETHEUS_BIN:-$root/.prometheus/bin}
 module_dir=$root/tools/prometheus
 binaries=(promtool prometheus)
-
-say() { echo "prometheus: $*"; }
-fail() { echo "prometheus: $*" >&2; exit 1; }
+# shellcheck source=lib/go-tool.sh
+source "$root/scripts/lib/go-tool.sh"
 
 build() {
-  command -v go >/dev/null || fail "go is not installed; install Go >= 1.26 to build promtool and prometheus"
+  require_go
   local version started=$SECONDS
-  version=$(awk '$1 == "github.com/prometheus/prometheus" { print $2; exit }' "$module_dir/go.mod")
+  version=$(pinned_version github.com/prometheus/prometheus)
   # Module v0.X.Y is Prometheus 3.X.Y; the version shows in `prometheus --version` and build_info.
   local minor_patch=${version#v0.3}
   local release=3.$((10#${minor_patch%%.*})).${minor_patch#*.}
@@ -33,19 +33,4 @@ build() {
   say "built in $((SECONDS - started)) s"
 }
 
-stale() {
-  local name
-  for name in "${binaries[@]}"; do
-    [ -x "$bin_dir/$name" ] || return 0
-    [ -z "$(find "$module_dir" -maxdepth 1 \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -newer "$bin_dir/$name")" ] || return 0
-  done
-  return 1
-}
-
-case "${1:-}" in
-  build) build ;;
-  ensure)
-    if stale; then build; else say "up to date in $bin_dir"; fi ;;
-  path) echo "$bin_dir" ;;
-  *) echo "usage: $0 build|ensure|path" >&2; exit 2 ;;
-esac
+go_tool_main "$@"

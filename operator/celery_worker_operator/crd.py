@@ -20,6 +20,7 @@ PRINTER_COLUMNS = [
     {"name": "Wait", "type": "number", "jsonPath": ".status.waitSeconds", "description": "Oldest message age (s)"},
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas", "description": "Current workers"},
     {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas", "description": "Decided workers"},
+    {"name": "Mode", "type": "string", "jsonPath": ".status.mode", "description": "Auto, Recommend, Paused or Manual"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

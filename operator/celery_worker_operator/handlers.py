@@ -55,8 +55,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
 def ensure_workload(body: kopf.Body, memo: Operator, **_: Any) -> None:
-    """Create or roll the managed Deployment; adopted ones are left to their owners."""
-    memo.ensure_workload(_parse(body), body["metadata"]["uid"])
+    """Apply the managed Deployment; adopted ones are left to their owners."""
+    memo.ensure_workload(_parse(body), body)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10, backoff=10)

@@ -19,6 +19,7 @@ from .pool_loop import PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
 from .secrets import PemFiles, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
+from .workloads import FieldConflict
 from .workloads.kubernetes import KubernetesWorkload
 
 COMPONENT = "celery-worker-operator"
@@ -108,9 +109,17 @@ class Operator:
         broker = broker_urls(client.CoreV1Api(self.api), pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 
-    def ensure_workload(self, pool: CeleryWorkerPool, uid: str) -> None:
-        """Create or roll the managed Deployment; adopted ones are left to their owners."""
-        KubernetesWorkload(self.api, pool).ensure(uid)
+    def ensure_workload(self, pool: CeleryWorkerPool, body: Mapping[str, Any]) -> None:
+        """Apply the managed Deployment (adopted ones are left to their owners); a field another
+        manager applies is reported on the pool (`WorkloadApplied`), not retried in a loop."""
+        if pool.spec.worker is None:
+            return
+        conflict = None
+        try:
+            KubernetesWorkload(self.api, pool).ensure(body["metadata"]["uid"])
+        except FieldConflict as refused:
+            conflict = str(refused)
+        self.loop(body).reconciler.applied(conflict, body["metadata"].get("generation"))
 
     def forget(self, namespace: str, name: str) -> None:
         """The pool is deleted: its Deployment goes with its owner reference; here what we remember goes."""

@@ -158,7 +158,7 @@ class LocalRun:
             "busy slots",
             f"{telemetry.busy_slots}/{status.get('replicas', 0) * concurrency}",
             "replicas",
-            f"{status.get('replicas', 0)} (desired {status.get('desiredReplicas', '-')})",
+            f"{status.get('replicas', 0)} (desired {status.get('desiredReplicas', '-')}, {status.get('mode', '-')})",
         )
         for condition in status.get("conditions", []):
             if condition["type"] == "Advice" and condition["status"] == "True":

@@ -51,7 +51,8 @@ REASON_LABELS = {
     DecisionKind.FALLBACK: "fallback",
     DecisionKind.BLIND: "hold",
     DecisionKind.HOLD: "hold",
-    DecisionKind.DISABLED: "hold",
+    DecisionKind.DISABLED: "manual",  # spec.replicas (kubectl scale cwp) moved it
+    DecisionKind.PAUSED: "manual",  # paused-replicas moved it
 }
 REASON_KINDS = tuple(dict.fromkeys(REASON_LABELS.values()))
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from .spec import AutoscalingSpec
+from .spec import PAUSED_ANNOTATION, PAUSED_REPLICAS_ANNOTATION, AutoscalingSpec, CeleryWorkerPool
 
 TOLERANCE = 0.1  # as the HPA: within 10 % of the current size, stay
 EPSILON = 1e-9  # keeps ceil(2.0000000001) from becoming 3 after float arithmetic
@@ -38,7 +38,8 @@ class DecisionKind(StrEnum):
     HOLD = "Hold"  # the count stays (tolerance, windows, limits, or the formula agrees)
     BLIND = "Blind"  # no trustworthy broker numbers: never shrink
     FALLBACK = "Fallback"  # blind, with fallbackReplicas set
-    DISABLED = "Disabled"  # autoscaling is off
+    DISABLED = "Disabled"  # autoscaling is off: spec.replicas, or as they are
+    PAUSED = "Paused"  # the paused annotation holds the count (or sets paused-replicas)
 
 
 class Limit(StrEnum):
@@ -392,3 +393,74 @@ def _ongoing_rate(obs: Observation) -> tuple[float, str]:
     if long is None or recent <= long:
         return recent, "recent"
     return long, "window"
+
+
+class Mode(StrEnum):
+    """Who moves a pool's replicas and whether limits are broadcast; `status.mode` shows it."""
+
+    AUTO = "Auto"  # the policy scales, limits and routing are broadcast
+    RECOMMEND = "Recommend"  # autoscaling.mode recommend: decide and tell, never scale nor broadcast
+    PAUSED = "Paused"  # the paused annotation: nothing moves (or paused-replicas, set and held)
+    MANUAL = "Manual"  # autoscaling disabled: spec.replicas is applied, limits are broadcast
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A pool's mode, the count it pins (spec.replicas when Manual, paused-replicas when Paused),
+    and what is wrong with the annotations, if anything, in words."""
+
+    mode: Mode
+    replicas: int | None = None
+    problem: str = ""
+
+    @property
+    def scales(self) -> bool:
+        """Whether the workload's replicas may be changed at all."""
+        return self.mode in (Mode.AUTO, Mode.MANUAL) or (self.mode is Mode.PAUSED and self.replicas is not None)
+
+    @property
+    def broadcasts(self) -> bool:
+        """Whether limits and routing are sent to the workers."""
+        return self.mode in (Mode.AUTO, Mode.MANUAL)
+
+
+def steering(pool: CeleryWorkerPool) -> Steering:
+    """The mode of `pool`: the paused annotation wins over everything, then a disabled autoscaler,
+    then autoscaling.mode. A paused-replicas value that is not a whole number >= 0 pauses at the
+    current count, and `problem` says so."""
+    annotations = pool.metadata.annotations
+    if annotations.get(PAUSED_ANNOTATION, "").strip().lower() == "true":
+        pinned = annotations.get(PAUSED_REPLICAS_ANNOTATION)
+        if pinned is None:
+            return Steering(Mode.PAUSED)
+        if pinned.strip().isdigit():
+            return Steering(Mode.PAUSED, int(pinned))
+        problem = f"{PAUSED_REPLICAS_ANNOTATION} {pinned!r} is not a whole number >= 0: replicas are held as they are"
+        return Steering(Mode.PAUSED, problem=problem)
+    if not pool.spec.autoscaling.enabled:
+        return Steering(Mode.MANUAL, pool.spec.replicas)
+    return Steering(Mode.RECOMMEND if pool.spec.autoscaling.mode == "recommend" else Mode.AUTO)
+
+
+def steer(decision: Decision, steering: Steering) -> Decision:
+    """The policy's decision as the mode lets it stand: Manual and Paused pin the count they name
+    (or hold the current one); Auto and Recommend keep the policy's (Recommend only reports it)."""
+    if steering.mode in (Mode.AUTO, Mode.RECOMMEND):
+        return decision
+    current = decision.terms.current
+    replicas = current if steering.replicas is None else steering.replicas
+    if steering.mode is Mode.MANUAL:
+        kind = DecisionKind.DISABLED
+        why = "autoscaling is disabled: " + (
+            f"spec.replicas is {replicas}" if steering.replicas is not None else "replicas are left as they are"
+        )
+    else:
+        kind = DecisionKind.PAUSED
+        why = f"paused ({PAUSED_ANNOTATION}): " + (
+            f"{PAUSED_REPLICAS_ANNOTATION} is {replicas}" if steering.replicas is not None else "replicas are held"
+        )
+    verb = "hold" if replicas == current else f"scale {'up' if replicas > current else 'down'} {current} ->"
+    reason = f"{verb} {replicas}: {why}"
+    return Decision(
+        replicas, kind, Limit.WITHIN_RANGE, reason, decision.recommendation, replace(decision.terms, replicas=replicas)
+    )

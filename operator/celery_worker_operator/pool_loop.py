@@ -23,7 +23,7 @@ from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
 from .naming import PoolIdentity
-from .policy import wakes_early
+from .policy import Mode, wakes_early
 from .reconciler import (
     Clock,
     ControlReport,
@@ -244,8 +244,9 @@ class PoolLoop:
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
             result = self.reconciler.blocked(BLOCKED_REASONS[type(blocked)], str(blocked), generation)
         autoscaling = pool.spec.autoscaling if pool else None
+        carried_out = result.decision if result.mode is not Mode.RECOMMEND else None  # counted as scales
         self.metrics.record_pass(
-            self.namespace, self.name, result.status, result.decision, result.busy_slots, result.telemetry, autoscaling
+            self.namespace, self.name, result.status, carried_out, result.busy_slots, result.telemetry, autoscaling
         )
         return result
 
@@ -308,9 +309,13 @@ def controller_hooks(
 
 
 def _early_wake(pool: CeleryWorkerPool, sources: Sources, result: PassResult) -> EarlyWake | None:
-    """The check to run between polls when this pass left the pool at its floor, else None."""
+    """The check to run between polls when this pass left the pool at its floor, else None (and
+    always None unless the pool scales by itself: a paused or recommend-only pool would pass at once
+    again and again)."""
     decision, autoscaling = result.decision, pool.spec.autoscaling
     if decision is None or decision.terms.concurrency is None or decision.replicas > autoscaling.min_replicas:
+        return None
+    if result.mode is not Mode.AUTO:
         return None
     return EarlyWake(sources.probe, tuple(pool.spec.queues), decision.replicas, autoscaling, decision.terms.concurrency)
 

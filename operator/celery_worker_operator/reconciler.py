@@ -19,7 +19,19 @@ from .advice import AdviceKind, Finding, PoolFacts, advise, settle
 from .brokers import BrokerUnavailable, QueueProbe, QueueStats
 from .control import WorkerStats
 from .naming import member_of
-from .policy import Decision, Limit, Observation, QueueObservation, Recommendation, decide, remember
+from .policy import (
+    Decision,
+    Limit,
+    Mode,
+    Observation,
+    QueueObservation,
+    Recommendation,
+    Steering,
+    decide,
+    remember,
+    steer,
+    steering,
+)
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadState, removal_order
@@ -70,6 +82,8 @@ class PoolMemory:
     advice: dict[AdviceKind, tuple[Finding, int]] = field(default_factory=dict)  # findings in force (advice.settle)
     baselines: dict[str, WorkerStats] = field(default_factory=dict)  # each worker's health when first seen
     rate_members: tuple[tuple[float, int], ...] = ()  # (time, workers) over the down window: pool rate splits
+    mode: Mode | None = None  # as the last pass found it, for status.mode
+    recommended: int | None = None  # the count the last "would scale" Event named (recommend mode)
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -117,6 +131,7 @@ class PassResult:
     status: Mapping[str, Any]
     blocked: str | None = None
     telemetry: PoolTelemetry | None = None
+    mode: Mode = Mode.AUTO
 
     @property
     def busy_slots(self) -> int | None:
@@ -143,24 +158,93 @@ class Reconciler:
     def reconcile(self, pool: CeleryWorkerPool, sources: Sources, generation: int | None = None) -> PassResult:
         """One pass; raises WorkloadMissing (from the workload) when there is nothing to size."""
         now = self.clock()
+        mode = steering(pool)
         measured = self._measure(pool, sources)
         concurrency = measured.workload.concurrency or 1
         decision = decide(observation(now, measured), pool.spec.autoscaling, concurrency, self.memory.history)
         self.memory.history = remember(self.memory.history, decision, now, pool.spec.autoscaling)
+        decision = steer(decision, mode)
         self._note_cap(decision)
-        self._act(pool, sources, measured, decision, now)
+        able = self._able_to_scale(measured, generation)
+        if mode.mode is Mode.RECOMMEND:
+            self._recommend(decision, measured.workload.replicas)
+        elif able and decision.replicas != measured.workload.replicas:
+            self._act(pool, sources, measured, decision, now)
         self._conditions(measured, now, generation)
+        self._mode_condition(mode, now, generation)
         control = None
-        if sources.limits:
+        if sources.limits and mode.broadcasts:
             expected = self._rate_members(pool, measured, decision, now)
             control = sources.limits(pool, expected, measured.workload.members)
         if control is not None:
             set_condition(
                 self.memory, "LimitsApplied", control.status, control.reason, control.message, now, generation
             )
+        elif not mode.broadcasts:
+            held = f"limits and routing are not broadcast while the pool is {mode.mode.value.lower()}"
+            set_condition(self.memory, "LimitsApplied", "Unknown", mode.mode.value, held, now, generation)
         self._advise(pool, sources, measured, control.workers if control else {}, now, generation)
         report(self.memory, self.reporter, measured, decision, generation)
-        return PassResult(decision, self.memory.last_status or {}, telemetry=measured.telemetry)
+        return PassResult(decision, self.memory.last_status or {}, telemetry=measured.telemetry, mode=mode.mode)
+
+    def applied(self, conflict: str | None, generation: int | None) -> None:
+        """How the last apply of the managed Deployment went: `WorkloadApplied`, and one Warning when a
+        conflict starts (written with the next pass's status)."""
+        self._conflict_condition(
+            "WorkloadApplied", conflict, "Applied", "the managed Deployment is applied", generation
+        )
+
+    def _able_to_scale(self, measured: Measurements, generation: int | None) -> bool:
+        """`AbleToScale`: False while another manager applies the replica count (the pool then never
+        scales, where forcing it would fight that manager on every sync)."""
+        owners = measured.workload.replicas_declared_by
+        conflict = None
+        if owners:
+            conflict = (
+                f"spec.replicas is applied by {', '.join(owners)} as well: the operator does not force it; "
+                "remove replicas from that manifest (README, GitOps)"
+            )
+        self._conflict_condition(
+            "AbleToScale", conflict, "ReplicasOwned", "the pool owns its replica count", generation
+        )
+        return not owners
+
+    def _conflict_condition(
+        self, type_: str, conflict: str | None, fine_reason: str, fine: str, generation: int | None
+    ) -> None:
+        old = self.memory.conditions.get(type_)
+        if conflict is None:
+            set_condition(self.memory, type_, "True", fine_reason, fine, self.clock(), generation)
+            return
+        if old is None or old.status != "False" or old.message != conflict:
+            self._event("Warning", "FieldConflict", conflict)
+        set_condition(self.memory, type_, "False", "FieldConflict", conflict, self.clock(), generation)
+
+    def _recommend(self, decision: Decision, current: int) -> None:
+        """Recommend mode: a Normal "would scale" Event each time the recommended count moves, from the
+        last recommended count (at first, the current one) to the new one, with the policy's reasons."""
+        before = current if self.memory.recommended is None else self.memory.recommended
+        if decision.replicas != before:
+            up = decision.replicas > before
+            why = decision.reason.partition(": ")[2]
+            message = f"would scale {'up' if up else 'down'} {before} -> {decision.replicas}: {why}"
+            self._event("Normal", "WouldScaleUp" if up else "WouldScaleDown", message)
+        self.memory.recommended = decision.replicas
+
+    def _mode_condition(self, mode: Steering, now: float, generation: int | None) -> None:
+        """`Paused` (True while the annotation holds the pool) and the mode for `status.mode`."""
+        self.memory.mode = mode.mode
+        if mode.mode is Mode.PAUSED:
+            held = f"replicas set to {mode.replicas} and held" if mode.replicas is not None else "replicas held"
+            message = f"paused by annotation: {held}, no limits or routing broadcast; {mode.problem}".rstrip("; ")
+            set_condition(self.memory, "Paused", "True", "PausedByAnnotation", message, now, generation)
+            return
+        running = {
+            Mode.AUTO: "the pool is sized and its limits broadcast",
+            Mode.RECOMMEND: "recommend only: decisions are reported, never carried out",
+            Mode.MANUAL: "autoscaling is disabled: spec.replicas is applied",
+        }
+        set_condition(self.memory, "Paused", "False", mode.mode.value, running[mode.mode], now, generation)
 
     def blocked(self, reason: str, message: str, generation: int | None) -> PassResult:
         """The pool cannot be sized (invalid spec, no Secret, no workload): a Warning when this starts, and status."""
@@ -188,8 +272,6 @@ class Reconciler:
         self, pool: CeleryWorkerPool, sources: Sources, measured: Measurements, decision: Decision, now: float
     ) -> None:
         current = measured.workload.replicas
-        if decision.replicas == current:
-            return
         load = member_load(measured.telemetry)
         if decision.replicas < current and pool.spec.autoscaling.scale_down.mode == "drain" and sources.drain:
             load = self._drain(pool, sources.drain, measured.workload, load, current - decision.replicas)
@@ -363,6 +445,7 @@ def build_status(
     """The status subresource, rounded so that noise in rates does not cause a write per poll."""
     status = CeleryWorkerPoolStatus(
         observed_generation=generation,
+        mode=memory.mode.value if memory.mode else None,
         conditions=sorted(memory.conditions.values(), key=lambda c: c.type),
         last_decision=memory.last_decision,
     )

@@ -38,6 +38,8 @@ PLURAL = "celeryworkerpools"
 SINGULAR = "celeryworkerpool"
 SHORT_NAMES = ("cwp",)
 API_VERSION = f"{GROUP}/{VERSION}"
+PAUSED_ANNOTATION = f"{GROUP}/paused"  # "true": no scaling and no broadcasts until removed
+PAUSED_REPLICAS_ANNOTATION = f"{GROUP}/paused-replicas"  # with it: replicas set to this and held
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -371,7 +373,14 @@ class ScaleDown(ScalingStep):
 
 
 class AutoscalingSpec(Model):
-    enabled: bool = Field(True, description="When false, replicas stay at spec.replicas (or as they are).")
+    enabled: bool = Field(
+        True, description="When false, replicas follow spec.replicas (`kubectl scale cwp`), or stay as they are."
+    )
+    mode: Literal["auto", "recommend"] = Field(
+        "auto",
+        description="auto: scale and broadcast limits; recommend: measure and decide (status.desiredReplicas, "
+        "'would scale' Events, metrics) but never scale and never broadcast, to run beside another autoscaler.",
+    )
     min_replicas: int = Field(1, ge=0, le=10000, description="Fewest workers; 0 allows scale to zero.")
     max_replicas: int = Field(10, ge=1, le=10000, description="Most workers.")
     target_wait_seconds: float = Field(
@@ -627,6 +636,9 @@ class Condition(Model):
 
 class CeleryWorkerPoolStatus(Model):
     observed_generation: int | None = None
+    mode: Literal["Auto", "Recommend", "Paused", "Manual"] | None = Field(
+        None, description="Auto, Recommend (autoscaling.mode), Paused (the paused annotation) or Manual (disabled)."
+    )
     replicas: int | None = None
     ready_replicas: int | None = None
     desired_replicas: int | None = None
@@ -650,6 +662,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: DnsSubdomain
     namespace: DnsLabel = "default"
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class CeleryWorkerPool(Model):

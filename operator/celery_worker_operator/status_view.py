@@ -78,9 +78,14 @@ def pools_table(pools: Iterable[Mapping[str, Any]]) -> Table:
 
 def _needs_a_look(condition: Mapping[str, Any]) -> str:
     """The condition's type when it needs a look, else "": False for most, True for `Advice` (then
-    with the kinds found, `Advice:PrefetchImbalance`)."""
+    with the kinds found, `Advice:PrefetchImbalance`) and `Paused`; `LimitsApplied` held by the mode
+    (paused, recommend-only) is no news: the mode says it."""
     if condition["type"] == "Advice":
         return f"Advice:{condition['reason']}" if condition["status"] == "True" else ""
+    if condition["type"] == "Paused":
+        return "Paused" if condition["status"] == "True" else ""
+    if condition["type"] == "LimitsApplied" and condition["reason"] in ("Paused", "Recommend"):
+        return ""
     return condition["type"] if condition["status"] != "True" else ""
 
 

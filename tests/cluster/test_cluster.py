@@ -434,6 +434,46 @@ def test_closing_the_kubelet_leaves_no_process_behind(kube_cluster: Cluster, kub
         api.close()
 
 
+# A pod asking the API server who it is, with the in-cluster credentials a kubelet gives it.
+WHO_AM_I = """
+import json, os, ssl, urllib.request
+account = "/var/run/secrets/kubernetes.io/serviceaccount"
+token = open(f"{account}/token").read()
+url = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}"
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+request = urllib.request.Request(f"{url}/apis/authentication.k8s.io/v1/selfsubjectreviews", json.dumps(review).encode(),
+    {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+context = ssl.create_default_context(cafile=f"{account}/ca.crt")
+user = json.load(urllib.request.urlopen(request, context=context))["status"]["userInfo"]
+print("user", user["username"], "namespace", open(f"{account}/namespace").read(), flush=True)
+"""
+
+
+def test_with_api_server_a_pod_gets_its_service_account_token_at_the_in_cluster_path(
+    kube_cluster: Cluster, kube_namespace: str
+) -> None:
+    """The ServiceAccount admission plugin's projected volume, mounted for the pod's process only."""
+    api = kube_cluster.api_client()
+    body = {
+        "metadata": {"name": "who"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "python:3", "command": ["python", "-c", WHO_AM_I]}],
+        },
+    }
+    try:
+        with ProcessKubelet(api, namespace=kube_namespace, api_server=kube_cluster.server) as node:
+            client.CoreV1Api(api).create_namespaced_pod(kube_namespace, body, _preload_content=False)
+            finished = wait_for(lambda: node.exits, bool, timeout=30)
+            assert finished[0].returncode == 0, node.log("who")
+            assert node.log("who").split() == [
+                "user", f"system:serviceaccount:{kube_namespace}:default", "namespace", kube_namespace
+            ]  # fmt: skip
+        assert not os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"), "nothing on the host"
+    finally:
+        api.close()
+
+
 def test_the_kubelet_rides_out_an_api_server_restart(
     kube_api: client.ApiClient, kube_namespace: str, kubelet: ProcessKubelet
 ) -> None:

@@ -32,6 +32,29 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example/cwo", "tag": "1.2.3", "pullPolicy": "Always"},
     },
     "no-rbac": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}},
+    "customized": {
+        "logLevel": "DEBUG",
+        "logFormat": "json",
+        "podSecurityContext": {"fsGroup": 10001},
+        "securityContext": {"readOnlyRootFilesystem": True},
+        "extraVolumes": [{"name": "broker-ca", "secret": {"secretName": "broker-ca"}}],
+        "extraVolumeMounts": [{"name": "broker-ca", "mountPath": "/etc/broker-ca", "readOnly": True}],
+        "extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/broker-ca/ca.crt"}],
+        "readinessProbe": {"enabled": False},
+        "metrics": {
+            "serviceMonitor": {
+                "enabled": True,
+                "labels": {"release": "prom"},
+                "relabelings": [
+                    {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+                ],
+                "metricRelabelings": [
+                    {"action": "drop", "sourceLabels": ["__name__"], "regex": "celery_task_queue_wait_seconds_.*"}
+                ],
+            }
+        },
+        "tests": {"healthzUrl": "http://127.0.0.1:8080/healthz"},
+    },
 }
 
 

@@ -81,6 +81,14 @@ BAD_VALUES = {
     "pull policy": {"image": {"pullPolicy": "Sometimes"}},
     "scrape interval that is no duration": {"metrics": {"serviceMonitor": {"enabled": True, "interval": "30 seconds"}}},
     "clusterWide as a string": {"watch": {"clusterWide": "yes"}},
+    "log format the operator does not write": {"logFormat": "xml"},
+    "log level in the wrong case": {"logLevel": "debug"},
+    "volume mount without a path": {"extraVolumeMounts": [{"name": "ca"}]},
+    "relabeling with a misspelled key": {
+        "metrics": {"serviceMonitor": {"enabled": True, "relabelings": [{"sourcelabels": ["job"]}]}}
+    },
+    "runAsUser as a string": {"podSecurityContext": {"runAsUser": "10001"}},
+    "readiness probe every 0 s": {"readinessProbe": {"periodSeconds": 0}},
 }
 
 
@@ -123,11 +131,13 @@ def test_probe_and_ports_are_what_the_operator_is_told_to_serve(values: dict[str
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     liveness = re.fullmatch(r"http://0\.0\.0\.0:(\d+)(/\S+)", args["liveness"])
     assert liveness, args
-    probe = container["livenessProbe"]["httpGet"]
-    assert (ports[probe["port"]], probe["path"]) == (int(liveness[1]), liveness[2])
+    for kind in ("livenessProbe", "readinessProbe"):
+        if kind in container:  # readiness may be turned off
+            probe = container[kind]["httpGet"]
+            assert (ports[probe["port"]], probe["path"]) == (int(liveness[1]), liveness[2]), kind
     assert ports["metrics"] == int(args["metrics-port"])
     (service,) = of_kind(manifests(values), "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics", "health"]
 
 
 @combinations
@@ -151,6 +161,43 @@ def test_the_operator_accepts_the_arguments_the_chart_passes(values: dict[str, A
     args = deployment(values)["spec"]["template"]["spec"]["containers"][0]["args"]
     context = run.make_context("run", list(args))
     assert context.params["all_namespaces"] == values.get("watch", {}).get("clusterWide", True)
+    assert context.params["log_level"] == values.get("logLevel", "INFO")
+    assert context.params["log_format"] == values.get("logFormat", "text")
+
+
+@combinations
+def test_extra_env_volumes_and_security_contexts_reach_the_operator_container(values: dict[str, Any]) -> None:
+    pod = deployment(values)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for item in values.get("extraEnv", []):
+        assert item in container["env"]
+    for item in values.get("extraVolumes", []):
+        assert item in pod["volumes"]
+    for item in values.get("extraVolumeMounts", []):
+        assert item in container["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], "the only writable path stays"
+    assert values.get("podSecurityContext", {}).items() <= pod["securityContext"].items(), "merged, not replaced"
+    assert ("readinessProbe" in container) == values.get("readinessProbe", {}).get("enabled", True)
+
+
+def test_helm_test_pod_runs_the_chart_check_as_the_operator_with_its_namespaces() -> None:
+    for name, values in COMBINATIONS.items():
+        objects = manifests(values)
+        (test_pod,) = [o for o in objects if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+        operator_pod = deployment(values)["spec"]["template"]["spec"]
+        assert test_pod["kind"] == "Pod" and test_pod["spec"]["restartPolicy"] == "Never", name
+        assert test_pod["spec"]["serviceAccountName"] == operator_pod["serviceAccountName"], name
+        (check,) = test_pod["spec"]["containers"]
+        assert check["image"] == operator_pod["containers"][0]["image"], name
+        assert check["command"] == ["python", "-c", (CHART / "files" / "helm-test.py").read_text()], name
+        env = {item["name"]: item["value"] for item in check["env"]}
+        args = operator_pod["containers"][0]["args"]
+        namespaces = [a.removeprefix("--namespace=") for a in args if a.startswith("--namespace=")]
+        assert env["WATCH_NAMESPACES"] == ",".join(namespaces), name  # empty: cluster-wide
+        health_port = next(p["containerPort"] for p in operator_pod["containers"][0]["ports"] if p["name"] == "health")
+        (service,) = of_kind(objects, "Service")
+        default_url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{health_port}/healthz"
+        assert env["OPERATOR_HEALTHZ_URL"] == values.get("tests", {}).get("healthzUrl", default_url), name
 
 
 @combinations
@@ -177,6 +224,9 @@ def test_service_monitor_only_when_enabled_and_it_scrapes_the_metrics_service(va
     assert selector.items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0] | {"port": "metrics", "path": "/metrics"} == monitor["spec"]["endpoints"][0]
     assert monitor["metadata"]["labels"]["release"] == values["metrics"]["serviceMonitor"]["labels"]["release"]
+    wanted = values["metrics"]["serviceMonitor"]
+    for key in ("relabelings", "metricRelabelings"):
+        assert monitor["spec"]["endpoints"][0].get(key) == (wanted.get(key) or None), key
 
 
 SERIES = re.compile(r"\b(celery_\w+)")

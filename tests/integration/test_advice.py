@@ -20,19 +20,28 @@ from tests.support.task_app import app, leak, quick, sleep
 
 @contextmanager
 def advised_pool(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, prefix: str, *, replicas: int, worker: dict[str, Any]
+    broker_url: str, monkeypatch: pytest.MonkeyPatch, prefix: str, *, replicas: int, worker: dict[str, Any]
 ) -> Iterator[LocalRun]:
-    """A pool of `replicas` workers of the advice app, fields of `worker` laid over the defaults."""
+    """A pool of `replicas` workers of the advice app on `broker_url`, fields of `worker` laid over the defaults."""
     spec = {
         "worker": {"app": "tests.support.task_app:app", **worker},
         "autoscaling": {"minReplicas": replicas, "maxReplicas": replicas},
     }
     concurrency = worker.get("concurrency", 2)
     with local_pool_run(
-        redis_url, monkeypatch, prefix, concurrency=concurrency, max_replicas=replicas, scale_down_seconds=30, spec=spec
+        broker_url,
+        monkeypatch,
+        prefix,
+        concurrency=concurrency,
+        max_replicas=replicas,
+        scale_down_seconds=30,
+        spec=spec,
     ) as run:
-        app.conf.broker_url = redis_url
-        yield run
+        app.conf.broker_url = broker_url
+        try:
+            yield run
+        finally:
+            app.conf.broker_url = None
 
 
 def advice(run: LocalRun) -> dict[str, str]:
@@ -177,3 +186,55 @@ def test_long_and_short_tasks_in_one_pool_are_mixed_durations(redis_url: str, mo
         # The events of the mix leave the 10 s window: nothing mixes any more, so it clears.
         step_until(run, lambda: AdviceKind.MIXED_DURATIONS not in advice(run), timeout=30)
         assert warned_once(run, AdviceKind.MIXED_DURATIONS)
+
+
+def test_tasks_longer_than_the_grace_period_are_named_until_the_soft_shutdown_covers_them(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 s tasks against the 30 s a stopping worker gets by default: every scale-down would kill them."""
+    with advised_pool(redis_url, monkeypatch, "adv-grace", replicas=1, worker={"concurrency": 2}) as run:
+        step_until(run, heard(run, 1), timeout=30)
+        for _ in range(2):
+            sleep.apply_async((32.0,), queue=run.pool.metadata.name)
+        step_until(run, lambda: run.telemetry().service_time_p95 is not None, timeout=60)
+        passes = step_until(run, lambda: AdviceKind.GRACE_TOO_SHORT in advice(run), timeout=10)
+        assert passes <= 2, f"the short grace period was named after {passes} polls"
+        found = advice(run)[AdviceKind.GRACE_TOO_SHORT]
+        assert "exceeds the 30 s grace period" in found and "fix: worker.softShutdownSeconds: 33" in found, found
+        run.pool = run.workload.pool = with_worker(run.pool, soft_shutdown_seconds=33)  # grace becomes 48 s
+        step_until(run, lambda: AdviceKind.GRACE_TOO_SHORT not in advice(run), timeout=10)
+        assert warned_once(run, AdviceKind.GRACE_TOO_SHORT)
+
+
+def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumers_until_auto_restores_it(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In recommend mode nothing is broadcast, so `celery control cancel_consumer` run by hand on the
+    pool's queue stays: messages pile up on RabbitMQ and nobody takes them. Back in auto mode the
+    operator's routing adds the consumer again."""
+    with advised_pool(amqp_url, monkeypatch, "adv-orphan", replicas=1, worker={"concurrency": 2}) as run:
+        name = run.pool.metadata.name
+        try:
+            step_until(run, heard(run, 1), timeout=30)
+            run.pool = run.workload.pool = with_mode(run.pool, "recommend")
+            run.step()
+            time.sleep(3.0)  # a convergence started by the last auto pass finishes (it would add the consumer back)
+            assert app.control.cancel_consumer(name, reply=True, timeout=2.0), "no worker answered"
+            for _ in range(5):
+                quick.apply_async(queue=name)
+            passes = step_until(run, lambda: AdviceKind.QUEUE_WITHOUT_CONSUMERS in advice(run), timeout=10)
+            assert passes <= 2, f"the orphaned queue was named after {passes} polls"
+            found = advice(run)[AdviceKind.QUEUE_WITHOUT_CONSUMERS]
+            assert f"worker -Q must include {name}" in found and "1 workers online" in found, found
+            run.pool = run.workload.pool = with_mode(run.pool, "auto")
+            step_until(run, lambda: AdviceKind.QUEUE_WITHOUT_CONSUMERS not in advice(run), timeout=20)
+            assert run.reporter.status_now["queues"][0]["depth"] == 0, "the restored consumer took the backlog"
+            assert warned_once(run, AdviceKind.QUEUE_WITHOUT_CONSUMERS)
+        finally:
+            with app.connection_for_write() as connection:
+                connection.default_channel.queue_delete(name)
+
+
+def with_mode(resource: CeleryWorkerPool, mode: str) -> CeleryWorkerPool:
+    autoscaling = resource.spec.autoscaling.model_copy(update={"mode": mode})
+    return resource.model_copy(update={"spec": resource.spec.model_copy(update={"autoscaling": autoscaling})})

@@ -111,7 +111,7 @@ def test_managed_pool_runs_real_workers_and_reports_status(
 
         table = operator.cluster.kubectl("get", "cwp", "-n", ns, name)
         header, row = (line.split() for line in table.splitlines()[:2])
-        assert header == ["NAME", "QUEUES", "DEPTH", "WAIT", "REPLICAS", "DESIRED", "AGE"]
+        assert header == ["NAME", "QUEUES", "DEPTH", "WAIT", "REPLICAS", "DESIRED", "MODE", "AGE"]
         assert (row[0], row[2], row[4], row[5]) == (name, "0", "1", "1") and queue in row[1], table
 
         changed = copy.deepcopy(pool_manifest(name, queue))

@@ -19,12 +19,18 @@ for the pods it is given (one namespace, and/or a label selector):
 - a process that exits on its own is reported (terminated, exit code, ``restartCount``) and
   restarted per ``restartPolicy`` (Always, OnFailure, Never) after a short back-off.
 
-No probes, volumes, init containers or images: the process runs in the test's environment (the
-test process's environment plus the pod's env; the test interpreter's folder first on PATH, so
-``python`` and ``celery`` are the venv's). A container without ``command`` cannot run unless
-``command_for`` supplies one. Everything runs in two daemon threads inside the pytest process;
-``close()`` kills every process group it started. Use it as a context manager (the ``kubelet``
-fixture of `tests.support.cluster` does).
+No init containers or images, no probes but through ``ready_when`` (``http_readiness`` runs the
+container's readinessProbe.httpGet), and no volumes but one kind: the process runs in the test's
+environment (the test process's environment plus the pod's env; the test interpreter's folder first
+on PATH, so ``python`` and ``celery`` are the venv's). With ``api_server`` (the API server's URL) a
+pod gets in-cluster API access as a kubelet gives it: ``KUBERNETES_SERVICE_HOST``/``_PORT`` naming
+the API server (no Service routing here), and its ``projected`` volumes (the ServiceAccount admission
+plugin's ``kube-api-access-*``: a token bound to the pod from the TokenRequest API, ``ca.crt``, the
+namespace) written to files and bind-mounted read-only at their mountPath under /var/run, in a private
+mount namespace (``unshare``, root only) over a fresh /run, as a container runtime would. A container
+without ``command`` cannot run unless ``command_for`` supplies one. Everything runs in two daemon
+threads inside the pytest process; ``close()`` kills every process group it started. Use it as a
+context manager (the ``kubelet`` fixture of `tests.support.cluster` does).
 
 Inspection for tests (thread-safe): ``pid(pod)``, ``log(pod)`` (the process's output only, like
 ``kubectl logs``), ``command(pod)`` (the argv it ran), ``signals(pod)`` (what the kubelet sent:
@@ -46,6 +52,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +143,23 @@ def quantity(text: str | int | float) -> float:
     if suffix and suffix[0] in "eE":
         return float(number + suffix)
     return float(number) * _SUFFIX[suffix or ""]
+
+
+def http_readiness(pod: Pod, container: str, output: str) -> bool:
+    """A `ready_when` running the container's `readinessProbe.httpGet` against the pod's IP (a named
+    port resolved from its ports); a container without that probe is ready once it runs."""
+    spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+    probe = spec.get("readinessProbe", {}).get("httpGet")
+    if probe is None:
+        return True
+    port = probe["port"]
+    if isinstance(port, str):
+        port = next(p["containerPort"] for p in spec.get("ports", []) if p.get("name") == port)
+    try:
+        with urllib.request.urlopen(f"http://{NODE_IP}:{port}{probe.get('path', '/')}", timeout=1) as response:
+            return 200 <= int(response.status) < 400
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------ the kubelet's state
@@ -229,6 +254,7 @@ class ProcessKubelet:
         restart_backoff: float = 1.0,
         max_restart_backoff: float = 10.0,
         ready_when: ReadyWhen | None = None,
+        api_server: str | None = None,
     ) -> None:
         if namespace is None and label_selector is None:
             raise ValueError("give a namespace, a label selector or both: the kubelet must not take every pod")
@@ -240,6 +266,7 @@ class ProcessKubelet:
         # None: a container is Ready once its process runs. Else Ready once ready_when(pod, container
         # name, its log so far) is true: a readiness probe on the process's output (checked every 0.1 s).
         self.ready_when = ready_when
+        self.api_server = urllib.parse.urlsplit(api_server) if api_server else None
         self.exits: list[Exit] = []
         self.errors: list[str] = []  # unexpected exceptions in the kubelet's threads
         self._runs: dict[str, _PodRun] = {}  # by pod uid
@@ -549,6 +576,7 @@ class ProcessKubelet:
             return
         try:
             argv, env = self._command(run.pod, container.spec)
+            mounts = self._projected_mounts(run.pod, container.spec, container.log_path.parent)
         except Exception as error:  # ConfigError, or reading a Secret failed: retried, as the kubelet does
             container.error = str(error) if isinstance(error, ConfigError) else repr(error)
             container.restart_at = time.monotonic() + self.restart_backoff  # retry, as the kubelet does
@@ -558,7 +586,7 @@ class ProcessKubelet:
         with container.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             try:
                 container.process = subprocess.Popen(
-                    argv,
+                    self._mounted(argv, mounts),
                     env=env,
                     cwd=cwd,
                     stdin=subprocess.DEVNULL,
@@ -588,8 +616,72 @@ class ProcessKubelet:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
         env.update(self.extra_env)
         env["HOSTNAME"] = pod["metadata"]["name"]
+        if self.api_server is not None:
+            env["KUBERNETES_SERVICE_HOST"] = self.api_server.hostname or NODE_IP
+            env["KUBERNETES_SERVICE_PORT"] = str(self.api_server.port or 443)
         env.update(own)
         return argv, env
+
+    # -- projected volumes (with api_server): files, bind-mounted in a private mount namespace
+
+    def _projected_mounts(self, pod: Pod, spec: dict[str, Any], folder: Path) -> list[tuple[Path, str]]:
+        """(folder holding the volume's files, mountPath) for each projected volume the container mounts
+        (none without `api_server`)."""
+        if self.api_server is None:
+            return []
+        volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes", [])}
+        mounts = []
+        for mount in spec.get("volumeMounts", []):
+            projected = volumes.get(mount["name"], {}).get("projected")
+            if projected is None:
+                continue
+            if not mount["mountPath"].startswith(("/var/run/", "/run/")):
+                raise ConfigError(f"the process kubelet mounts projected volumes under /var/run only: {mount}")
+            source = folder / "volumes" / mount["name"]
+            source.mkdir(parents=True, exist_ok=True)
+            for item in projected.get("sources", []):
+                for path, text in self._projection(pod, item):
+                    (source / path).write_text(text)
+            mounts.append((source, mount["mountPath"]))
+        return mounts
+
+    def _projection(self, pod: Pod, item: dict[str, Any]) -> list[tuple[str, str]]:
+        """(file name, content) of one source of a projected volume."""
+        meta = pod["metadata"]
+        if token := item.get("serviceAccountToken"):
+            request: dict[str, Any] = {
+                "expirationSeconds": token.get("expirationSeconds", 3607),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+            }
+            if token.get("audience"):
+                request["audiences"] = [token["audience"]]
+            account = pod["spec"].get("serviceAccountName", "default")
+            response = self.core.create_namespaced_service_account_token(
+                account, meta["namespace"], {"spec": request}, _preload_content=False
+            )
+            return [(token["path"], json.loads(response.data)["status"]["token"])]
+        if ref := item.get("configMap"):
+            data = self._config_map(meta["namespace"], ref["name"], ref.get("optional", False))
+            missing = [entry["key"] for entry in ref.get("items", []) if entry["key"] not in data]
+            if missing:
+                raise ConfigError(f"configmap {ref['name']!r} has no key {missing[0]!r} (yet)")
+            return [(entry["path"], data[entry["key"]]) for entry in ref.get("items", [])]
+        if ref := item.get("downwardAPI"):
+            return [(entry["path"], self._field(pod, entry["fieldRef"]["fieldPath"])) for entry in ref["items"]]
+        raise ConfigError(f"unsupported projected volume source {item!r}")
+
+    @staticmethod
+    def _mounted(argv: list[str], mounts: list[tuple[Path, str]]) -> list[str]:
+        """`argv` in a private mount namespace with a fresh /run and each folder bind-mounted read-only."""
+        if not mounts:
+            return argv
+        script = (
+            "set -e; mount -t tmpfs -o mode=755 cwo-run /run; "
+            'while [ "$1" != -- ]; do mkdir -p "$2"; mount --bind "$1" "$2"; mount -o remount,bind,ro "$2"; '
+            'shift 2; done; shift; exec "$@"'
+        )
+        pairs = [str(part) for source, target in mounts for part in (source, target)]
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *pairs, "--", *argv]
 
     def _container_env(self, pod: Pod, spec: dict[str, Any]) -> dict[str, str]:
         namespace = pod["metadata"]["namespace"]

@@ -1,17 +1,11 @@
 """promtool and a real Prometheus for the tests, built by `scripts/prometheus.sh` from the Go module
-github.com/prometheus/prometheus (tools/prometheus) into `.prometheus/bin` (or ``CWO_PROMETHEUS_BIN``).
-
-As with the control plane (tests/support/cluster.py): the binaries are built once after collection,
-before the first test that asks for them (outside any test's timeout); without Go and without
-binaries those tests skip with the reason, except under CI=true, where they fail.
+github.com/prometheus/prometheus (tools/prometheus) into `.prometheus/bin` (or ``CWO_PROMETHEUS_BIN``),
+once after collection and only when a test needs them (tests.support.go_tool).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -25,59 +19,20 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.cluster import unavailable
+from tests.support.go_tool import GoTool
 from tests.support.operator_process import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "prometheus.sh"
-BIN = Path(os.environ.get("CWO_PROMETHEUS_BIN") or ROOT / ".prometheus" / "bin")
-FIXTURES = ("promtool", "prometheus_bin")
-
-_build_error: str | None = None
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build promtool and prometheus before the first test that needs them, when Go is at hand."""
-    global _build_error
-    if session.config.option.collectonly:
-        return
-    if not any(set(FIXTURES) & set(getattr(item, "fixturenames", ())) for item in session.items):
-        return
-    if not shutil.which("go"):
-        return
-    capture = session.config.pluginmanager.get_plugin("capturemanager")
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    started = time.monotonic()
-    if reporter is not None:
-        reporter.write_line("prometheus: checking promtool and prometheus (a cold build takes minutes)")
-    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        result = subprocess.run(["bash", str(SCRIPT), "ensure"], cwd=ROOT, check=False, timeout=3600)
-    if result.returncode != 0:
-        _build_error = f"scripts/prometheus.sh ensure failed (exit {result.returncode}); see its output above"
-    elif reporter is not None:
-        reporter.write_line(f"prometheus: binaries ready after {time.monotonic() - started:.0f} s")
-
-
-def _binary(name: str) -> Path:
-    if _build_error is not None:
-        pytest.fail(_build_error)
-    path = BIN / name
-    if not path.is_file():
-        unavailable(
-            f"no {name} for the tests: install Go >= 1.26 (scripts/prometheus.sh builds it from tools/prometheus) "
-            f"or put a built one in {BIN} (CWO_PROMETHEUS_BIN)"
-        )
-    return path
+PROMETHEUS = GoTool("prometheus", ("promtool", "prometheus"), ("promtool", "prometheus_bin"), "CWO_PROMETHEUS_BIN")
 
 
 @pytest.fixture(scope="session")
 def promtool() -> Path:
-    return _binary("promtool")
+    return PROMETHEUS.binary("promtool")
 
 
 @pytest.fixture(scope="session")
 def prometheus_bin() -> Path:
-    return _binary("prometheus")
+    return PROMETHEUS.binary("prometheus")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def test_crd_is_structural_and_has_the_subresources() -> None:
     }
     assert version["subresources"]["status"] == {}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Queues", "Depth", "Wait", "Replicas", "Desired", "Age"]
+    assert columns == ["Queues", "Depth", "Wait", "Replicas", "Desired", "Mode", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["cwp"]
     status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for column in version["additionalPrinterColumns"]:

@@ -108,3 +108,17 @@ def test_the_list_names_advice_when_it_holds_and_not_when_nothing_is_found() -> 
     advised = {"metadata": {"namespace": "shop", "name": "mails"}, "status": build_status(None, None, memory, 2)}
     _, quiet_line, advised_line = (line.split() for line in text(pools_table([quiet, advised])).splitlines()[:3])
     assert quiet_line[-2] == "-" and advised_line[-2] == "Advice:PrefetchImbalance,EventsDisabled"
+
+
+def test_the_list_names_a_pause_and_not_the_limits_the_mode_holds_back() -> None:
+    memory, now = PoolMemory(), SCALED_UP_AT.timestamp()
+    set_condition(memory, "Paused", "False", "Recommend", "recommend only", now, 2)
+    set_condition(memory, "LimitsApplied", "Unknown", "Recommend", "not broadcast", now, 2)
+    recommending = {"metadata": {"namespace": "shop", "name": "orders"}, "status": build_status(None, None, memory, 2)}
+    set_condition(memory, "Paused", "True", "PausedByAnnotation", "held", now, 2)
+    set_condition(memory, "LimitsApplied", "Unknown", "Paused", "not broadcast", now, 2)
+    paused = {"metadata": {"namespace": "shop", "name": "mails"}, "status": build_status(None, None, memory, 2)}
+    _, recommending_line, paused_line = (
+        line.split() for line in text(pools_table([recommending, paused])).splitlines()[:3]
+    )
+    assert recommending_line[-2] == "-" and paused_line[-2] == "Paused"

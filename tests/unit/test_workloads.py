@@ -10,7 +10,14 @@ from kubernetes import client
 from celery_worker_operator.manifests import load_pools
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.workloads.command import concurrency_from_args, grace_seconds, worker_args
-from celery_worker_operator.workloads.kubernetes import build_deployment, crash_loop, merge_template
+from celery_worker_operator.workloads.kubernetes import (
+    applying_managers,
+    build_deployment,
+    conflicting_managers,
+    crash_loop,
+    merge_template,
+    replicas_declared_by,
+)
 from celery_worker_operator.workloads.local import CrashBackoff, WorkerExit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,3 +228,47 @@ def test_a_pod_in_crash_loop_back_off_is_reported_with_its_termination_message()
     assert crash_loop([pod("ok", running), pod("bad", crashing)]) == (
         "pod bad exited with 2 (3 restarts): Usage: celery [OPTIONS] | Unable to load celery application."
     )
+
+
+def managed(manager: str, operation: str, fields: dict[str, object], subresource: str = "") -> dict[str, object]:
+    return {"manager": manager, "operation": operation, "fieldsV1": fields, "subresource": subresource}
+
+
+REPLICAS = {"f:spec": {"f:replicas": {}}}
+TEMPLATE = {"f:spec": {"f:template": {"f:spec": {}}}}
+
+
+@pytest.mark.parametrize(
+    ("entries", "declared"),
+    [
+        ([], ()),
+        ([managed("celery-worker-operator", "Apply", REPLICAS, "scale")], ()),  # our own
+        ([managed("argocd-controller", "Apply", TEMPLATE)], ()),  # applies the rest, not replicas
+        ([managed("argocd-controller", "Apply", REPLICAS)], ("argocd-controller",)),
+        ([managed("kubectl", "Update", REPLICAS, "scale")], ()),  # a one-off `kubectl scale`: ours to take
+        ([managed("kubectl-client-side-apply", "Update", REPLICAS)], ()),
+        ([managed("helm", "Apply", REPLICAS), managed("flux", "Apply", REPLICAS)], ("flux", "helm")),
+    ],
+)
+def test_who_else_applies_the_replica_count(entries: list[dict[str, object]], declared: tuple[str, ...]) -> None:
+    assert replicas_declared_by(entries) == declared
+
+
+def test_a_409_names_the_managers_and_fields_and_only_appliers_stop_the_operator() -> None:
+    answer = {
+        "kind": "Status",
+        "code": 409,
+        "details": {
+            "causes": [
+                {"reason": "FieldManagerConflict", "message": 'conflict with "argocd-controller"', "field": ".spec.x"},
+                {
+                    "reason": "FieldManagerConflict",
+                    "message": 'conflict with "kubectl-edit" with subresource "scale" using autoscaling/v1',
+                    "field": ".spec.replicas",
+                },
+            ]
+        },
+    }
+    assert conflicting_managers(answer) == {"argocd-controller": [".spec.x"], "kubectl-edit": [".spec.replicas"]}
+    entries = [managed("argocd-controller", "Apply", TEMPLATE), managed("kubectl-edit", "Update", REPLICAS)]
+    assert applying_managers(entries) & set(conflicting_managers(answer)) == {"argocd-controller"}

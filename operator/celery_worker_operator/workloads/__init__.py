@@ -18,6 +18,8 @@ class WorkloadState:
     members: the names that follow '@' in the workers' hostnames (pod or process names, naming.py).
     concurrency: task slots per worker, when the workload can tell (managed spec or `-c` argument).
     crash_loop: what the last worker said before exiting, while workers keep exiting unasked.
+    replicas_declared_by: other field managers that apply the replica count (a GitOps tool whose
+        manifest sets `spec.replicas`): scaling would fight them, so the pool does not scale.
     """
 
     replicas: int
@@ -26,12 +28,18 @@ class WorkloadState:
     concurrency: int | None = None
     selector: str | None = None
     crash_loop: str | None = None
+    replicas_declared_by: tuple[str, ...] = ()
 
 
 def removal_order(members: Sequence[str], load: Mapping[str, int]) -> list[str]:
     """Who goes first on a scale-down: members with no heartbeat yet (still starting, as a
     ReplicaSet removes unready pods first), then the least loaded."""
     return sorted(members, key=lambda member: (member in load, load.get(member, 0)))
+
+
+class FieldConflict(Exception):
+    """Another field manager applies a field the operator writes: forcing it would fight that
+    manager on every sync, so the write is refused and reported instead."""
 
 
 class WorkloadMissing(Exception):

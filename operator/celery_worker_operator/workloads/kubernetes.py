@@ -1,6 +1,16 @@
 """Pools on Kubernetes: the worker Deployment (built by pure functions, compared as dicts in tests)
 and the adapter that reads and scales it with the `kubernetes` client.
 
+Everything written to a Deployment is a server-side apply under one field manager,
+`celery-worker-operator`: the managed Deployment's fields from `worker.template` and the rest of
+the generated manifest (a field dropped from the template leaves the Deployment with the next apply),
+and the replica count through the `/scale` subresource, for managed and adopted Deployments alike.
+The count is applied with force over imperative writers (`kubectl scale`, `kubectl edit`, a
+client-side apply, the fields a Deployment had before any apply): they wrote once, the pool owns
+it from then on. It is never forced over another manager that *applies* it (Argo CD, Flux, Helm 4
+with server-side apply): that manager would take it back on its next sync and the two would
+fight; the pool reports the conflict instead (README, "GitOps").
+
 Scale-down never picks a busy worker on purpose: before lowering replicas, each pod gets
 `controller.kubernetes.io/pod-deletion-cost` = its busy + reserved tasks, and the ReplicaSet
 removes the cheapest ready pods first.
@@ -10,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,9 +29,11 @@ from kubernetes.client.exceptions import ApiException
 
 from ..spec import API_VERSION, KIND, BrokerTLS, CeleryWorkerPool, ValueFrom
 from ..urls import PASSWORD_ENV, USERNAME_ENV, tls_settings, with_credentials
-from . import WorkloadMissing, WorkloadState
+from . import FieldConflict, WorkloadMissing, WorkloadState
 from .command import concurrency_from_args, grace_seconds, worker_args
 
+FIELD_MANAGER = "celery-worker-operator"
+APPLY = "application/apply-patch+yaml"  # server-side apply; the client sends the body as JSON, which is YAML
 POOL_LABEL = "celery-operator.dev/pool"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 BROKER_ENV = "CELERY_BROKER_URL"
@@ -166,6 +179,47 @@ def _named(items: list[Any]) -> bool:
     return all(isinstance(item, Mapping) and "name" in item for item in items)
 
 
+def replicas_declared_by(managed_fields: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The other field managers that apply `spec.replicas` (server-side apply, not a one-off update),
+    from a Deployment's `metadata.managedFields`."""
+    return tuple(
+        sorted(
+            {
+                str(entry.get("manager"))
+                for entry in managed_fields
+                if entry.get("operation") == "Apply"
+                and entry.get("manager") != FIELD_MANAGER
+                and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+            }
+        )
+    )
+
+
+def conflicting_managers(status: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Manager -> fields, from the API server's 409 answer to an apply (`details.causes`)."""
+    found: dict[str, list[str]] = {}
+    for cause in (status.get("details") or {}).get("causes") or []:
+        named = re.match(r'conflict with "([^"]+)"', cause.get("message", ""))
+        if named:
+            found.setdefault(named.group(1), []).append(cause.get("field", "?"))
+    return found
+
+
+def applying_managers(managed_fields: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Managers that hold fields by server-side apply (as opposed to one-off updates)."""
+    return {str(entry.get("manager")) for entry in managed_fields if entry.get("operation") == "Apply"}
+
+
+def scale_body(namespace: str, name: str, replicas: int) -> dict[str, Any]:
+    """An apply configuration of a Deployment's `/scale` subresource: the replica count and nothing else."""
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": replicas},
+    }
+
+
 class KubernetesWorkload:
     """One pool's Deployment: the managed one (named after the pool) or the adopted one."""
 
@@ -178,21 +232,54 @@ class KubernetesWorkload:
         self.name = ref.name if ref is not None else pool.metadata.name
 
     def ensure(self, uid: str) -> None:
-        """Create the managed Deployment, or roll it to the current spec; replicas stay the operator's."""
+        """Apply the managed Deployment as the spec builds it now; a new one then gets its first
+        replica count through `/scale`, the only place the count is ever applied from. Raises
+        FieldConflict when another manager applies one of its fields with another value."""
         if self.pool.spec.worker is None:
             return
         spec = self.pool.spec
-        replicas = spec.replicas if spec.replicas is not None else spec.autoscaling.min_replicas
-        wanted: Any = build_deployment(self.pool, uid, replicas)  # the client takes plain dicts as bodies
+        wanted: Any = build_deployment(self.pool, uid, 0)  # the client takes plain dicts as bodies
+        del wanted["spec"]["replicas"]  # owned through /scale: in this apply it would conflict with that
         try:
-            self.apps.read_namespaced_deployment(self.name, self.namespace)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            self.apps.create_namespaced_deployment(self.namespace, wanted)
+            self._read()
+            new = False
+        except WorkloadMissing:
+            new = True
+        self._apply(wanted)
+        if new:
+            replicas = spec.replicas if spec.replicas is not None else spec.autoscaling.min_replicas
+            self._apply_scale(replicas)
+
+    def _apply(self, manifest: Any) -> None:
+        """Server-side apply; on a conflict, force only when no conflicting manager applies its fields."""
+        try:
+            self.apps.patch_namespaced_deployment(
+                self.name, self.namespace, manifest, field_manager=FIELD_MANAGER, _content_type=APPLY
+            )
             return
-        del wanted["spec"]["replicas"]
-        self.apps.patch_namespaced_deployment(self.name, self.namespace, wanted)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            conflicts = conflicting_managers(json.loads(error.body or "{}"))
+        managed = [entry.to_dict(serialize=True) for entry in self._read().metadata.managed_fields or []]
+        declaring = sorted(applying_managers(managed) & set(conflicts))
+        if declaring:
+            fields = ", ".join(f"{field} ({manager})" for manager in declaring for field in conflicts[manager])
+            raise FieldConflict(
+                f"Deployment {self.namespace}/{self.name}: {fields} applied by another manager with another value; "
+                f"the operator does not force it: remove these fields from that manager's manifest"
+            )
+        self.apps.patch_namespaced_deployment(
+            self.name, self.namespace, manifest, field_manager=FIELD_MANAGER, _content_type=APPLY, force=True
+        )
+
+    def _apply_scale(self, replicas: int) -> None:
+        """The replica count through `/scale`, forced over imperative writers (the reconciler does not
+        call this while another manager applies the count: `replicas_declared_by`)."""
+        body: Any = scale_body(self.namespace, self.name, replicas)
+        self.apps.patch_namespaced_deployment_scale(
+            self.name, self.namespace, body, field_manager=FIELD_MANAGER, _content_type=APPLY, force=True
+        )
 
     def observe(self) -> WorkloadState:
         deployment = self._read()
@@ -207,13 +294,16 @@ class KubernetesWorkload:
             concurrency=self._concurrency(containers),
             selector=",".join(f"{k}={v}" for k, v in sorted(match.items())),
             crash_loop=crash_loop(pods),
+            replicas_declared_by=replicas_declared_by(
+                entry.to_dict(serialize=True) for entry in deployment.metadata.managed_fields or []
+            ),
         )
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
         current = self._read().spec.replicas or 0
         if replicas < current:
             self._mark_deletion_costs(load)
-        self.apps.patch_namespaced_deployment_scale(self.name, self.namespace, {"spec": {"replicas": replicas}})
+        self._apply_scale(replicas)
 
     def _mark_deletion_costs(self, load: Mapping[str, int]) -> None:
         """Cheap pods go first: the cost of a pod is the work it would lose (busy + reserved tasks)."""

@@ -101,7 +101,14 @@ deletion cost; urlFrom reads the broker URL from a Secret.
 {{- end }}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --metrics-port={{ .Values.metrics.port }}
+- --log-level={{ .Values.logLevel }}
+- --log-format={{ .Values.logFormat }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* Where `helm test` finds the operator's /healthz: the Service's health port unless tests.healthzUrl says. */}}
+{{- define "cwo.healthzUrl" -}}
+{{- .Values.tests.healthzUrl | default (printf "http://%s-metrics.%s.svc:%d/healthz" (include "cwo.fullname" .) .Release.Namespace (int .Values.health.port)) }}
 {{- end }}
