@@ -23,7 +23,7 @@ from rich.table import Table
 
 from .crd import build_crd
 from .demo.run import DEMO_POOL, run_demo
-from .localmode import LocalRun, NoBrokerURL, local_broker_url, with_local_tls
+from .localmode import LocalRun, NoBrokerURL, local_broker_url, stop_on_signals, with_local_tls
 from .logs import LOG_FORMATS, LOG_LEVELS, LogFormat, configure_logging
 from .manifests import InvalidPool, check_file, load_pools, manifest_files
 from .policy import plan as plan_pool
@@ -328,7 +328,9 @@ def local(
     """Run a pool's control loop on this machine, scaling real `celery worker` processes.
 
     On a terminal a live view shows the pool; elsewhere (a file, a pipe) only log lines are written,
-    one per scale decision among them."""
+    one per scale decision among them. SIGTERM, SIGINT (Ctrl-C) and SIGHUP all stop it the same way:
+    every worker warm-stops within its grace period, then it exits 0. Killed outright, its workers
+    get SIGTERM from the kernel all the same."""
     pool = _local_pool(pool_file, name)
     try:
         url = broker or local_broker_url(pool.spec.broker, os.environ)
@@ -339,6 +341,7 @@ def local(
     live_view = configure_logging(log_format, log_level.upper(), console)
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(stop_on_signals(stop))  # first in, last out: still in force while workers stop
         output = stack.enter_context(worker_log.open("ab")) if worker_log else None
         run = LocalRun(pool, url, worker_output=output)
         stack.callback(run.close)
@@ -347,10 +350,7 @@ def local(
             stack.callback(run.metrics.stop)
         log.info("pool %s on %s; Ctrl-C stops every worker", pool.metadata.name, redact(url))
         live = stack.enter_context(Live(console=console, refresh_per_second=2)) if live_view else None
-        try:
-            run.run(stop, lambda r: live.update(r.view()) if live else None)
-        except KeyboardInterrupt:
-            log.info("stopping workers...")
+        run.run(stop, lambda r: live.update(r.view()) if live else None)
 
 
 @main.command()

@@ -68,8 +68,11 @@ def ensure_workload(body: kopf.Body, memo: Operator, **_: Any) -> None:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10, backoff=10)
 def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Operator, **_: Any) -> None:
-    """The pool's loop until kopf stops it; `body` is kopf's live view, so spec edits apply."""
+    """The pool's loop until kopf stops it; `body` is kopf's live view, so spec edits apply. A pass
+    still under way when the delete handler ran took the broker again: let go of it here too."""
     memo.loop(body).run(stopped, lambda: body)
+    if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+        memo.forget(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=True)

@@ -134,10 +134,8 @@ class Operator:
 
     def forget(self, namespace: str, name: str) -> None:
         """The pool is deleted: its Deployment goes with its owner reference; here what we remember goes."""
-        loop = self.loops.pop((namespace, name), None)
-        self.shared.metrics.forget(namespace, name)
-        if loop is not None and loop.last_broker is not None:
-            self.shared.controller.forget(loop.last_broker, name)
+        self.loops.pop((namespace, name), None)
+        self.shared.release(namespace, name)
 
     def close(self) -> None:
         self.shared.close()

@@ -6,11 +6,14 @@ keeps the latest status and decisions for a live terminal view instead of the AP
 
 from __future__ import annotations
 
+import logging
 import re
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +32,9 @@ from .urls import PASSWORD_ENV, SSL_PARAMETER, USERNAME_ENV, tls_settings, with_
 from .workloads.local import LocalWorkload, WorkerExit
 
 EVENTS_SHOWN = 8
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # systemd/Docker/CI, Ctrl-C, a closed terminal
+
+log = logging.getLogger(__name__)
 
 
 class NoBrokerURL(LookupError):
@@ -133,7 +139,7 @@ class LocalRun:
 
     def telemetry(self) -> PoolTelemetry:
         """The pool's numbers from its workers' events, now."""
-        return self.shared.telemetry.snapshot(self.broker_url, self.pool.metadata.name, self.pool.spec.queues)
+        return self.shared.telemetry.snapshot(self.broker_url, self.pool.identity.key, self.pool.spec.queues)
 
     def _exited(self, exit_: WorkerExit) -> None:
         self.reporter.event("Warning", "WorkerExited", exit_.message())
@@ -162,6 +168,32 @@ class LocalRun:
         for at, _, reason, message in list(self.reporter.events)[-EVENTS_SHOWN:]:
             decisions.add_row(time.strftime("%H:%M:%S", time.localtime(at)), reason, message)
         return Group(queues, numbers, decisions)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[list[signal.Signals]]:
+    """While inside, SIGTERM, SIGINT and SIGHUP each set `stop` and are listed in what this yields:
+    the loop ends after its pass and every worker gets the same warm stop and grace period, whichever
+    signal came. A signal while stopping is noted, not obeyed, so no worker is left half-stopped.
+    Main thread only (Python runs signal handlers there); the handlers in force before come back after."""
+    received: list[signal.Signals] = []
+
+    def handle(number: int, _frame: object) -> None:
+        received.append(signal.Signals(number))
+        if stop.is_set():
+            log.warning("%s: already stopping; every worker gets its grace period", received[-1].name)
+            return
+        log.info("%s: stopping workers (warm shutdown, then the grace period)...", received[-1].name)
+        # Set from another thread: the handler may have interrupted this one inside stop.wait(),
+        # holding the lock that set() takes.
+        threading.Thread(target=stop.set, name="stop", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _seconds(value: float | None) -> str:

@@ -12,16 +12,18 @@ broker share (probe, event monitor, control state) comes from `SharedResources`,
 from __future__ import annotations
 
 import random
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe
+from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe, QueueStats
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
-from .naming import member_of, worker_hostname
+from .naming import PoolIdentity
 from .policy import WAKE_CHECK_SECONDS, Decision, Mode, wakes_early
 from .reconciler import (
     Clock,
@@ -63,15 +65,73 @@ class Stopping(Protocol):
     def wait(self, timeout: float | None = None) -> object: ...
 
 
+@dataclass(frozen=True)
+class BrokerUse:
+    """The per-broker resources one pool holds: the probe of (URL, management URL, transport options);
+    the event monitor and control app of the URL."""
+
+    url: str
+    management: str | None
+    transport_options: TransportOptions | None
+
+    @property
+    def probe_key(self) -> tuple[str, str | None, TransportOptions | None]:
+        return self.url, self.management, self.transport_options
+
+
+class Lease:
+    """One pool's hold on its broker's resources. Revoked when the pool is released: a pass of the
+    deleted pool still under way then reaches none of them (it would reopen a closed connection that
+    nobody closes again); revoking waits for a call already in progress."""
+
+    def __init__(self, use: BrokerUse) -> None:
+        self.use = use
+        self._lock = threading.Lock()
+        self._revoked = False
+
+    @contextmanager
+    def held(self) -> Iterator[bool]:
+        """While inside, the resources stay open if this yields True."""
+        with self._lock:
+            yield not self._revoked
+
+    def revoke(self) -> None:
+        with self._lock:
+            self._revoked = True
+
+
+@dataclass(frozen=True)
+class LeasedProbe:
+    """The shared probe, reached only while the pool's lease holds."""
+
+    probe: QueueProbe
+    lease: Lease
+
+    def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
+        with self.lease.held() as holds:
+            if not holds:
+                raise BrokerUnavailable(self.lease.use.url, "the pool was deleted")
+            return self.probe.stats(queues)
+
+    def close(self) -> None:
+        """Nothing: the probe is shared, `SharedResources` closes it with its last pool."""
+
+
 @dataclass
 class SharedResources:
     """What every pool of one process shares: per broker URL one probe, one event monitor and the
-    control state; and the process's metrics."""
+    control state; and the process's metrics.
+
+    Reference-counted by pool: each pass records which broker its pool uses, and when the last pool
+    on a broker is released (deleted, or moved to another broker) its probe, monitor and control app
+    are closed, so a cluster whose pools come and go keeps no connection to a broker nobody uses."""
 
     probes: ProbeRegistry = field(default_factory=ProbeRegistry)
     telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
     controller: PoolController = field(default_factory=PoolController)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
+    _leases: dict[tuple[str, str], Lease] = field(default_factory=dict)  # (namespace, name) -> its hold
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sources(
         self,
@@ -91,11 +151,45 @@ class SharedResources:
             if result.errors:
                 self.metrics.record_broadcast_error(namespace, name, len(result.errors))
 
-        self.controller.use_transport_options(url, celery_options)
-        limits, drain = controller_hooks(self.controller, url, count_errors)
-        probe = TimedProbe(self.probes.probe(url, management, transport_options), self.metrics, url)
-        monitor = self.telemetry.monitor(url, celery_options)
+        use = BrokerUse(url, management, transport_options)
+        with self._lock:  # a release on another thread must not close what this pass is taking
+            lease = self._leases.get((namespace, name))
+            if lease is None or lease.use != use:
+                self._leases[(namespace, name)] = Lease(use)
+                if lease is not None:  # the pool moved: what it held may be unused now
+                    self._let_go(namespace, name, lease)
+                lease = self._leases[(namespace, name)]
+            self.controller.use_transport_options(url, celery_options)
+            probe = TimedProbe(LeasedProbe(self.probes.probe(*use.probe_key), lease), self.metrics, url)
+            monitor = self.telemetry.monitor(url, celery_options)
+        limits, drain = controller_hooks(self.controller, url, count_errors, lease)
         return Sources(probe, monitor, workload, limits, drain, broker_url=url)
+
+    def release(self, namespace: str, name: str) -> None:
+        """Pool `namespace/name` is gone: forget its control state and metrics, and close its broker's
+        probe, monitor and control app if no other pool uses them."""
+        self.metrics.forget(namespace, name)
+        with self._lock:
+            lease = self._leases.pop((namespace, name), None)
+            if lease is not None:
+                self._let_go(namespace, name, lease)
+
+    def brokers(self) -> set[str]:
+        """The broker URLs some pool holds now."""
+        with self._lock:
+            return {lease.use.url for lease in self._leases.values()}
+
+    def _let_go(self, namespace: str, name: str, lease: Lease) -> None:
+        """Called with the lock held, once `namespace/name` no longer holds `lease`."""
+        lease.revoke()
+        use = lease.use
+        self.controller.forget(use.url, PoolIdentity(namespace, name))
+        held = [other.use for other in self._leases.values()]
+        if all(other.probe_key != use.probe_key for other in held):
+            self.probes.release(*use.probe_key)
+        if all(other.url != use.url for other in held):
+            self.telemetry.release(use.url)
+            self.controller.release(use.url)
 
     def close(self) -> None:
         self.telemetry.stop()
@@ -132,7 +226,6 @@ class PoolLoop:
     metrics: PoolMetrics
     memory: PoolMemory = field(default_factory=PoolMemory)
     clock: Clock = time.time
-    last_broker: str | None = None  # the broker URL of the last pass that reached one
     interval: float = INVALID_SPEC_RETRY_SECONDS  # until the next pass: pollSeconds of the pool as last read
     wake: EarlyWake | None = None  # set while the last pass left the pool room to grow
     template_policy: TemplatePolicy | None = None  # what worker.template may set (None: local mode, no pods)
@@ -149,7 +242,6 @@ class PoolLoop:
             pool = source if isinstance(source, CeleryWorkerPool) else parse_pool(dict(source), self.template_policy)
             self.interval = pool.spec.autoscaling.poll_seconds
             sources = self.sources(pool)
-            self.last_broker = sources.broker_url
             result = self.reconciler.reconcile(pool, sources, generation)
             self.wake = _early_wake(pool, sources, result)
         except (InvalidPool, SecretMissing, WorkloadMissing) as blocked:
@@ -189,17 +281,22 @@ class PoolLoop:
 def controller_hooks(
     controller: PoolController,
     broker_url: str,
-    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None] = lambda pool, result: None,
+    on_result: Callable[[CeleryWorkerPool, ConvergeResult], None],
+    lease: Lease,
 ) -> tuple[LimitsConverger, Drainer]:
-    """The limits and drain steps of a pass, done by the control broadcasts of `controller`.
+    """The limits and drain steps of a pass, done by the control broadcasts of `controller` while
+    the pool's `lease` holds.
 
     Limits converge in the background (the condition shows the latest finished pass; `on_result`
     sees each one once: the operator counts broadcast errors from it). Draining is waited for: the
     workers must be idle before replicas go down."""
 
-    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
-        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=members)
-        result, fresh = controller.converge_in_background(broker_url, pool.metadata.name, settings)
+    def limits(pool: CeleryWorkerPool, expected: int, members: Sequence[str]) -> ControlReport:
+        settings = replace(PoolSettings.from_spec(pool.spec), expected_workers=expected)
+        with lease.held() as holds:
+            if not holds:
+                return ControlReport("Unknown", "PoolDeleted", "the pool is being deleted")
+            result, fresh = controller.converge_in_background(broker_url, pool.identity, settings, members)
         if result is None:
             return ControlReport("Unknown", "Converging", "the first convergence pass is under way")
         if fresh:
@@ -207,10 +304,9 @@ def controller_hooks(
         return ControlReport(*result.condition, workers=result.stats)
 
     def drain(pool: CeleryWorkerPool, members: list[str]) -> list[str]:
-        hostnames = [worker_hostname(pool.metadata.name, member) for member in members]
         timeout = min(grace_seconds(pool.spec), MAX_DRAIN_SECONDS)
-        busy = controller.drain(broker_url, pool.metadata.name, hostnames, pool.spec.queues, timeout)
-        return [member_of(hostname) for hostname in busy]
+        with lease.held() as holds:
+            return controller.drain(broker_url, pool.identity, members, pool.spec.queues, timeout) if holds else members
 
     return limits, drain
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -54,11 +54,12 @@ class ControlReport:
     workers: Mapping[str, WorkerStats] = field(default_factory=dict)
 
 
-LimitsConverger = Callable[[CeleryWorkerPool, int], ControlReport]  # (pool, workers it runs or is starting)
+# (pool, workers it runs or is starting, its members: pods or processes, for legacy worker names)
+LimitsConverger = Callable[[CeleryWorkerPool, int, Sequence[str]], ControlReport]
 
 
 class Telemetry(Protocol):
-    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry: ...
+    def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry: ...
 
 
 class Reporter(Protocol):
@@ -173,7 +174,9 @@ class Reconciler:
         self._mode_condition(mode, now, generation)
         control = None
         if sources.limits and mode.broadcasts:
-            control = sources.limits(pool, self._rate_members(pool, measured, decision, now))
+            expected = self._rate_members(pool, measured, decision, now)
+            control = sources.limits(pool, expected, measured.workload.members)
+        if control is not None:
             set_condition(
                 self.memory, "LimitsApplied", control.status, control.reason, control.message, now, generation
             )
@@ -260,7 +263,9 @@ class Reconciler:
         except BrokerUnavailable as unavailable:
             error = str(unavailable)
             log.warning("pool %s: %s", pool.metadata.name, error)
-        telemetry = sources.telemetry.snapshot(pool.metadata.name, pool.spec.queues)
+        identity = pool.identity
+        legacy = identity.legacy_hostnames(workload.members)  # workers whose pods have not rolled yet
+        telemetry = sources.telemetry.snapshot(identity.key, pool.spec.queues, legacy)
         return Measurements(stats, error, telemetry, workload)
 
     def _act(

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .naming import PoolIdentity
 from .urls import SSL_PARAMETER
 
 GROUP = "celery-operator.dev"
@@ -679,6 +680,11 @@ class CeleryWorkerPool(Model):
     metadata: ObjectMeta
     spec: CeleryWorkerPoolSpec
     status: CeleryWorkerPoolStatus | None = None
+
+    @property
+    def identity(self) -> PoolIdentity:
+        """How the pool's workers are named on the broker (naming.py)."""
+        return PoolIdentity(self.metadata.namespace, self.metadata.name)
 
     RULES = (
         Rule(

@@ -145,7 +145,7 @@ def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
         for _ in range(12):  # the same again on the fixed worker: held, but within the limit
             sleep.apply_async((0.1,), queue=run.pool.metadata.name, countdown=300)
         member = run.workload.observe().members[0]
-        hostname = f"{run.pool.metadata.name}@{member}"
+        hostname = run.pool.identity.hostname(member)
         step_until(run, lambda: prefetch_count(hostname) == 10, timeout=15)
         for _ in range(3):
             run.step()

@@ -26,6 +26,7 @@ from celery_worker_operator.control import (
     worker_start_settings,
 )
 from celery_worker_operator.control.wire import TASK_INFO, worker_settings
+from celery_worker_operator.naming import PoolIdentity
 from tests.support.celery_app import make_app
 from tests.support.celery_procs import CeleryWorkers
 from tests.support.control_app import DECLARED, DECLARED_RATE, RECORD, Record, read_records
@@ -62,8 +63,8 @@ class Scene:
         self.workers.wait_ready(self.client, hostname)
         return hostname
 
-    def converge(self, pool: str, desired: PoolSettings) -> ConvergeResult:
-        return self.controller.converge(self.broker_url, pool, desired)
+    def converge(self, pool: PoolIdentity, desired: PoolSettings, members: tuple[str, ...] = ()) -> ConvergeResult:
+        return self.controller.converge(self.broker_url, pool, desired, members)
 
     def seen(self, hostname: str) -> WorkerSettings:
         """What the worker itself reports now, through Celery's inspect."""
@@ -102,15 +103,17 @@ def scene(broker_url: str, tmp_path: Path) -> Iterator[Scene]:
             (delete_queues if broker_url.startswith("amqp") else purge_queues)(broker_url, setup.made)
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
+def unique(prefix: str, namespace: str = "tests") -> PoolIdentity:
+    """A pool of a unique name; its workers are `<name>.<namespace>@<member>` (`f"{pool}@w1"`)."""
+    return PoolIdentity(namespace, f"{prefix}{uuid.uuid4().hex[:8]}")
 
 
-def test_limits_and_queues_reach_one_pool_and_nothing_of_another(scene: Scene) -> None:
-    ours, theirs = unique("a"), unique("b")
+def test_limits_and_queues_reach_one_pool_and_nothing_of_the_same_name_in_another_namespace(scene: Scene) -> None:
+    ours = unique("orders", namespace="team-a")
+    theirs = PoolIdentity("team-b", ours.name)
     q1, q2, other = scene.queue("a1"), scene.queue("a2"), scene.queue("b1")
-    mine = scene.start(f"{ours}@w1", [q1])
-    neighbour = scene.start(f"{theirs}@w1", [other])
+    mine = scene.start(ours.hostname("w1"), [q1])
+    neighbour = scene.start(theirs.hostname("w1"), [other])
     untouched = scene.seen(neighbour)
     desired = PoolSettings(frozenset({q1, q2}), {RECORD: "6/m"}, {DECLARED: TimeLimits(soft=20, hard=30)})
 
@@ -124,6 +127,27 @@ def test_limits_and_queues_reach_one_pool_and_nothing_of_another(scene: Scene) -
     assert untouched.rate_limits == {DECLARED: DECLARED_RATE} and untouched.queues == {other}
     again = scene.converge(ours, desired)
     assert (again.applied, again.errors, again.unreachable) == ((), (), ()), "a converged pool is sent nothing"
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_a_worker_of_the_old_name_is_its_own_pools_until_it_rolls_and_never_the_other_namespaces(
+    scene: Scene,
+) -> None:
+    ours = unique("orders", namespace="team-a")
+    theirs = PoolIdentity("team-b", ours.name)
+    queue = scene.queue("legacy")
+    legacy = scene.start(f"{ours.name}@pod-1", [queue])  # as an operator before namespaced names started it
+    desired = PoolSettings(frozenset({queue}), {RECORD: "6/m"})
+
+    found = wait_for(lambda: scene.converge(ours, desired, ("pod-1",)), lambda r: r.workers == (legacy,), timeout=20)
+    assert found.condition.reason == "Applied" and scene.seen(legacy).rate_limits[RECORD] == "6/m"
+    other = PoolSettings(frozenset({scene.queue("b")}), {RECORD: "1/s"})
+    assert scene.converge(theirs, other, members=("pod-2",)).workers == (), "not a pod of team-b's pool"
+    assert scene.converge(theirs, other, members=()).workers == (), "an old name alone is nobody's"
+    seen = scene.seen(legacy)
+    assert (seen.rate_limits[RECORD], seen.queues) == ("6/m", {queue}), "team-b's settings never reached it"
+    assert scene.controller.drain(scene.broker_url, ours, ["pod-1"], [queue], timeout=15) == []
+    assert scene.settle(legacy, lambda s: not s.queues).queues == frozenset(), "drained by its old name"
 
 
 def test_a_worker_started_after_convergence_gets_everything_in_one_pass(scene: Scene) -> None:
@@ -263,7 +287,7 @@ def test_a_frozen_worker_is_retried_then_reported_and_converged_once_back(scene:
 
 
 def converge_while(
-    controller: PoolController, scene: Scene, pool: str, desired: PoolSettings, during: Callable[[], None]
+    controller: PoolController, scene: Scene, pool: PoolIdentity, desired: PoolSettings, during: Callable[[], None]
 ) -> ConvergeResult:
     """A pass during which `during` runs once the discovery ping is answered (workers answer in ms)."""
     outcome: list[ConvergeResult] = []
@@ -279,7 +303,9 @@ def test_an_unreachable_broker_is_a_condition_without_the_password() -> None:
     controller = PoolController()
     try:
         started = time.monotonic()
-        result = controller.converge("amqp://guest:s3cret-pw@127.0.0.1:1//", "p", PoolSettings(frozenset({"q"})))
+        result = controller.converge(
+            "amqp://guest:s3cret-pw@127.0.0.1:1//", PoolIdentity("ns", "p"), PoolSettings(frozenset({"q"}))
+        )
     finally:
         controller.close()
     assert result.condition[:2] == ("Unknown", "BrokerUnavailable")
@@ -293,7 +319,7 @@ def test_drain_lets_a_busy_worker_finish_and_keeps_it_unsubscribed(scene: Scene)
     scene.converge(pool, PoolSettings(frozenset({queue})))
     scene.send(queue, "long", 3.0)
     scene.records(lambda done: ("start", "long") in done)
-    assert scene.controller.drain(scene.broker_url, pool, [hostname], [queue], timeout=15) == []
+    assert scene.controller.drain(scene.broker_url, pool, ["w1"], [queue], timeout=15) == []
     assert ("end", "long") in {r[:2] for r in read_records(scene.log)}, "drain returned before the task ended"
     assert scene.settle(hostname, lambda s: not s.queues).queues == frozenset()
     scene.converge(pool, PoolSettings(frozenset({queue})))  # a later pass must not subscribe it again

@@ -92,7 +92,7 @@ def test_prefetched_tasks_match_the_workers_reserved(pool: CeleryWorkerPool, app
     queue = pool.spec.queues[0]
     assert pool.spec.worker is not None
     settings = dict(
-        arg.split("=", 1) for arg in worker_args("layout", "0", pool.spec, pool.spec.worker) if "_options=" in arg
+        arg.split("=", 1) for arg in worker_args(pool.identity, "0", pool.spec, pool.spec.worker) if "_options=" in arg
     )
     assert "broker_transport_options" in settings, "the pods get the same options"
     probe = open_probe(pool.spec.broker.url or "", None, pool.spec.broker.transport_options)

@@ -21,7 +21,7 @@ from celery import Celery
 from kubernetes import client
 
 from celery_worker_operator import spec
-from celery_worker_operator.naming import pool_of, worker_hostname
+from celery_worker_operator.naming import PoolIdentity
 from celery_worker_operator.workloads.kubernetes import APPLY, FIELD_MANAGER
 from tests.operator.test_operator import ledger, ready_pods, send_records
 from tests.support.celery_app import make_app
@@ -47,12 +47,12 @@ RECORD_TASK = "local.record"
 PAUSED = spec.PAUSED_ANNOTATION
 
 
-def worker_deployment(name: str, pool: str, queue: str, redis_url: str, count: int | None) -> dict[str, Any]:
+def worker_deployment(name: str, pool: PoolIdentity, queue: str, redis_url: str, count: int | None) -> dict[str, Any]:
     """A team's own worker Deployment, as its Git repository holds it: real Celery workers named as
     the pool's (the operator finds a pool's workers by that name); `count` None leaves replicas
     out of the manifest, as README's GitOps section advises for a Deployment the pool scales."""
     labels = {"app": name}
-    args = ["-A", LEDGER_APP, "worker", "-Q", queue, "-c", "2", "-n", worker_hostname(pool, "$(POD_NAME)"), "-E"]
+    args = ["-A", LEDGER_APP, "worker", "-Q", queue, "-c", "2", "-n", pool.hostname("$(POD_NAME)"), "-E"]
     container = {
         "name": "worker",
         "image": "team/app:3",
@@ -149,13 +149,13 @@ def annotate(api: client.ApiClient, namespace: str, name: str, annotations: dict
     )
 
 
-def rate_limits(sender: Celery, pool: str) -> dict[str, str]:
+def rate_limits(sender: Celery, pool: PoolIdentity) -> dict[str, str]:
     """Each of the pool's workers' rate limit of the ledger task, as the worker itself reports it."""
     registered = sender.control.inspect(timeout=1).registered("rate_limit") or {}
     return {
         hostname: next((t for t in tasks if t.startswith("local.record")), "")
         for hostname, tasks in registered.items()
-        if pool_of(hostname) == pool
+        if pool.workers([hostname])
     }
 
 
@@ -170,7 +170,7 @@ def test_a_gitops_tool_reapplying_an_adopted_deployment_without_replicas_does_no
     name, queue = names
     ns, target = kube_namespace, f"{names[0]}-app"
     sender = make_app(redis_url)
-    manifest = worker_deployment(target, name, queue, redis_url, count=None)
+    manifest = worker_deployment(target, PoolIdentity(ns, name), queue, redis_url, count=None)
     with gitops_sync(kube_api, ns, manifest) as synced, operator.run() as running:
         scaling = {"maxReplicas": 3, "scaleDown": {"stabilizationSeconds": 3}}
         apply_pool(kube_api, ns, adopting_pool(name, target, queue, redis_url, **scaling))
@@ -217,7 +217,7 @@ def test_a_gitops_manifest_that_sets_replicas_is_a_condition_and_one_warning_not
     name, queue = names
     ns, target = kube_namespace, f"{names[0]}-app"
     sender = make_app(redis_url)
-    manifest = worker_deployment(target, name, queue, redis_url, count=1)
+    manifest = worker_deployment(target, PoolIdentity(ns, name), queue, redis_url, count=1)
     with gitops_sync(kube_api, ns, manifest) as synced, operator.run() as running:
         apply_pool(kube_api, ns, adopting_pool(name, target, queue, redis_url, maxReplicas=3))
         wait_for(lambda: measured(kube_api, ns, name), bool, timeout=60)  # the operator is up and sizing
@@ -287,7 +287,9 @@ def test_recommend_mode_beside_a_fixed_deployment_tells_and_never_scales(
     name, queue = names
     ns, target = kube_namespace, f"{names[0]}-app"
     sender = make_app(redis_url)
-    fixed: Any = worker_deployment(target, name, queue, redis_url, 1)  # the client takes plain dicts as bodies
+    fixed: Any = worker_deployment(
+        target, PoolIdentity(ns, name), queue, redis_url, 1
+    )  # the client takes plain dicts as bodies
     client.AppsV1Api(kube_api).create_namespaced_deployment(ns, fixed)
     scaling = {"mode": "recommend", "maxReplicas": 4, "scaleDown": {"stabilizationSeconds": 3}}
     with operator.run() as running:
@@ -340,7 +342,9 @@ def test_the_pause_annotation_stops_scaling_and_broadcasts_until_removed(
     with operator.run() as running:
         apply_pool(kube_api, ns, manifest)
         wait_for(lambda: ready_pods(kube_api, ns, name), lambda p: len(p) == 1, timeout=60)
-        wait_for(lambda: rate_limits(sender, name), lambda r: "rate_limit=100/m" in str(r), timeout=60)
+        wait_for(
+            lambda: rate_limits(sender, PoolIdentity(ns, name)), lambda r: "rate_limit=100/m" in str(r), timeout=60
+        )
         annotate(kube_api, ns, name, {PAUSED: "true"})
         wait_for(lambda: status(kube_api, ns, name).get("mode"), lambda m: m == "Paused", timeout=30)
         changed = copy.deepcopy(manifest)
@@ -349,12 +353,14 @@ def test_the_pause_annotation_stops_scaling_and_broadcasts_until_removed(
         send_records(sender, queue, range(20), 1.0)  # a burst that would call for 3 workers
         time.sleep(6)  # several passes (pollSeconds 1) and control rounds
         assert replicas(kube_api, ns, name) == 1, "a paused pool scaled"
-        assert all("100/m" in limit for limit in rate_limits(sender, name).values()), rate_limits(sender, name)
+        assert all("100/m" in limit for limit in rate_limits(sender, PoolIdentity(ns, name)).values()), rate_limits(
+            sender, PoolIdentity(ns, name)
+        )
         paused = condition(read_pool(kube_api, ns, name), "Paused")
         assert paused is not None and (paused["status"], paused["reason"]) == ("True", "PausedByAnnotation")
         annotate(kube_api, ns, name, {PAUSED: None})
         wait_for(lambda: replicas(kube_api, ns, name), lambda r: r is not None and r > 1, timeout=30)
-        wait_for(lambda: rate_limits(sender, name), lambda r: "rate_limit=50/m" in str(r), timeout=60)
+        wait_for(lambda: rate_limits(sender, PoolIdentity(ns, name)), lambda r: "rate_limit=50/m" in str(r), timeout=60)
         wait_for(lambda: ledger(redis_url, queue, "ended"), lambda done: len(done) >= 20, timeout=120)
         assert ledger(redis_url, queue, "ended") == Counter(range(20))
         running.assert_alive()

@@ -22,7 +22,7 @@ from celery import Celery
 from kubernetes import client
 
 from celery_worker_operator import spec
-from celery_worker_operator.naming import member_of, pool_of
+from celery_worker_operator.naming import PoolIdentity, member_of
 from celery_worker_operator.policy import DecisionKind
 from celery_worker_operator.workloads.kubernetes import BROKER_ENV, DELETION_COST
 from tests.support.celery_app import make_app
@@ -71,11 +71,11 @@ def _pods(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
     return list(json.loads(client.CoreV1Api(api).list_namespaced_pod(namespace, _preload_content=False).data)["items"])
 
 
-def worker_running(sender: Celery, pool: str, queue: str, number: int) -> str | None:
+def worker_running(sender: Celery, pool: PoolIdentity, queue: str, number: int) -> str | None:
     """The pod whose worker is running ledger task `number` of `queue` now, if any."""
     active = sender.control.inspect(timeout=1).active() or {}
     for hostname, tasks in active.items():
-        if pool_of(hostname) == pool and any(list(t["args"])[:2] == [queue, number] for t in tasks):
+        if pool.workers([hostname]) and any(list(t["args"])[:2] == [queue, number] for t in tasks):
             return member_of(hostname)
     return None
 
@@ -97,7 +97,7 @@ def test_managed_pool_runs_real_workers_and_reports_status(
         owner = made["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == (spec.KIND, name, True)
         container = made["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"] == ["celery"] and f"{name}@$(POD_NAME)" in container["args"]
+        assert container["command"] == ["celery"] and f"{name}.{ns}@$(POD_NAME)" in container["args"]
         broker_env = next(e for e in container["env"] if e["name"] == BROKER_ENV)
         assert broker_env["valueFrom"]["secretKeyRef"]["name"] == f"{name}-broker"
         # The ReplicaSet controller makes the pod, the kubelet runs its real worker from the pod's own command.
@@ -107,7 +107,7 @@ def test_managed_pool_runs_real_workers_and_reports_status(
         )
         assert status["queues"][0]["name"] == queue and status["readyReplicas"] == 1
         assert condition(read_pool(kube_api, ns, name), "MetricsAvailable")["status"] == "True"  # type: ignore[index]
-        assert f"{name}@{pod}" in kubelet.log(pod, ns), "the worker is named after its pod"
+        assert f"{name}.{ns}@{pod}" in kubelet.log(pod, ns), "the worker is named after its pool, namespace and pod"
 
         table = operator.cluster.kubectl("get", "cwp", "-n", ns, name)
         header, row = (line.split() for line in table.splitlines()[:2])
@@ -145,7 +145,7 @@ def test_burst_scales_up_and_the_replicaset_removes_only_idle_pods(
         wait_for(lambda: ready_pods(kube_api, ns, name), lambda p: len(p) == 3, timeout=60)
 
         send_records(sender, queue, range(30, 31), 25.0)  # one long task: its pod must survive the scale-down
-        busy_pod = wait_for(lambda: worker_running(sender, name, queue, 30), bool, timeout=60)
+        busy_pod = wait_for(lambda: worker_running(sender, PoolIdentity(ns, name), queue, 30), bool, timeout=60)
         wait_for(lambda: ledger(redis_url, queue, "ended"), lambda done: len(done) >= 30, timeout=90)
         wait_for(lambda: replicas(kube_api, ns, name), lambda r: r == 1, timeout=60)
         survivors = wait_for(lambda: ready_pods(kube_api, ns, name), lambda p: len(p) == 1, timeout=60)
@@ -348,7 +348,7 @@ def test_drain_mode_unsubscribes_the_worker_it_removes(
             lambda: read_pool(kube_api, ns, name).get("status", {}), lambda s: s.get("workersOnline") == 2, timeout=60
         )
         send_records(sender, queue, range(1), 30.0)
-        busy_pod = wait_for(lambda: worker_running(sender, name, queue, 0), bool, timeout=60)
+        busy_pod = wait_for(lambda: worker_running(sender, PoolIdentity(ns, name), queue, 0), bool, timeout=60)
         idle_pod = next(p for p in pods_up if p != busy_pod)
         manifest = pool_manifest(name, queue, **{**scaling, "minReplicas": 1})
         apply_pool(kube_api, ns, manifest)
@@ -357,5 +357,6 @@ def test_drain_mode_unsubscribes_the_worker_it_removes(
         # ready_pods drops a pod once it is marked for deletion, a moment before the kubelet signals it
         wait_for(lambda: kubelet.signals(idle_pod, ns)[:1], lambda sent: sent == ["SIGTERM"], timeout=30)
         assert kubelet.signals(busy_pod, ns) == [], "the busy worker was disturbed"
-        assert worker_running(sender, name, queue, 0) == busy_pod, "the busy worker's task was not left alone"
+        still = worker_running(sender, PoolIdentity(ns, name), queue, 0)
+        assert still == busy_pod, "the busy worker's task was not left alone"
         wait_for(lambda: ledger(redis_url, queue, "ended"), lambda done: done == Counter([0]), timeout=60)

@@ -2,7 +2,8 @@
 
 Each worker runs in its own process group, named `<pool>@<name>` as the operator names them, with
 its output in a temp file for failure messages. `CeleryWorkers` kills every group it started on
-close, whatever the test did; use it as a context manager inside a fixture.
+close, whatever the test did; use it as a context manager inside a fixture. Should the test run be
+killed, the kernel kills them (a parent-death signal): start them from the test's own thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from types import TracebackType
 
 from celery import Celery
+
+from celery_worker_operator.workloads.lifeline import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +53,13 @@ class CeleryWorkers:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "operator"), str(ROOT), env.get("PYTHONPATH")]))
         with self._log_path(hostname).open("wb") as log:  # the child keeps its own copy of the descriptor
             self.processes[hostname] = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGKILL),  # a killed test run leaves no worker behind
             )
         return hostname
 

@@ -247,14 +247,14 @@ def wait_for_default_service_account(api: client.ApiClient, namespace: str, time
         time.sleep(0.1)
 
 
-@pytest.fixture
-def kube_namespace(kube_cluster: Cluster, kube_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = namespace_name(request.node.name)
-    core = client.CoreV1Api(kube_api)
+@contextlib.contextmanager
+def fresh_namespace(cluster: Cluster, api: client.ApiClient, name: str) -> Iterator[str]:
+    """Namespace `name`, made now (with its default ServiceAccount) and deleted with all in it afterwards."""
+    core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": name, "labels": {"cwo.test/namespace": "1"}}}, _preload_content=False)
     try:
-        if "serviceaccount" in kube_cluster.controllers:
-            wait_for_default_service_account(kube_api, name)
+        if "serviceaccount" in cluster.controllers:
+            wait_for_default_service_account(api, name)
         yield name
     finally:
         try:
@@ -264,11 +264,12 @@ def kube_namespace(kube_cluster: Cluster, kube_api: client.ApiClient, request: p
                 raise
 
 
-@pytest.fixture
-def kubelet(kube_cluster: Cluster, kube_namespace: str) -> Iterator[ProcessKubelet]:
-    api = kube_cluster.api_client()
+@contextlib.contextmanager
+def process_kubelet(cluster: Cluster, namespace: str) -> Iterator[ProcessKubelet]:
+    """A running process kubelet for `namespace`'s pods; fails the test if its threads hit errors."""
+    api = cluster.api_client()
     pythonpath = os.pathsep.join(filter(None, [str(ROOT / "operator"), str(ROOT), os.environ.get("PYTHONPATH")]))
-    node = ProcessKubelet(api, namespace=kube_namespace, env={"PYTHONPATH": pythonpath})
+    node = ProcessKubelet(api, namespace=namespace, env={"PYTHONPATH": pythonpath})
     try:
         with node:
             yield node
@@ -276,6 +277,18 @@ def kubelet(kube_cluster: Cluster, kube_namespace: str) -> Iterator[ProcessKubel
             raise AssertionError("the process kubelet hit errors:\n" + "\n".join(node.errors))
     finally:
         api.close()
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: Cluster, kube_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    with fresh_namespace(kube_cluster, kube_api, namespace_name(request.node.name)) as name:
+        yield name
+
+
+@pytest.fixture
+def kubelet(kube_cluster: Cluster, kube_namespace: str) -> Iterator[ProcessKubelet]:
+    with process_kubelet(kube_cluster, kube_namespace) as node:
+        yield node
 
 
 def service_account_token(api: client.ApiClient, namespace: str, name: str, seconds: int = 600) -> str:

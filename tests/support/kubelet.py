@@ -70,6 +70,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from celery_worker_operator.workloads.lifeline import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 NODE_IP = "127.0.0.1"
 
@@ -594,6 +596,8 @@ class ProcessKubelet:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    # Killed with the work thread that starts them: a killed test run leaves no pod behind.
+                    preexec_fn=die_with_parent(signal.SIGKILL),
                 )
             except OSError as error:
                 container.process = None

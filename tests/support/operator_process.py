@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from kubernetes import client, utils
 from kubernetes.client.exceptions import ApiException
 
 from celery_worker_operator import spec
+from celery_worker_operator.workloads.lifeline import die_with_parent
 from tests.deploy.chart import manifests
 from tests.support.cluster import Cluster, service_account_token
 
@@ -42,13 +43,16 @@ def install_crd(cluster: Cluster, timeout: float = 30.0) -> None:
     )
 
 
-def install_rbac(api: client.ApiClient, namespace: str) -> tuple[str, list[dict[str, Any]]]:
-    """The chart's ServiceAccount and roles for an install watching `namespace` only, created for real.
+def install_rbac(
+    api: client.ApiClient, namespace: str, watched: Sequence[str] = ()
+) -> tuple[str, list[dict[str, Any]]]:
+    """The chart's ServiceAccount (in `namespace`) and roles for an install watching `namespace`
+    and `watched` only, created for real.
 
     Returns the ServiceAccount's name and the objects made (cluster-scoped ones must be deleted
     after the test: `remove_cluster_objects`)."""
     release = f"cwo-{uuid.uuid4().hex[:6]}"
-    values = {"watch": {"clusterWide": False, "namespaces": [namespace]}, "fullnameOverride": release}
+    values = {"watch": {"clusterWide": False, "namespaces": [namespace, *watched]}, "fullnameOverride": release}
     objects = [o for o in manifests(values, namespace=namespace) if o["kind"] in RBAC_KINDS]
     for obj in objects:
         utils.create_from_dict(api, obj, namespace=obj["metadata"].get("namespace", namespace))
@@ -117,17 +121,23 @@ class OperatorProcess:
 
 @contextmanager
 def running_operator(
-    cluster: Cluster, kubeconfig: Path, namespace: str, log_path: Path, extra_args: tuple[str, ...] = ()
+    cluster: Cluster,
+    kubeconfig: Path,
+    namespaces: Sequence[str],
+    log_path: Path,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[OperatorProcess]:
-    """`celery-worker-operator run --namespace NS [extra_args]` as its ServiceAccount, until the block ends."""
+    """`celery-worker-operator run --namespace NS... [extra_args]` as its ServiceAccount, until the block ends."""
     metrics_port = free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     command = [
-        sys.executable, "-m", "celery_worker_operator.cli", "run", "--namespace", namespace,
+        sys.executable, "-m", "celery_worker_operator.cli", "run", *(f"--namespace={ns}" for ns in namespaces),
         "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(metrics_port), *extra_args,
     ]  # fmt: skip
     with log_path.open("ab") as log:
-        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # A killed test run stops it too (kopf exits on SIGTERM), so it scales nothing afterwards.
+        stops = die_with_parent(signal.SIGTERM)
+        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=stops)
     process = OperatorProcess(popen, log_path, metrics_port)
     try:
         yield process
@@ -137,18 +147,21 @@ def running_operator(
 
 @dataclass
 class OperatorSetup:
-    """What a test needs to start the operator as the chart installs it, in its namespace."""
+    """What a test needs to start the operator as the chart installs it, in its namespace (watching
+    that one and `watched`)."""
 
     cluster: Cluster
     namespace: str
     kubeconfig: Path
     logs: Path
+    watched: tuple[str, ...] = ()
 
     @contextmanager
     def run(self, *extra_args: str) -> Iterator[OperatorProcess]:
         """The operator, with `run`'s options after the chart's ones (e.g. `--allow-template hostPath`)."""
         log_path = self.logs / f"operator-{time.monotonic_ns()}.log"
-        with running_operator(self.cluster, self.kubeconfig, self.namespace, log_path, extra_args) as process:
+        namespaces = (self.namespace, *self.watched)
+        with running_operator(self.cluster, self.kubeconfig, namespaces, log_path, extra_args) as process:
             try:
                 yield process
             except BaseException:
@@ -157,13 +170,16 @@ class OperatorSetup:
 
 
 @contextmanager
-def operator_setup(cluster: Cluster, api: client.ApiClient, namespace: str, logs: Path) -> Iterator[OperatorSetup]:
-    """CRD, the chart's RBAC for `namespace`, a token for its ServiceAccount, and a kubeconfig with it."""
+def operator_setup(
+    cluster: Cluster, api: client.ApiClient, namespace: str, logs: Path, watched: Sequence[str] = ()
+) -> Iterator[OperatorSetup]:
+    """CRD, the chart's RBAC for `namespace` (and `watched`), a token for its ServiceAccount, and a
+    kubeconfig with it."""
     install_crd(cluster)
-    account, objects = install_rbac(api, namespace)
+    account, objects = install_rbac(api, namespace, watched)
     try:
         token = service_account_token(api, namespace, account, seconds=3600)
         kubeconfig = write_kubeconfig(cluster, token, logs / "operator.kubeconfig")
-        yield OperatorSetup(cluster, namespace, kubeconfig, logs)
+        yield OperatorSetup(cluster, namespace, kubeconfig, logs, tuple(watched))
     finally:
         remove_cluster_objects(api, objects)

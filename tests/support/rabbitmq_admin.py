@@ -19,8 +19,8 @@ from urllib.parse import quote, unquote, urlsplit
 import pika
 
 
-def management_call(management_url: str, method: str, path: str, body: Any = None) -> None:
-    """`method` `path` on the management API, as the admin user in `management_url`."""
+def management_call(management_url: str, method: str, path: str, body: Any = None) -> Any:
+    """`method` `path` on the management API, as the admin user in `management_url`; the JSON answer, if any."""
     parts = urlsplit(management_url)
     credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
     request = urllib.request.Request(
@@ -32,8 +32,26 @@ def management_call(management_url: str, method: str, path: str, body: Any = Non
             "content-type": "application/json",
         },
     )
-    with urllib.request.urlopen(request, timeout=10):
-        pass
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = response.read()
+    return json.loads(answer) if answer else None
+
+
+def grant_everything(management_url: str, vhost: str, user: str) -> None:
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user}", everything)
+
+
+@contextmanager
+def temporary_vhost(management_url: str, user: str = "guest") -> Iterator[str]:
+    """A fresh vhost (a broker of its own, to kombu) with full rights for `user`, deleted afterwards."""
+    vhost = f"cwo-test-{uuid.uuid4().hex[:12]}"
+    management_call(management_url, "PUT", f"/api/vhosts/{vhost}")
+    try:
+        grant_everything(management_url, vhost, user)
+        yield vhost
+    finally:
+        management_call(management_url, "DELETE", f"/api/vhosts/{vhost}")
 
 
 @dataclass(frozen=True)

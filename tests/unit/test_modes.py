@@ -4,6 +4,7 @@ of our own adapters' protocols; the real ones are tested on the API server in te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -112,7 +113,7 @@ class Passes:
         self.reconciler = Reconciler(self.reporter, None, self.clock)
         self.sources = Sources(self.probe, FakeTelemetry(), self.workload, self._limits)
 
-    def _limits(self, pool: CeleryWorkerPool, members: int) -> ControlReport:
+    def _limits(self, pool: CeleryWorkerPool, expected: int, members: Sequence[str]) -> ControlReport:
         self.broadcasts += 1
         return ControlReport("True", "Applied", "ok")
 

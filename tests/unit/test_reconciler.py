@@ -4,7 +4,7 @@ Event per scale, one Warning per blocked spell, holding when blind, resuming fro
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ class FakeProbe:
 class FakeTelemetry:
     task_events: bool = True
 
-    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
+    def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
         return PoolTelemetry(
             pool=pool,
             observed_seconds=60.0,
@@ -179,8 +179,8 @@ def test_pool_rates_split_over_the_new_count_at_once_and_over_fewer_workers_only
     probe, workload = FakeProbe(depth=300), FakeWorkload(replicas=1)
     told: list[int] = []
 
-    def limits(pool: CeleryWorkerPool, members: int) -> ControlReport:
-        told.append(members)
+    def limits(pool: CeleryWorkerPool, expected: int, members: Sequence[str]) -> ControlReport:
+        told.append(expected)
         return ControlReport("True", "Applied", "ok")
 
     reporter, clock = FakeReporter(), Clock()

@@ -288,3 +288,17 @@ def test_task_names_past_the_cap_add_up_under_other() -> None:
     assert len(totals) == MAX_TASK_NAMES + 1
     assert totals["other"].succeeded == 50
     assert sum(t.succeeded for t in totals.values()) == len(names)
+
+
+def test_a_legacy_worker_counts_for_the_first_pool_that_claims_it_and_never_for_another() -> None:
+    aggregator = EventAggregator(window=10.0, buckets=10)
+    aggregator.observe_from(T0)
+    feed_all(aggregator, [(T0 + 1, beat("orders@a1", T0 + 1, active=2)), (T0 + 1, beat("orders@b1", T0 + 1))])
+    feed_all(aggregator, [(T0 + 1, beat("orders.team-a@a2", T0 + 1, active=1))])
+    mine = aggregator.snapshot("orders.team-a", T0 + 2, claim={"orders@a1"})
+    assert (set(mine.workers), mine.busy_slots) == ({"orders@a1", "orders.team-a@a2"}, 3)
+    theirs = aggregator.snapshot("orders.team-b", T0 + 2, claim={"orders@a1", "orders@b1"})
+    assert set(theirs.workers) == {"orders@b1"}, "a worker claimed by team-a is not team-b's"
+    feed_all(aggregator, list(lifecycle("orders@a1", T0 + 3)))
+    assert aggregator.snapshot("orders.team-a", T0 + 4).completed == 1, "its later tasks count for its pool"
+    assert aggregator.snapshot("orders.team-b", T0 + 4).completed == 0

@@ -30,10 +30,10 @@ def managed_pool() -> CeleryWorkerPool:
 def test_worker_command_carries_every_setting() -> None:
     pool = managed_pool()
     assert pool.spec.worker is not None
-    args = worker_args("emails", "emails-7d9f-abcde", pool.spec, pool.spec.worker)
+    args = worker_args(pool.identity, "emails-7d9f-abcde", pool.spec, pool.spec.worker)
     assert args == [
         "-A", "shop.celery:app", "worker", "-Q", "emails,emails-bulk", "-c", "8", "-P", "prefork",
-        "-n", "emails@emails-7d9f-abcde", "--prefetch-multiplier=1", "--max-tasks-per-child=1000",
+        "-n", "emails.default@emails-7d9f-abcde", "--prefetch-multiplier=1", "--max-tasks-per-child=1000",
         "--max-memory-per-child=200000", "-E", "task_acks_late=true", "worker_soft_shutdown_timeout=30",
     ]  # fmt: skip
 
@@ -57,7 +57,7 @@ def test_deployment_for_a_managed_pool() -> None:
     assert pod["terminationGracePeriodSeconds"] == 45  # soft shutdown 30 s + 15 s margin
     (container,) = pod["containers"]
     assert container["command"] == ["celery"]
-    assert "emails@$(POD_NAME)" in container["args"]
+    assert "emails.default@$(POD_NAME)" in container["args"], "workers are named after pool, namespace and pod"
     assert container["env"][0] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "512Mi"}}  # from spec.worker.template
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError", "Celery's reason reaches the pod"

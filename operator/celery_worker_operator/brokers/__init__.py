@@ -66,6 +66,15 @@ class ProbeRegistry:
                 self._probes[key] = CoalescingProbe(self._opener(url, management_url, transport_options))
             return self._probes[key]
 
+    def release(
+        self, url: str, management_url: str | None = None, transport_options: TransportOptions | None = None
+    ) -> None:
+        """Close the probe of these arguments (its last pool is gone); a later `probe` opens a new one."""
+        with self._lock:
+            probe = self._probes.pop((url, management_url, transport_options), None)
+        if probe is not None:
+            probe.close()
+
     def close(self) -> None:
         """Close every probe (operator shutdown); the registry can hand out fresh ones afterwards."""
         with self._lock:

@@ -1,6 +1,6 @@
 """The I/O edge of control: Celery's own `app.control`, one app per broker URL, shared by its pools.
 
-One `converge` pass: ping to find the pool's workers (`<pool>@...`), inspect what each has
+One `converge` pass: ping to find the pool's workers (`<pool>.<namespace>@...`, naming.py), inspect what each has
 (`active_queues`, `registered` with its limits), plan the difference (pure, `plan.py`), send it,
 and read every reply. Discovery is the only broadcast without `destination=`, and it is a ping;
 every other command names exactly the pool's workers, so other pools on the broker are never
@@ -16,15 +16,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from kombu import pools
 from kombu.exceptions import KombuError
+from kombu.utils.collections import eqhash
 
-from ..naming import pool_of
+from ..naming import PoolIdentity, member_of
 from ..redact import redact, url_secrets
 from .plan import (
     Command,
@@ -83,11 +85,12 @@ class PoolController:
         self._apps: dict[str, Celery] = {}
         self._transport_options: dict[str, dict[str, Any]] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._defaults: dict[tuple[str, str], Defaults] = {}
+        self._defaults: dict[tuple[str, str], Defaults] = {}  # keyed by (broker URL, PoolIdentity.key)
+        self._discovered: dict[tuple[str, str], frozenset[str]] = {}  # the pool's workers the last pass found
         self._restart_pending: dict[tuple[str, str], set[str]] = {}  # workers sent a time limit while running
         self._draining: dict[tuple[str, str], set[str]] = {}  # workers on their way out: not re-subscribed
         self._running: dict[tuple[str, str], Future[ConvergeResult]] = {}
-        self._discovered: dict[str, tuple[float, frozenset[str]]] = {}  # broker -> (ping sent, who answered)
+        self._pinged: dict[str, tuple[float, frozenset[str]]] = {}  # broker -> (ping sent, who answered)
         self._finished: dict[tuple[str, str], ConvergeResult] = {}
         self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_PASSES, thread_name_prefix="converge")
         self._guard = threading.Lock()
@@ -99,12 +102,12 @@ class PoolController:
             self._transport_options.setdefault(broker_url, dict(options))
 
     def converge_in_background(
-        self, broker_url: str, pool: str, desired: PoolSettings
+        self, broker_url: str, pool: PoolIdentity, desired: PoolSettings, members: Collection[str] = ()
     ) -> tuple[ConvergeResult | None, bool]:
         """Start a pass for `pool` unless one is under way; return the latest finished result and
         whether it is new since the last call. A sizing loop calls this so that a silent worker's
         retries (seconds) never delay a scaling decision."""
-        key = (broker_url, pool)
+        key = (broker_url, pool.key)
         with self._guard:
             running = self._running.get(key)
             fresh = running is not None and running.done()
@@ -112,30 +115,36 @@ class PoolController:
                 assert running is not None
                 self._finished[key] = running.result()
             if running is None or running.done():
-                self._running[key] = self._executor.submit(self.converge, broker_url, pool, desired)
+                self._running[key] = self._executor.submit(self.converge, broker_url, pool, desired, members)
             return self._finished.get(key), fresh
 
-    def converge(self, broker_url: str, pool: str, desired: PoolSettings) -> ConvergeResult:
-        """One pass for `pool` on `broker_url`: never raises for broker or worker trouble, reports it."""
+    def converge(
+        self, broker_url: str, pool: PoolIdentity, desired: PoolSettings, members: Collection[str] = ()
+    ) -> ConvergeResult:
+        """One pass for `pool` on `broker_url`: never raises for broker or worker trouble, reports it.
+        `members` are the pool's pods (or processes): their workers still under a legacy name are its too."""
         app, lock = self._app(broker_url)
         try:
             with lock:  # one conversation at a time per app: replies are matched per mailbox
-                return self._converge(app, (broker_url, pool), desired)
+                return self._converge(app, broker_url, pool, desired, members)
         except _broker_errors(app) as error:
             message = redact(f"broker {broker_url}: {type(error).__name__}: {error}", url_secrets(broker_url))
             log.warning("limits of pool %s not converged: %s", pool, message)
             return ConvergeResult((), (), (), (), Condition("Unknown", "BrokerUnavailable", message))
 
     def drain(
-        self, broker_url: str, pool: str, workers: Sequence[str], queues: Sequence[str], timeout: float
+        self, broker_url: str, pool: PoolIdentity, members: Sequence[str], queues: Sequence[str], timeout: float
     ) -> list[str]:
-        """Stop `workers` taking tasks (cancel their consumers) and wait, at most `timeout` seconds,
-        until they run none: then removing them loses no work. Returns the workers still busy.
+        """Stop the workers of `members` (pods or processes of `pool`) taking tasks (cancel their
+        consumers) and wait, at most `timeout` seconds, until they run none: then removing them loses
+        no work. Returns the members still busy.
 
         Drained workers are left out of later `converge` passes until they are gone, so the next
         pass does not subscribe them again."""
         app, lock = self._app(broker_url)
-        key = (broker_url, pool)
+        key = (broker_url, pool.key)
+        live = self._discovered.get(key, frozenset())
+        workers = [pool.hostname_of(member, live) for member in members]
         self._draining.setdefault(key, set()).update(workers)
         with lock:
             for queue in queues:
@@ -148,24 +157,55 @@ class PoolController:
             if not busy or time.monotonic() >= deadline:
                 break
             time.sleep(DRAIN_POLL_SECONDS)
-        return busy
+        return [member_of(worker) for worker in busy]
 
-    def forget(self, broker_url: str, pool: str) -> None:
-        """Drop what was learned about a pool's defaults (the pool is gone)."""
+    def forget(self, broker_url: str, pool: PoolIdentity) -> None:
+        """Drop what was learned about a pool's defaults (the pool is gone), once its pass under way,
+        if any, has ended (it would write them again); a pass still queued is not run."""
+        key = (broker_url, pool.key)
         with self._guard:
-            self._defaults.pop((broker_url, pool), None)
-            self._restart_pending.pop((broker_url, pool), None)
-            self._draining.pop((broker_url, pool), None)
-            self._finished.pop((broker_url, pool), None)
-            self._running.pop((broker_url, pool), None)
+            running = self._running.get(key)
+        _finish_or_cancel([running] if running is not None else [])
+        with self._guard:
+            for state in self._pool_state():
+                state.pop(key, None)
+
+    def release(self, broker_url: str) -> None:
+        """Close the app of `broker_url` and drop what was kept for it (its last pool is gone); a pass
+        under way on it finishes first (so that it does not open the app again). A later pass opens
+        a new app."""
+        with self._guard:
+            running = [future for key, future in self._running.items() if key[0] == broker_url]
+        _finish_or_cancel(running)
+        with self._guard:
+            app = self._apps.pop(broker_url, None)
+            self._locks.pop(broker_url, None)
+            self._transport_options.pop(broker_url, None)
+            self._pinged.pop(broker_url, None)
+            for state in self._pool_state():
+                for key in [key for key in state if key[0] == broker_url]:
+                    del state[key]
+        if app is not None:
+            close_app(app)
 
     def close(self) -> None:
         """Finish the passes under way, then release every broker connection."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._guard:
-            apps, self._apps, self._locks, self._discovered = list(self._apps.values()), {}, {}, {}
+            apps, self._apps, self._locks, self._pinged = list(self._apps.values()), {}, {}, {}
         for app in apps:
-            app.close()
+            close_app(app)
+
+    def _pool_state(self) -> tuple[dict[tuple[str, str], Any], ...]:
+        """Everything kept per (broker URL, pool)."""
+        return (
+            self._defaults,
+            self._discovered,
+            self._restart_pending,
+            self._draining,
+            self._finished,
+            self._running,
+        )
 
     def _app(self, broker_url: str) -> tuple[Celery, threading.Lock]:
         with self._guard:
@@ -180,9 +220,13 @@ class PoolController:
                 self._apps[broker_url], self._locks[broker_url] = app, threading.Lock()
             return self._apps[broker_url], self._locks[broker_url]
 
-    def _converge(self, app: Celery, key: tuple[str, str], desired: PoolSettings) -> ConvergeResult:
+    def _converge(
+        self, app: Celery, broker_url: str, pool: PoolIdentity, desired: PoolSettings, members: Collection[str]
+    ) -> ConvergeResult:
+        key = (broker_url, pool.key)
         valid, invalid = validate(desired)
-        discovered = self._discover(app, *key)
+        discovered = self._discover(app, broker_url, pool, members)
+        self._discovered[key] = frozenset(discovered)
         draining = self._draining.setdefault(key, set())
         draining.intersection_update(discovered)  # a drained worker that is gone is done
         workers = [w for w in discovered if w not in draining]
@@ -194,7 +238,7 @@ class PoolController:
         errors = [*invalid, *errors, *plan.unknown, *refused]
         unreachable = sorted({*silent, *unanswered})
         for worker in unreachable:
-            log.warning("worker %s of pool %s did not reply to control commands", worker, key[1])
+            log.warning("worker %s of pool %s did not reply to control commands", worker, pool)
         pending = self._restart_pending.setdefault(key, set())
         pending.intersection_update(workers)  # a worker gone (or restarted under a new name) is done
         pending.update(worker for worker, command in confirmed if command.name == "time_limit")
@@ -210,7 +254,7 @@ class PoolController:
         conf = self._ask(app, "conf", {"with_defaults": False}, list(stats), attempts=1)
         return {worker: worker_stats(stats[worker], conf.get(worker)) for worker in stats}
 
-    def _discover(self, app: Celery, broker_url: str, pool: str) -> list[str]:
+    def _discover(self, app: Celery, broker_url: str, pool: PoolIdentity, members: Collection[str]) -> list[str]:
         """The pool's workers that answer a ping: the one broadcast without a destination.
 
         Its full reply timeout is waited for, since the number of workers is what we ask; so one ping
@@ -218,13 +262,13 @@ class PoolController:
         take turns (the app's lock), and a ping each would make a broker's pools wait a reply
         timeout apiece. Called under the app's lock.
         """
-        sent, hostnames = self._discovered.get(broker_url, (-math.inf, frozenset()))
+        sent, hostnames = self._pinged.get(broker_url, (-math.inf, frozenset()))
         if time.monotonic() - sent >= self.discovery_max_age:
             sent = time.monotonic()
             replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
             hostnames = frozenset(hostname for reply in replies for hostname in reply)
-            self._discovered[broker_url] = (sent, hostnames)
-        return sorted(h for h in hostnames if pool_of(h) == pool)
+            self._pinged[broker_url] = (sent, hostnames)
+        return pool.workers(hostnames, members)
 
     def _observe(
         self, app: Celery, workers: Sequence[str]
@@ -287,6 +331,24 @@ class PoolController:
             replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
             missing = [w for w in missing if w not in replies]
         return replies
+
+
+def _finish_or_cancel(passes: Iterable[Future[ConvergeResult]]) -> None:
+    """Cancel the passes not started yet and wait for those under way."""
+    wait([future for future in passes if not future.cancel()])
+
+
+def close_app(app: Celery) -> None:
+    """Close every broker connection `app` opened. Celery's `app.close()` only forgets the app's pool,
+    and broadcasts publish through kombu's process-wide producer and connection pools for the broker,
+    which nothing closes: without this, every broker ever used keeps its connections for good."""
+    key = eqhash(app.connection_for_write())  # type: ignore[no-untyped-call]
+    for group in (pools.producers, pools.connections):
+        pool = group.pop(key, None)
+        if pool is not None:
+            pool.force_close_all()
+    app.pool.force_close_all()
+    app.close()
 
 
 def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:

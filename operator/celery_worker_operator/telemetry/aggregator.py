@@ -2,7 +2,8 @@
 
 `EventAggregator` is pure: feed it event dicts with a clock reading, ask it for a `PoolTelemetry`.
 Memory is bounded by pools, task names and workers, never by the event count (see window.py).
-A worker belongs to the pool its hostname names (naming.py).
+A worker belongs to the pool its hostname names (naming.py: `<pool>.<namespace>`); a legacy worker
+(`<pool>@<member>`) to the pool that claims it at a snapshot, the first that does.
 Rates are counted against the local clock when events arrive (workers' clocks may be skewed);
 durations come from the worker's own timestamps, so a skew between hosts only touches the wait
 from `task-sent`, which is stamped by the client.
@@ -14,7 +15,7 @@ import bisect
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -235,8 +236,11 @@ class EventAggregator:
     def pools(self) -> list[str]:
         return sorted(self._pools)
 
-    def snapshot(self, pool: str, now: float, queues: Sequence[str] = ()) -> PoolTelemetry:
-        """The pool's numbers at `now`; `queues` (the pool's queues) attribute task-sent events to it."""
+    def snapshot(self, pool: str, now: float, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
+        """The numbers at `now` of the pool whose workers are named `<pool>@...`; `queues` (the pool's
+        queues) attribute task-sent events to it; `claim` names legacy workers that are the pool's own
+        (naming.PoolIdentity.legacy_hostnames), which are counted with it from now on."""
+        self._claim(pool, claim)
         state = self._pools.get(pool)
         workers = list(state.workers.values()) if state else []
         reports = {w.hostname: w.telemetry(now) for w in workers}
@@ -258,6 +262,17 @@ class EventAggregator:
             tasks=tasks,
             totals={name: totals.frozen() for name, totals in state.totals.items()} if state else {},
         )
+
+    def _claim(self, pool: str, hostnames: Collection[str]) -> None:
+        """Move the named workers, if still in the group their own hostname names (nobody claimed
+        them yet), to `pool`: their later events count for it. Earlier ones stay where they fell."""
+        for hostname in hostnames:
+            worker = self._workers.get(hostname)
+            if worker is None or worker.pool is not self._pools.get(pool_of(hostname)) or pool_of(hostname) == pool:
+                continue
+            state = self._pools.get(pool) or self._pools.setdefault(pool, _Pool(self._width, self._count))
+            del worker.pool.workers[hostname]
+            worker.pool, state.workers[hostname] = state, worker
 
     # --- events -------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -23,6 +23,7 @@ from celery.events.event import get_exchange
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
+from ..control.controller import close_app
 from ..redact import redact, url_secrets
 from .aggregator import EventAggregator, unbatch
 from .model import PoolTelemetry
@@ -84,13 +85,16 @@ class EventMonitor:
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming and close the connections the stream and its wakeup broadcasts used."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        close_app(self._app)
 
-    def snapshot(self, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
+    def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
+        """The numbers of pool `pool` (a `PoolIdentity.key`), see `EventAggregator.snapshot`."""
         with self._lock:
-            return self._aggregator.snapshot(pool, self._clock(), queues)
+            return self._aggregator.snapshot(pool, self._clock(), queues, claim)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -189,6 +193,13 @@ class TelemetryMonitors:
 
     def snapshot(self, broker_url: str, pool: str, queues: Sequence[str] = ()) -> PoolTelemetry:
         return self.monitor(broker_url).snapshot(pool, queues)
+
+    def release(self, broker_url: str) -> None:
+        """Stop the monitor of `broker_url` (its last pool is gone); a later `monitor` starts a new one."""
+        with self._lock:
+            monitor = self._monitors.pop(broker_url, None)
+        if monitor is not None:
+            monitor.stop()
 
     def stop(self) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ class WorkloadState:
     """The workload as it is now.
 
     replicas: the count the workload is set to (a Deployment's spec.replicas).
-    members: the names that follow `<pool>@` in the workers' hostnames (pod or process names).
+    members: the names that follow '@' in the workers' hostnames (pod or process names, naming.py).
     concurrency: task slots per worker, when the workload can tell (managed spec or `-c` argument).
     crash_loop: what the last worker said before exiting, while workers keep exiting unasked.
     replicas_declared_by: other field managers that apply the replica count (a GitOps tool whose

@@ -7,7 +7,7 @@ import math
 import re
 
 from ..control.plan import PoolSettings, worker_start_settings
-from ..naming import worker_hostname
+from ..naming import PoolIdentity
 from ..spec import CeleryWorkerPoolSpec, WorkerSpec
 
 GRACE_MARGIN_SECONDS = 15
@@ -15,14 +15,15 @@ MIN_GRACE_SECONDS = 30
 CONCURRENCY_ARG = re.compile(r"^(?:-c|--concurrency)(?:=(\d+))?$")
 
 
-def worker_args(pool_name: str, member: str, spec: CeleryWorkerPoolSpec, worker: WorkerSpec) -> list[str]:
-    """Arguments after `celery`: `-A app worker ...`, hostname `<pool>@<member>` so telemetry can attribute it."""
+def worker_args(pool: PoolIdentity, member: str, spec: CeleryWorkerPoolSpec, worker: WorkerSpec) -> list[str]:
+    """Arguments after `celery`: `-A app worker ...`, hostname `<pool>.<namespace>@<member>` so that
+    telemetry and control broadcasts find the worker, and only its own pool's (naming.py)."""
     args = ["-A", worker.app, "worker", "-Q", ",".join(spec.queues), "-c", str(worker.concurrency)]
     args += [
         "-P",
         worker.pool,
         "-n",
-        worker_hostname(pool_name, member),
+        pool.hostname(member),
         f"--prefetch-multiplier={worker.prefetch_multiplier}",
     ]
     if worker.disable_prefetch:

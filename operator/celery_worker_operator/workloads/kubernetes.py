@@ -120,7 +120,7 @@ def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[st
         "name": CONTAINER,
         "image": worker.image,
         "command": ["celery"],
-        "args": [*worker_args(pool.metadata.name, "$(POD_NAME)", pool.spec, worker), *([tls_arg(tls)] if tls else [])],
+        "args": [*worker_args(pool.identity, "$(POD_NAME)", pool.spec, worker), *([tls_arg(tls)] if tls else [])],
         # A worker that cannot start (a typo in the app) leaves Celery's reason in the pod's status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [

@@ -1,12 +1,13 @@
 """Pools on this machine: replicas are real `celery worker` processes, supervised.
 
-Same command line as the pods (workloads/command.py), hostname `<pool>@<pool>-<n>`. A worker that
+Same command line as the pods (workloads/command.py), hostname `<pool>.<namespace>@<pool>-<n>`. A worker that
 dies unasked is reported with the last lines it wrote (Celery's own reason: "Unable to load celery
 application") and replaced after a back-off that doubles from 10 s to 5 min, as the kubelet's
 CrashLoopBackOff does, so a pool with a typo in its app does not restart a worker every poll.
 Scale-down sends SIGTERM (Celery's warm shutdown: stop consuming, give back prefetched messages,
 finish running tasks) to the least busy workers and reaps them later without blocking the loop;
-`close()` stops every child, none is left behind.
+`close()` stops every child, none is left behind, and should this process be killed its workers get
+SIGTERM from the kernel (lifeline.py): start them from a thread that lives as long as they should.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import IO
 from ..spec import CeleryWorkerPool
 from . import WorkloadState, removal_order
 from .command import grace_seconds, worker_args
+from .lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +210,18 @@ class LocalWorkload:
         worker = self.pool.spec.worker
         assert worker is not None
         member = f"{self.pool.metadata.name}-{next(self._numbers)}"
-        command = [self.python, "-m", "celery", *worker_args(self.pool.metadata.name, member, self.pool.spec, worker)]
+        command = [self.python, "-m", "celery", *worker_args(self.pool.identity, member, self.pool.spec, worker)]
         env = dict(os.environ, **{BROKER_ENV: self.broker_url})
         popen = subprocess.Popen(
-            command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=self.cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # Should this process be killed, its workers warm-stop (finish running tasks, give back
+            # prefetched ones) rather than go on consuming with nobody to stop them.
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         assert popen.stdout is not None
         output = _Output(popen.stdout, self.log_stream, self._output_lock)
