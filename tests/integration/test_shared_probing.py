@@ -21,6 +21,7 @@ import redis
 from celery_worker_operator.brokers import ProbeRegistry, QueueStats, open_probe
 from celery_worker_operator.brokers.coalesce import FRESH_SECONDS
 from celery_worker_operator.control import PoolController, PoolSettings
+from celery_worker_operator.naming import PoolIdentity
 from celery_worker_operator.spec import TransportOptions
 from tests.support.redis_cleanup import purge_queues
 from tests.support.waiting import wait_for
@@ -63,7 +64,7 @@ def converge_pools(controller: PoolController, url: str, prefix: str, run: str) 
     controller.use_transport_options(url, {"global_keyprefix": prefix})
     for number in range(POOLS):
         pool = f"shared{run}-{number}"
-        controller.converge(url, pool, PoolSettings(frozenset({pool})))
+        controller.converge(url, PoolIdentity("default", pool), PoolSettings(frozenset({pool})))
 
 
 def test_the_pools_of_a_broker_share_one_discovery_ping(redis_url: str, ping_counter: tuple[PingCounter, str]) -> None:

@@ -39,16 +39,20 @@ def management_call(management_url: str, method: str, path: str, body: Any = Non
 
 def grant_everything(management_url: str, vhost: str, user: str) -> None:
     everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    management_call(management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{user}", everything)
+    management_call(
+        management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}", everything
+    )
 
 
 @contextmanager
-def temporary_vhost(management_url: str, user: str = "guest") -> Iterator[str]:
-    """A fresh vhost (a broker of its own, to kombu) with full rights for `user`, deleted afterwards."""
+def temporary_vhost(management_url: str) -> Iterator[str]:
+    """A fresh vhost (a broker of its own, to kombu) with full rights for the admin user of
+    `management_url`, deleted with all it holds afterwards."""
     vhost = f"cwo-test-{uuid.uuid4().hex[:12]}"
+    admin = unquote(urlsplit(management_url).username or "guest")
     management_call(management_url, "PUT", f"/api/vhosts/{vhost}")
     try:
-        grant_everything(management_url, vhost, user)
+        grant_everything(management_url, vhost, admin)
         yield vhost
     finally:
         management_call(management_url, "DELETE", f"/api/vhosts/{vhost}")
@@ -85,23 +89,3 @@ def delete_queues(amqp_url: str, names: Iterable[str]) -> None:
             channel.queue_delete(name)
     finally:
         connection.close()
-
-
-@contextmanager
-def temporary_vhost(management_url: str) -> Iterator[str]:
-    """A vhost of its own (the admin user of `management_url` may use it), deleted with all it holds."""
-    name = f"cwo-test-{uuid.uuid4().hex[:12]}"
-    admin = unquote(urlsplit(management_url).username or "guest")
-    management_call(management_url, "PUT", f"/api/vhosts/{name}")
-    try:
-        grant_everything(management_url, name, admin)
-        yield name
-    finally:
-        management_call(management_url, "DELETE", f"/api/vhosts/{name}")
-
-
-def grant_everything(management_url: str, vhost: str, user: str) -> None:
-    everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    management_call(
-        management_url, "PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}", everything
-    )
