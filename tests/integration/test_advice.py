@@ -16,6 +16,7 @@ from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
 from tests.integration.test_pool_caps import sized
 from tests.support.local_pool import local_pool_run, step_until
 from tests.support.task_app import app, leak, quick, sleep
+from tests.support.waiting import wait_for
 
 
 @contextmanager
@@ -219,7 +220,8 @@ def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumer
             run.pool = run.workload.pool = with_mode(run.pool, "recommend")
             run.step()
             time.sleep(3.0)  # a convergence started by the last auto pass finishes (it would add the consumer back)
-            assert app.control.cancel_consumer(name, reply=True, timeout=2.0), "no worker answered"
+            # Until the worker answers: on a loaded machine a reply can miss the first broadcast's 2 s.
+            wait_for(lambda: app.control.cancel_consumer(name, reply=True, timeout=2.0), bool, timeout=20)
             for _ in range(5):
                 quick.apply_async(queue=name)
             passes = step_until(run, lambda: AdviceKind.QUEUE_WITHOUT_CONSUMERS in advice(run), timeout=10)
