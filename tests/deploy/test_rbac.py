@@ -30,8 +30,8 @@ POOLS = (spec.GROUP, spec.PLURAL)
 # Every kubernetes-client method the operator may call, and the permissions it needs.
 CLIENT_CALLS: dict[str, set[Rule]] = {
     "read_namespaced_deployment": {("apps", "deployments", "get")},
-    "create_namespaced_deployment": {("apps", "deployments", "create")},
-    "patch_namespaced_deployment": {("apps", "deployments", "patch")},
+    # A server-side apply that finds no Deployment creates it: the API server asks for create too.
+    "patch_namespaced_deployment": {("apps", "deployments", "patch"), ("apps", "deployments", "create")},
     "patch_namespaced_deployment_scale": {("apps", "deployments/scale", "patch")},
     "list_namespaced_pod": {("", "pods", "list")},
     "patch_namespaced_pod": {("", "pods", "patch")},
