@@ -14,6 +14,7 @@ import kopf
 from .kube import Operator
 from .manifests import InvalidPool, parse_pool
 from .spec import GROUP, PLURAL, VERSION, CeleryWorkerPool
+from .workloads.kubernetes import DeploymentView, DeploymentViews, view_of
 
 PREFIX = "celery-operator.dev"
 # Seconds between retries of a failed API call (429, 5xx, a dropped connection). kopf's default
@@ -42,6 +43,21 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = API_ERROR_BACKOFFS
+
+
+@kopf.on.startup(registry=registry)
+def watch_deployments(memo: Operator, **indices: Any) -> None:
+    """Passes read Deployments from the watch below, not with a GET each: kopf fills the index before
+    any pool handler or daemon starts, and keeps it current as events arrive."""
+    deployments: DeploymentViews = indices["deployments"]
+    memo.deployments = deployments
+
+
+@kopf.index("apps", "v1", "deployments", id="deployments", registry=registry)
+async def index_deployment(body: kopf.Body, **_: Any) -> dict[tuple[str, str], DeploymentView]:
+    """Every watched Deployment by (namespace, name), as a small view; async: runs in kopf's loop, no thread."""
+    view = view_of(body)
+    return {(view.namespace, view.name): view}
 
 
 @kopf.on.cleanup(registry=registry)

@@ -21,7 +21,7 @@ from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
 from .template_policy import TemplatePolicy
 from .workloads import FieldConflict
-from .workloads.kubernetes import KubernetesWorkload
+from .workloads.kubernetes import DeploymentViews, KubernetesWorkload
 
 COMPONENT = "celery-worker-operator"
 MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
@@ -94,6 +94,7 @@ class Operator:
     loops: dict[PoolKey, PoolLoop] = field(default_factory=dict)
     pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
     template_policy: TemplatePolicy = field(default_factory=TemplatePolicy)  # what worker.template may set
+    deployments: DeploymentViews = field(default_factory=dict)  # the watched Deployments (kopf's index)
 
     def __post_init__(self) -> None:
         self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
@@ -116,7 +117,7 @@ class Operator:
         return self.loops[key]
 
     def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
-        workload = KubernetesWorkload(self.api, pool)
+        workload = KubernetesWorkload(self.api, pool, self.deployments)
         broker = broker_urls(self.secrets, pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 

@@ -14,6 +14,10 @@ fight; the pool reports the conflict instead (README, "GitOps").
 Scale-down never picks a busy worker on purpose: before lowering replicas, each pod gets
 `controller.kubernetes.io/pod-deletion-cost` = its busy + reserved tasks, and the ReplicaSet
 removes the cheapest ready pods first.
+
+A pass reads its Deployment from the operator's watch of Deployments (`DeploymentView`s kept by kopf's
+index, fresh within milliseconds of a change) instead of one GET per pool per pass; a Deployment the
+watch has not seen (just created, or absent) is read with a GET, as are the reads before a write.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import copy
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
@@ -175,14 +180,6 @@ def merge_template(base: dict[str, Any], override: Mapping[str, Any]) -> dict[st
     return merged
 
 
-def _controlled_by(deployment: Any, pool_name: str) -> bool:
-    """True when the pool named `pool_name` is the Deployment's controller (build_deployment sets it so)."""
-    return any(
-        ref.controller and ref.kind == KIND and ref.api_version == API_VERSION and ref.name == pool_name
-        for ref in deployment.metadata.owner_references or []
-    )
-
-
 def _named(items: list[Any]) -> bool:
     return all(isinstance(item, Mapping) and "name" in item for item in items)
 
@@ -218,6 +215,49 @@ def applying_managers(managed_fields: Iterable[Mapping[str, Any]]) -> set[str]:
     return {str(entry.get("manager")) for entry in managed_fields if entry.get("operation") == "Apply"}
 
 
+@dataclass(frozen=True)
+class DeploymentView:
+    """What the operator reads of a Deployment, small enough to keep one for every Deployment watched."""
+
+    namespace: str
+    name: str
+    replicas: int
+    ready_replicas: int
+    pods_expected: bool  # spec or status counts replicas: a Deployment at zero has no pods to list
+    match_labels: tuple[tuple[str, str], ...]
+    commands: tuple[tuple[str, ...], ...]  # each container's command + args
+    controller: tuple[str, str, str] | None  # (apiVersion, kind, name) of the controlling owner
+    appliers: tuple[str, ...]  # managers that hold fields by server-side apply
+    replicas_declared_by: tuple[str, ...]
+
+    def controlled_by(self, pool_name: str) -> bool:
+        """True when the pool named `pool_name` is the Deployment's controller (build_deployment sets it so)."""
+        return self.controller == (API_VERSION, KIND, pool_name)
+
+
+DeploymentViews = Mapping[tuple[str, str], Iterable[DeploymentView]]  # (namespace, name) -> views (kopf's index)
+
+
+def view_of(deployment: Mapping[str, Any]) -> DeploymentView:
+    """The view of a Deployment as the API serves it (JSON: a watch event's object or a GET's body)."""
+    meta, spec, status = deployment["metadata"], deployment.get("spec") or {}, deployment.get("status") or {}
+    managed = meta.get("managedFields") or []
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    controller = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
+    return DeploymentView(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        replicas=spec.get("replicas") or 0,
+        ready_replicas=status.get("readyReplicas") or 0,
+        pods_expected=bool(spec.get("replicas") or status.get("replicas")),
+        match_labels=tuple(sorted(((spec.get("selector") or {}).get("matchLabels") or {}).items())),
+        commands=tuple((*(c.get("command") or []), *(c.get("args") or [])) for c in containers),
+        controller=(controller["apiVersion"], controller["kind"], controller["name"]) if controller else None,
+        appliers=tuple(sorted(applying_managers(managed))),
+        replicas_declared_by=replicas_declared_by(managed),
+    )
+
+
 def scale_body(namespace: str, name: str, replicas: int) -> dict[str, Any]:
     """An apply configuration of a Deployment's `/scale` subresource: the replica count and nothing else."""
     return {
@@ -231,10 +271,11 @@ def scale_body(namespace: str, name: str, replicas: int) -> dict[str, Any]:
 class KubernetesWorkload:
     """One pool's Deployment: the managed one (named after the pool) or the adopted one."""
 
-    def __init__(self, api: client.ApiClient, pool: CeleryWorkerPool) -> None:
+    def __init__(self, api: client.ApiClient, pool: CeleryWorkerPool, watched: DeploymentViews | None = None) -> None:
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
         self.pool = pool
+        self.watched: DeploymentViews = watched if watched is not None else {}
         self.namespace = pool.metadata.namespace
         ref = pool.spec.scale_target_ref
         self.name = ref.name if ref is not None else pool.metadata.name
@@ -271,8 +312,7 @@ class KubernetesWorkload:
             if error.status != 409:
                 raise
             conflicts = conflicting_managers(json.loads(error.body or "{}"))
-        managed = [entry.to_dict(serialize=True) for entry in self._read().metadata.managed_fields or []]
-        declaring = sorted(applying_managers(managed) & set(conflicts))
+        declaring = sorted(set(self._read().appliers) & set(conflicts))
         if declaring:
             fields = ", ".join(f"{field} ({manager})" for manager in declaring for field in conflicts[manager])
             raise FieldConflict(
@@ -292,25 +332,21 @@ class KubernetesWorkload:
         )
 
     def observe(self) -> WorkloadState:
-        deployment = self._read()
-        spec, status = deployment.spec, deployment.status
-        match = dict(spec.selector.match_labels or {})
-        containers = spec.template.spec.containers or []
-        pods = self._pods(match) if spec.replicas or (status and status.replicas) else []  # scaled to zero: no pods
+        deployment = self._watched() or self._read()
+        match = dict(deployment.match_labels)
+        pods = self._pods(match) if deployment.pods_expected else []  # scaled to zero: no pods
         return WorkloadState(
-            replicas=spec.replicas or 0,
-            ready_replicas=(status.ready_replicas if status else None) or 0,
+            replicas=deployment.replicas,
+            ready_replicas=deployment.ready_replicas,
             members=tuple(sorted(p.metadata.name for p in pods)),
-            concurrency=self._concurrency(containers),
-            selector=",".join(f"{k}={v}" for k, v in sorted(match.items())),
+            concurrency=self._concurrency(deployment.commands),
+            selector=",".join(f"{k}={v}" for k, v in deployment.match_labels),
             crash_loop=crash_loop(pods),
-            replicas_declared_by=replicas_declared_by(
-                entry.to_dict(serialize=True) for entry in deployment.metadata.managed_fields or []
-            ),
+            replicas_declared_by=deployment.replicas_declared_by,
         )
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:
-        current = self._read().spec.replicas or 0
+        current = self._read().replicas
         if replicas < current:
             self._mark_deletion_costs(load)
         self._apply_scale(replicas)
@@ -325,15 +361,24 @@ class KubernetesWorkload:
                 if error.status != 404:  # a pod that went away on its own needs no mark
                     raise
 
-    def _read(self) -> Any:
-        """The Deployment; a managed pool's only if the pool controls it (WorkloadNotOwned otherwise)."""
+    def _watched(self) -> DeploymentView | None:
+        """The Deployment as the watch saw it last, if it did and the pool may use it."""
+        found = list(self.watched.get((self.namespace, self.name), ()))  # list(): one step, while kopf updates
+        return self._owned(found[0]) if found else None
+
+    def _read(self) -> DeploymentView:
+        """The Deployment as the API server has it now (WorkloadMissing, or WorkloadNotOwned: see `_owned`)."""
         try:
-            deployment = self.apps.read_namespaced_deployment(self.name, self.namespace)
+            response: Any = self.apps.read_namespaced_deployment(self.name, self.namespace, _preload_content=False)
         except ApiException as error:
             if error.status == 404:
                 raise WorkloadMissing(f"Deployment {self.namespace}/{self.name} not found") from None
             raise
-        if self.pool.spec.worker is not None and not _controlled_by(deployment, self.pool.metadata.name):
+        return self._owned(view_of(json.loads(response.data)))
+
+    def _owned(self, deployment: DeploymentView) -> DeploymentView:
+        """The Deployment; a managed pool's only if the pool controls it (WorkloadNotOwned otherwise)."""
+        if self.pool.spec.worker is not None and not deployment.controlled_by(self.pool.metadata.name):
             raise WorkloadNotOwned(
                 f"Deployment {self.namespace}/{self.name} exists and is not this pool's (no controller reference "
                 f"to {KIND} {self.pool.metadata.name}): the operator will not take it over; rename the pool, "
@@ -347,11 +392,11 @@ class KubernetesWorkload:
         # Filtered here too: a selector the server ignored must not make us mark other pods.
         return [p for p in pods if p.metadata and all((p.metadata.labels or {}).get(k) == v for k, v in match.items())]
 
-    def _concurrency(self, containers: list[Any]) -> int | None:
+    def _concurrency(self, commands: Iterable[tuple[str, ...]]) -> int | None:
         if self.pool.spec.worker is not None:
             return self.pool.spec.worker.concurrency
-        for container in containers:
-            found = concurrency_from_args([*(container.command or []), *(container.args or [])])
+        for command in commands:
+            found = concurrency_from_args(list(command))
             if found is not None:
                 return found
         return None

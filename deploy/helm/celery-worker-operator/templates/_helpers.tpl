@@ -68,7 +68,7 @@ deletion cost; urlFrom reads the broker URL from a Secret.
   verbs: [create]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments/scale]
   verbs: [patch]
