@@ -7,7 +7,10 @@ CI runs a short version (10 pools, 3 rounds). The issue's full run is the same t
 
     CWO_CHURN_POOLS=50 CWO_CHURN_SECONDS=600 pytest -s tests/operator/test_pool_churn.py
 
-(it prints one line per round: connections per broker at the peak and after, and the RSS).
+(it prints one line per round: connections per broker at the peak and after, and the RSS). With
+CWO_CHURN_HEAP=1 the operator is traced by tracemalloc from the end of round 1 and each later round
+also prints its Python-level heap and the allocation sites that grew since the round before: a leak
+shows there, the allocator's own growth does not.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import redis
 from kubernetes import client
 
 from celery_worker_operator import spec
+from tests.support.heap import HeapSnapshots, growth, traced_env, traced_kib
 from tests.support.operator_process import OperatorSetup
 from tests.support.pools import condition, create_secret
 from tests.support.rabbitmq_admin import management_call, temporary_vhost
@@ -35,6 +39,7 @@ from tests.support.waiting import wait_for
 
 POOLS = int(os.environ.get("CWO_CHURN_POOLS", "10"))
 SECONDS = float(os.environ.get("CWO_CHURN_SECONDS", "0"))  # 0: ROUNDS rounds, however long they take
+HEAP = os.environ.get("CWO_CHURN_HEAP") == "1"
 ROUNDS = 3
 REDIS_DBS = (1, 2, 3)
 RSS_TOLERANCE = 0.10
@@ -156,10 +161,12 @@ def brokers(tmp_path: Path, amqp_url: str, management_url: str) -> Iterator[list
 
 
 def test_pools_created_and_deleted_again_and_again_leave_no_connection_and_no_memory_behind(
-    operator: OperatorSetup, kube_api: client.ApiClient, kube_namespace: str, brokers: list[Broker]
+    operator: OperatorSetup, kube_api: client.ApiClient, kube_namespace: str, brokers: list[Broker], tmp_path: Path
 ) -> None:
     churn = Churn(kube_api, kube_namespace, brokers)
-    with operator.run() as running:
+    heap, snapshots = HeapSnapshots(tmp_path / "heap"), []
+    heap.directory.mkdir()
+    with operator.run(extra_env=traced_env(heap.directory) if HEAP else None) as running:
         pid = running.popen.pid
         time.sleep(5)  # the operator's start-up (kopf's watches, first list) is not what we measure
         start, cold = churn.connections(), rss_kib(pid)
@@ -168,7 +175,14 @@ def test_pools_created_and_deleted_again_and_again_leave_no_connection_and_no_me
         while len(rounds) < ROUNDS or time.monotonic() - began < SECONDS:
             rounds.append(churn.round(POOLS, pid, start))
             print(f"round {len(rounds)}: {rounds[-1]}")
+            if HEAP:
+                snapshots.append(heap.take(f"round-{len(rounds)}"))
+                print(f"traced heap {traced_kib(snapshots[-1])} KiB")
+                if len(snapshots) > 1:
+                    print(growth(snapshots[-2], snapshots[-1]))
         running.assert_alive()
+    if HEAP:
+        print(f"since round 2:\n{growth(snapshots[1], snapshots[-1], top=25)}")  # round 1 ended untraced
     warm = rounds[0].rss_kib
     print(f"{POOLS} pools x {len(rounds)} rounds in {time.monotonic() - began:.0f} s; RSS cold {cold} KiB, "
           f"after round 1 {warm} KiB, last {rounds[-1].rss_kib} KiB")  # fmt: skip
