@@ -1,9 +1,16 @@
 """Pools come and go on five brokers (three Redis DBs of a private server, two RabbitMQ vhosts of
 their own), created and deleted again and again through the real API server while the operator
 process runs; its open connections to each broker must come back to where they started (none:
-a broker without pools holds nothing) and its resident memory to its level after the first round.
+a broker without pools holds nothing) and its resident memory to its warm level, after round 2.
 
-CI runs a short version (10 pools, 3 rounds). The issue's full run is the same test with
+Why round 2, not start-up: the first rounds grow what is sized by the churn's peak and kept, not
+leaked: kopf's executor threads (one per running pool, never shrunk), kopf's pool of API server
+connections (unlimited in size, each TLS connection ~130 KiB of buffers) and the allocator's free
+lists. Measured at 50 pools with the image's MALLOC_ARENA_MAX=2: +10 MB in round 2, then ~0.2 MB a
+round; traced with CWO_CHURN_HEAP=1, live Python objects stay flat between rounds (no pool's status,
+body or series kept), the growth being a few more live API connections.
+
+CI runs a short version (10 pools, 4 rounds). The issue's full run is the same test with
 
     CWO_CHURN_POOLS=50 CWO_CHURN_SECONDS=600 pytest -s tests/operator/test_pool_churn.py
 
@@ -40,7 +47,8 @@ from tests.support.waiting import wait_for
 POOLS = int(os.environ.get("CWO_CHURN_POOLS", "10"))
 SECONDS = float(os.environ.get("CWO_CHURN_SECONDS", "0"))  # 0: ROUNDS rounds, however long they take
 HEAP = os.environ.get("CWO_CHURN_HEAP") == "1"
-ROUNDS = 3
+ROUNDS = 4
+WARM_ROUND = 2  # the RSS after it is the level later rounds must come back to
 REDIS_DBS = (1, 2, 3)
 RSS_TOLERANCE = 0.10
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(600, int(SECONDS * 1.5)))]
@@ -120,8 +128,8 @@ class Churn:
         return {broker.name: broker.connections() for broker in self.brokers}
 
     def round(self, pools: int, pid: int, start: dict[str, int]) -> Round:
-        """Create `pools` pools spread over the brokers, wait until each is measured, delete them all,
-        and wait until the operator's connections are back to `start`."""
+        """Create `pools` pools spread over the brokers, wait until each is measured and every broker
+        has connections, delete them all, and wait until the operator's connections are back to `start`."""
         began = time.monotonic()
         self.names = [f"churn-{i}" for i in range(pools)]
         for i, name in enumerate(self.names):
@@ -130,7 +138,8 @@ class Churn:
                 spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, manifest
             )
         wait_for(self._unmeasured, lambda left: left == [], timeout=300)
-        peak = self.connections()
+        # every broker in use; RabbitMQ's management API lists a new connection a few seconds late
+        peak = wait_for(self.connections, lambda now: all(now.values()), timeout=60, interval=1.0)
         for name in self.names:
             self.objects.delete_namespaced_custom_object(spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, name)
         wait_for(lambda: [p["metadata"]["name"] for p in self._pools()], lambda left: left == [], timeout=300)
@@ -183,9 +192,9 @@ def test_pools_created_and_deleted_again_and_again_leave_no_connection_and_no_me
         running.assert_alive()
     if HEAP:
         print(f"since round 2:\n{growth(snapshots[1], snapshots[-1], top=25)}")  # round 1 ended untraced
-    warm = rounds[0].rss_kib
+    warm = rounds[WARM_ROUND - 1].rss_kib
     print(f"{POOLS} pools x {len(rounds)} rounds in {time.monotonic() - began:.0f} s; RSS cold {cold} KiB, "
-          f"after round 1 {warm} KiB, last {rounds[-1].rss_kib} KiB")  # fmt: skip
-    assert all(all(count > 0 for count in r.peak.values()) for r in rounds), "every broker was in use at the peak"
+          f"after round 1 {rounds[0].rss_kib} KiB, warm (round {WARM_ROUND}) {warm} KiB, "
+          f"last {rounds[-1].rss_kib} KiB")  # fmt: skip
     assert all(r.after == start for r in rounds), "a broker kept connections after its last pool went"
     assert abs(rounds[-1].rss_kib - warm) <= RSS_TOLERANCE * warm, f"RSS {warm} -> {rounds[-1].rss_kib} KiB"
