@@ -17,6 +17,7 @@ already measure; task names are capped per pool by telemetry (the rest count as 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -174,6 +175,14 @@ class PoolMetrics(Collector):
         """Drop every series of a deleted pool."""
         with self._lock:
             self._pools.pop((namespace, pool), None)
+
+    def forget_broker(self, broker: str) -> None:
+        """Drop the probe series of a broker no pool uses any more: prometheus_client keeps every
+        label set it was given until it is removed, so brokers that come and go would pile up."""
+        label = redact(broker)
+        for metric in (self._probe_seconds, self._probe_errors):
+            with contextlib.suppress(KeyError):  # never probed; older prometheus_client raises for that
+                metric.remove(label)
 
     def serve(self, port: int = METRICS_PORT, addr: str = "0.0.0.0") -> int:
         """Serve `/metrics` from a daemon thread on all addresses (Prometheus scrapes the pod IP).

@@ -160,14 +160,15 @@ class SharedResources:
                     self._let_go(namespace, name, lease)
                 lease = self._leases[(namespace, name)]
             self.controller.use_transport_options(url, celery_options)
-            probe = TimedProbe(LeasedProbe(self.probes.probe(*use.probe_key), lease), self.metrics, url)
+            # timed inside the lease: a deleted pool's late pass records no series for a released broker
+            probe = LeasedProbe(TimedProbe(self.probes.probe(*use.probe_key), self.metrics, url), lease)
             monitor = self.telemetry.monitor(url, celery_options)
         limits, drain = controller_hooks(self.controller, url, count_errors, lease)
         return Sources(probe, monitor, workload, limits, drain, broker_url=url)
 
     def release(self, namespace: str, name: str) -> None:
         """Pool `namespace/name` is gone: forget its control state and metrics, and close its broker's
-        probe, monitor and control app if no other pool uses them."""
+        probe, monitor and control app (and drop its probe series) if no other pool uses them."""
         self.metrics.forget(namespace, name)
         with self._lock:
             lease = self._leases.pop((namespace, name), None)
@@ -190,6 +191,7 @@ class SharedResources:
         if all(other.url != use.url for other in held):
             self.telemetry.release(use.url)
             self.controller.release(use.url)
+            self.metrics.forget_broker(use.url)
 
     def close(self) -> None:
         self.telemetry.stop()

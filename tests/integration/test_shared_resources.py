@@ -1,5 +1,6 @@
-"""What pools on one broker share (probe, event monitor, control app) is closed with the last of them:
-counted on a private Redis, where every client but the counting one is ours."""
+"""What pools on one broker share (probe, event monitor, control app) is closed with the last of them,
+and its probe series go from /metrics: connections counted on a private Redis, where every client but
+the counting one is ours."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from celery_worker_operator.brokers import BrokerUnavailable
 from celery_worker_operator.manifests import parse_pool
 from celery_worker_operator.pool_loop import SharedResources
 from celery_worker_operator.reconciler import Sources
+from celery_worker_operator.redact import redact
 from celery_worker_operator.spec import CeleryWorkerPool
 from celery_worker_operator.workloads.local import LocalWorkload
 from tests.support.redis_server import PrivateRedis
@@ -54,6 +58,12 @@ def clients(server: PrivateRedis, db: int) -> int:
         counter.close()
 
 
+def probed_brokers(shared: SharedResources) -> set[str]:
+    """The brokers /metrics has probe series of."""
+    families = text_string_to_metric_families(generate_latest(shared.metrics.registry).decode())
+    return {s.labels["broker"] for f in families for s in f.samples if "broker" in s.labels}
+
+
 def used(shared: SharedResources, name: str, url: str) -> Sources:
     """A pass's worth of use: probe, event stream and a control pass on the broker."""
     parsed = pool(name)
@@ -80,6 +90,7 @@ def test_the_last_pool_on_a_broker_closes_its_connections_and_a_moved_pool_lets_
         used(shared, "b", second)  # b's broker changed (its Secret, say): the first has no pool left
         wait_for(lambda: clients(server, 1), lambda count: count == 0, timeout=15)
         assert clients(server, 2) > 0 and shared.brokers() == {second}
+        assert probed_brokers(shared) == {redact(second)}
         last = used(shared, "b", second)
         shared.release("team", "b")
         wait_for(lambda: clients(server, 2), lambda count: count == 0, timeout=15)
@@ -88,5 +99,6 @@ def test_the_last_pool_on_a_broker_closes_its_connections_and_a_moved_pool_lets_
             last.probe.stats(["b"])
         assert last.limits is not None and last.limits(pool("b"), 1, ()).reason == "PoolDeleted"
         assert clients(server, 2) == 0, "a pass of a released pool opened its broker again"
+        assert probed_brokers(shared) == set(), "a released broker's series stay gone, a late pass adds none"
     finally:
         shared.close()

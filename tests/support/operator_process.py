@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from tests.support.cluster import Cluster, service_account_token
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "deploy" / "crds" / "celeryworkerpools.celery-operator.dev.yaml"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+IMAGE_ENV = {"MALLOC_ARENA_MAX": "2"}  # what the Dockerfile sets: memory measured here is the image's
 
 
 def install_crd(cluster: Cluster, timeout: float = 30.0) -> None:
@@ -126,10 +127,12 @@ def running_operator(
     namespaces: Sequence[str],
     log_path: Path,
     extra_args: tuple[str, ...] = (),
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[OperatorProcess]:
-    """`celery-worker-operator run --namespace NS... [extra_args]` as its ServiceAccount, until the block ends."""
+    """`celery-worker-operator run --namespace NS... [extra_args]` as its ServiceAccount, in the
+    image's environment (plus `extra_env`), until the block ends."""
     metrics_port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env = {**os.environ, **IMAGE_ENV, "KUBECONFIG": str(kubeconfig), **(extra_env or {})}
     command = [
         sys.executable, "-m", "celery_worker_operator.cli", "run", *(f"--namespace={ns}" for ns in namespaces),
         "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(metrics_port), *extra_args,
@@ -157,11 +160,12 @@ class OperatorSetup:
     watched: tuple[str, ...] = ()
 
     @contextmanager
-    def run(self, *extra_args: str) -> Iterator[OperatorProcess]:
-        """The operator, with `run`'s options after the chart's ones (e.g. `--allow-template hostPath`)."""
+    def run(self, *extra_args: str, extra_env: Mapping[str, str] | None = None) -> Iterator[OperatorProcess]:
+        """The operator, with `run`'s options after the chart's ones (e.g. `--allow-template hostPath`)
+        and `extra_env` added to its environment."""
         log_path = self.logs / f"operator-{time.monotonic_ns()}.log"
         namespaces = (self.namespace, *self.watched)
-        with running_operator(self.cluster, self.kubeconfig, namespaces, log_path, extra_args) as process:
+        with running_operator(self.cluster, self.kubeconfig, namespaces, log_path, extra_args, extra_env) as process:
             try:
                 yield process
             except BaseException:

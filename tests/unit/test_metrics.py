@@ -128,6 +128,16 @@ def test_probe_series_are_labelled_by_the_redacted_broker() -> None:
     assert all("hunter2" not in str(key) for key in samples(metrics))
 
 
+def test_forget_broker_drops_its_probe_series_only() -> None:
+    metrics = PoolMetrics()
+    for broker in ("redis://:hunter2@gone:6379/0", "redis://kept:6379/0"):
+        metrics.record_probe(broker, 0.01, error=True)
+    metrics.forget_broker("redis://:hunter2@gone:6379/0")
+    metrics.forget_broker("amqp://never-probed//")
+    brokers = {dict(labels).get("broker") for _, labels in samples(metrics)} - {None}
+    assert brokers == {"redis://kept:6379/0"}
+
+
 def test_serve_exposes_metrics_over_http() -> None:
     metrics = PoolMetrics()
     metrics.record_pass("ns", "p", STATUS, None)
