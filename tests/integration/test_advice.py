@@ -221,7 +221,8 @@ def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumer
             run.pool = run.workload.pool = with_mode(run.pool, "recommend")
             run.step()
             time.sleep(3.0)  # a convergence started by the last auto pass finishes (it would add the consumer back)
-            # Until the worker answers: on a loaded machine a reply can miss the first broadcast's 2 s.
+            # The worker answers remote control before the hand-made cancel (its first reply can come late).
+            wait_for(lambda: app.control.ping(timeout=2.0), bool, timeout=20)
             wait_for(lambda: app.control.cancel_consumer(name, reply=True, timeout=2.0), bool, timeout=20)
             for _ in range(5):
                 quick.apply_async(queue=name)

@@ -341,12 +341,14 @@ def _finish_or_cancel(passes: Iterable[Future[ConvergeResult]]) -> None:
 def close_app(app: Celery) -> None:
     """Close every broker connection `app` opened. Celery's `app.close()` only forgets the app's pool,
     and broadcasts publish through kombu's process-wide producer and connection pools for the broker,
-    which nothing closes: without this, every broker ever used keeps its connections for good."""
+    which nothing closes: without this, every broker ever used keeps its connections for good. Those
+    pools are shared by every app of the process on the same URL (a test's, the demo's publisher), so
+    they are left usable (`close_pool=False`): whoever still holds one reconnects on its next publish."""
     key = eqhash(app.connection_for_write())  # type: ignore[no-untyped-call]
     for group in (pools.producers, pools.connections):
         pool = group.pop(key, None)
         if pool is not None:
-            pool.force_close_all()
+            pool.force_close_all(close_pool=False)
     app.pool.force_close_all()
     app.close()
 
