@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from celery_worker_operator.advice import AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
 from tests.integration.test_pool_caps import sized
 from tests.support.local_pool import local_pool_run, step_until
-from tests.support.task_app import app, leak, quick, sleep
+from tests.support.task_app import leak, publisher, quick, sleep
 from tests.support.waiting import wait_for
 
 
@@ -38,11 +39,7 @@ def advised_pool(
         scale_down_seconds=30,
         spec=spec,
     ) as run:
-        app.conf.broker_url = broker_url
-        try:
-            yield run
-        finally:
-            app.conf.broker_url = None
+        yield run
 
 
 def advice(run: LocalRun) -> dict[str, str]:
@@ -79,10 +76,13 @@ def with_worker(resource: CeleryWorkerPool, **fields: Any) -> CeleryWorkerPool:
 def test_prefetch_16_with_long_tasks_on_3_workers_is_a_prefetch_imbalance(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with advised_pool(redis_url, monkeypatch, "adv-pf", replicas=1, worker={"prefetchMultiplier": 16}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-pf", replicas=1, worker={"prefetchMultiplier": 16}) as run,
+        publisher(redis_url) as client,
+    ):
         name = run.pool.metadata.name
         for _ in range(12):
-            sleep.apply_async((6.0,), queue=name)
+            client.send_task(sleep.name, (6.0,), queue=name)
         step_until(run, heard(run, 1), timeout=30)
         step_until(run, lambda: run.reporter.status_now["queues"][0]["depth"] == 0, timeout=10)  # one took all
         run.pool = sized(run.pool, 3)  # two more workers come, and find nothing to take
@@ -98,9 +98,12 @@ def test_visibility_timeout_5s_with_8s_tasks_on_redis_until_the_fix_is_rolled_ou
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CWO_TEST_VISIBILITY_TIMEOUT", "5")
-    with advised_pool(redis_url, monkeypatch, "adv-vt", replicas=1, worker={"concurrency": 2}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-vt", replicas=1, worker={"concurrency": 2}) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, heard(run, 1), timeout=30)
-        sleep.apply_async((8.0,), queue=run.pool.metadata.name)
+        client.send_task(sleep.name, (8.0,), queue=run.pool.metadata.name)
         step_until(run, lambda: run.telemetry().service_time_p95 is not None, timeout=30)
         passes = step_until(run, lambda: AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT in advice(run), timeout=10)
         assert passes <= 2, f"the short visibility timeout was named after {passes} polls"
@@ -112,20 +115,18 @@ def test_visibility_timeout_5s_with_8s_tasks_on_redis_until_the_fix_is_rolled_ou
         assert warned_once(run, AdviceKind.VISIBILITY_TIMEOUT_TOO_SHORT)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="passes alone and after the other advice tests, but three full runs failed it after the control-plane "
-    "and chart tests in the same pytest process (no `inspect stats` growth seen); cause not found yet",
-)
 def test_a_worker_leaking_5_mib_per_task_needs_recycling_until_it_has_it(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with advised_pool(
-        redis_url, monkeypatch, "adv-mem", replicas=1, worker={"concurrency": 1, "pool": "threads"}
-    ) as run:
+    with (
+        advised_pool(
+            redis_url, monkeypatch, "adv-mem", replicas=1, worker={"concurrency": 1, "pool": "threads"}
+        ) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, heard(run, 1), timeout=30)
         for _ in range(20):
-            leak.apply_async((5,), queue=run.pool.metadata.name)
+            client.send_task(leak.name, (5,), queue=run.pool.metadata.name)
         # 30 s was short on a loaded machine (inspect stats answered late); the bound is the passes below.
         passes = step_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING in advice(run), timeout=60)
         found = advice(run)[AdviceKind.MEMORY_WITHOUT_RECYCLING]
@@ -139,10 +140,13 @@ def test_a_worker_leaking_5_mib_per_task_needs_recycling_until_it_has_it(
 def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with advised_pool(redis_url, monkeypatch, "adv-eta", replicas=1, worker={"concurrency": 2}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-eta", replicas=1, worker={"concurrency": 2}) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, heard(run, 1), timeout=30)
         for _ in range(12):
-            sleep.apply_async((0.1,), queue=run.pool.metadata.name, countdown=300)
+            client.send_task(sleep.name, (0.1,), queue=run.pool.metadata.name, countdown=300)
         step_until(run, lambda: AdviceKind.PREFETCH_DRIFT in advice(run), timeout=15)
         found = advice(run)[AdviceKind.PREFETCH_DRIFT]
         assert "above concurrency x multiplier = 2" in found and "worker_eta_task_limit=10" in found, found
@@ -150,10 +154,10 @@ def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
         step_until(run, lambda: AdviceKind.PREFETCH_DRIFT not in advice(run), timeout=40)
         step_until(run, heard(run, 1), timeout=30)
         for _ in range(12):  # the same again on the fixed worker: held, but within the limit
-            sleep.apply_async((0.1,), queue=run.pool.metadata.name, countdown=300)
+            client.send_task(sleep.name, (0.1,), queue=run.pool.metadata.name, countdown=300)
         member = run.workload.observe().members[0]
         hostname = run.pool.identity.hostname(member)
-        step_until(run, lambda: prefetch_count(hostname) == 10, timeout=15)
+        step_until(run, lambda: prefetch_count(client, hostname) == 10, timeout=15)
         for _ in range(3):
             run.step()
             time.sleep(1.0)
@@ -161,32 +165,38 @@ def test_countdown_tasks_drift_prefetch_count_until_an_eta_limit_caps_it(
         assert warned_once(run, AdviceKind.PREFETCH_DRIFT)
 
 
-def prefetch_count(hostname: str) -> int | None:
-    replies = app.control.inspect([hostname], timeout=1.0).stats() or {}
+def prefetch_count(client: Celery, hostname: str) -> int | None:
+    replies = client.control.inspect([hostname], timeout=1.0).stats() or {}
     return replies.get(hostname, {}).get("prefetch_count")
 
 
 def test_workers_without_events_until_they_send_them(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with advised_pool(redis_url, monkeypatch, "adv-ev", replicas=1, worker={"events": False}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-ev", replicas=1, worker={"events": False}) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, lambda: run.telemetry().live_workers >= 1, timeout=30)
         for _ in range(6):
-            sleep.apply_async((0.2,), queue=run.pool.metadata.name)
+            client.send_task(sleep.name, (0.2,), queue=run.pool.metadata.name)
         step_until(run, lambda: AdviceKind.EVENTS_DISABLED in advice(run), timeout=20)
         assert "fix: worker.events: true" in advice(run)[AdviceKind.EVENTS_DISABLED]
         restart_with(run, with_worker(run.pool, events=True))
         for _ in range(6):
-            sleep.apply_async((0.2,), queue=run.pool.metadata.name)
+            client.send_task(sleep.name, (0.2,), queue=run.pool.metadata.name)
         step_until(run, lambda: AdviceKind.EVENTS_DISABLED not in advice(run), timeout=40)
         assert warned_once(run, AdviceKind.EVENTS_DISABLED)
 
 
 def test_long_and_short_tasks_in_one_pool_are_mixed_durations(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with advised_pool(redis_url, monkeypatch, "adv-mix", replicas=1, worker={"concurrency": 4}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-mix", replicas=1, worker={"concurrency": 4}) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, heard(run, 1), timeout=30)
         name = run.pool.metadata.name
         for _ in range(6):
-            sleep.apply_async((2.5,), queue=name)
-            quick.apply_async(queue=name)
+            client.send_task(sleep.name, (2.5,), queue=name)
+            client.send_task(quick.name, queue=name)
         step_until(run, lambda: AdviceKind.MIXED_DURATIONS in advice(run), timeout=20)
         found = advice(run)[AdviceKind.MIXED_DURATIONS]
         assert "a second CeleryWorkerPool with its own queue for tasks.sleep " in found, found
@@ -199,10 +209,13 @@ def test_tasks_longer_than_the_grace_period_are_named_until_the_soft_shutdown_co
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """32 s tasks against the 30 s a stopping worker gets by default: every scale-down would kill them."""
-    with advised_pool(redis_url, monkeypatch, "adv-grace", replicas=1, worker={"concurrency": 2}) as run:
+    with (
+        advised_pool(redis_url, monkeypatch, "adv-grace", replicas=1, worker={"concurrency": 2}) as run,
+        publisher(redis_url) as client,
+    ):
         step_until(run, heard(run, 1), timeout=30)
         for _ in range(2):
-            sleep.apply_async((32.0,), queue=run.pool.metadata.name)
+            client.send_task(sleep.name, (32.0,), queue=run.pool.metadata.name)
         step_until(run, lambda: run.telemetry().service_time_p95 is not None, timeout=60)
         passes = step_until(run, lambda: AdviceKind.GRACE_TOO_SHORT in advice(run), timeout=10)
         assert passes <= 2, f"the short grace period was named after {passes} polls"
@@ -213,18 +226,16 @@ def test_tasks_longer_than_the_grace_period_are_named_until_the_soft_shutdown_co
         assert warned_once(run, AdviceKind.GRACE_TOO_SHORT)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="passes alone; in full runs, after the control-plane and chart tests in the same pytest process, the "
-    "test's own broadcasts get no reply (as the leak case above): cause not found yet",
-)
 def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumers_until_auto_restores_it(
     amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In recommend mode nothing is broadcast, so `celery control cancel_consumer` run by hand on the
     pool's queue stays: messages pile up on RabbitMQ and nobody takes them. Back in auto mode the
     operator's routing adds the consumer again."""
-    with advised_pool(amqp_url, monkeypatch, "adv-orphan", replicas=1, worker={"concurrency": 2}) as run:
+    with (
+        advised_pool(amqp_url, monkeypatch, "adv-orphan", replicas=1, worker={"concurrency": 2}) as run,
+        publisher(amqp_url) as client,
+    ):
         name = run.pool.metadata.name
         try:
             step_until(run, heard(run, 1), timeout=30)
@@ -232,10 +243,10 @@ def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumer
             run.step()
             time.sleep(3.0)  # a convergence started by the last auto pass finishes (it would add the consumer back)
             # The worker answers remote control before the hand-made cancel (its first reply can come late).
-            wait_for(lambda: app.control.ping(timeout=2.0), bool, timeout=20)
-            wait_for(lambda: app.control.cancel_consumer(name, reply=True, timeout=2.0), bool, timeout=20)
+            wait_for(lambda: client.control.ping(timeout=2.0), bool, timeout=20)
+            wait_for(lambda: client.control.cancel_consumer(name, reply=True, timeout=2.0), bool, timeout=20)
             for _ in range(5):
-                quick.apply_async(queue=name)
+                client.send_task(quick.name, queue=name)
             passes = step_until(run, lambda: AdviceKind.QUEUE_WITHOUT_CONSUMERS in advice(run), timeout=10)
             assert passes <= 2, f"the orphaned queue was named after {passes} polls"
             found = advice(run)[AdviceKind.QUEUE_WITHOUT_CONSUMERS]
@@ -245,7 +256,7 @@ def test_a_consumer_cancelled_while_recommending_leaves_a_queue_without_consumer
             assert run.reporter.status_now["queues"][0]["depth"] == 0, "the restored consumer took the backlog"
             assert warned_once(run, AdviceKind.QUEUE_WITHOUT_CONSUMERS)
         finally:
-            with app.connection_for_write() as connection:
+            with client.connection_for_write() as connection:
                 connection.default_channel.queue_delete(name)
 
 

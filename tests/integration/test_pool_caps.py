@@ -13,8 +13,7 @@ from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool
 from tests.integration.test_local_mode import send
 from tests.support.local_pool import local_pool_run, step_until
-from tests.support.task_app import app as task_app
-from tests.support.task_app import stamp
+from tests.support.task_app import publisher, stamp
 
 
 def test_max_concurrent_tasks_never_lets_a_large_backlog_grow_past_the_cap(
@@ -74,10 +73,9 @@ def test_a_pool_rate_holds_for_the_whole_pool_at_every_size_through_a_killed_wor
         redis_url, monkeypatch, "prl", concurrency=2, max_replicas=6, scale_down_seconds=30, spec=spec
     ) as run:
         name = run.pool.metadata.name
-        task_app.conf.broker_url = redis_url
-        with task_app.producer_or_acquire() as producer:
+        with publisher(redis_url) as client, client.producer_or_acquire() as producer:
             for _ in range(400):  # more than 3 minutes at 60/m: the queue never runs dry
-                stamp.apply_async((name,), queue=name, producer=producer)
+                client.send_task(stamp.name, (name,), queue=name, producer=producer)
         measured: dict[int, int] = {}
         victim: str | None = None  # the one worker killed, a third into the 6-worker minute
         for replicas in (1, 3, 6):

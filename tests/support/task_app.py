@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 from celery import Celery
@@ -19,6 +21,18 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 _kept: list[bytes] = []  # what `leak` never gives back
+
+
+@contextmanager
+def publisher(url: str) -> Iterator[Celery]:
+    """An app that sends this module's tasks (by name) and control commands to `url`, for one test.
+    Not `app` itself: Celery binds an app's producer pool to the first broker it publishes to and keeps
+    it, so after a test on Redis, `app` would send a RabbitMQ test's tasks and broadcasts to Redis."""
+    client = Celery(broker=url, set_as_current=False)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @app.task(name="tasks.sleep")
