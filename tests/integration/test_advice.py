@@ -3,6 +3,8 @@ processes in local mode appears within two polls with its fix, and goes when the
 
 from __future__ import annotations
 
+import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_worker_operator.advice import AdviceKind
+from celery_worker_operator.advice import LEAK_MIN_KIB, AdviceKind
 from celery_worker_operator.localmode import LocalRun
 from celery_worker_operator.spec import CeleryWorkerPool, TransportOptions
 from tests.integration.test_pool_caps import sized
@@ -40,6 +42,9 @@ def advised_pool(
         spec=spec,
     ) as run:
         yield run
+
+
+LEAK_MIB = 5  # what each leaking task keeps
 
 
 def advice(run: LocalRun) -> dict[str, str]:
@@ -118,6 +123,11 @@ def test_visibility_timeout_5s_with_8s_tasks_on_redis_until_the_fix_is_rolled_ou
 def test_a_worker_leaking_5_mib_per_task_needs_recycling_until_it_has_it(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The worker is started by this test's process, and Linux hands a process's peak RSS (what Celery's
+    `stats` gives) over `exec`: the worker starts at this process's peak, which grows with every test
+    run before this one. It leaks enough to pass that peak by more than the advisor's threshold."""
+    inherited_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tasks = max(20, math.ceil((inherited_kib + 2 * LEAK_MIN_KIB) / (LEAK_MIB * 1024)))
     with (
         advised_pool(
             redis_url, monkeypatch, "adv-mem", replicas=1, worker={"concurrency": 1, "pool": "threads"}
@@ -125,8 +135,8 @@ def test_a_worker_leaking_5_mib_per_task_needs_recycling_until_it_has_it(
         publisher(redis_url) as client,
     ):
         step_until(run, heard(run, 1), timeout=30)
-        for _ in range(20):
-            client.send_task(leak.name, (5,), queue=run.pool.metadata.name)
+        for _ in range(tasks):
+            client.send_task(leak.name, (LEAK_MIB,), queue=run.pool.metadata.name)
         # 30 s was short on a loaded machine (inspect stats answered late); the bound is the passes below.
         passes = step_until(run, lambda: AdviceKind.MEMORY_WITHOUT_RECYCLING in advice(run), timeout=60)
         found = advice(run)[AdviceKind.MEMORY_WITHOUT_RECYCLING]
