@@ -140,8 +140,8 @@ def _credential(secrets: SecretCache, namespace: str, source: ValueFrom | None, 
         refused = "".join(sorted(UNSAFE_IN_USERNAME if username else UNSAFE))
         raise SecretUnusable(
             f"Secret {namespace}/{ref.name} key {ref.key!r}: a broker {'user name' if username else 'password'} "
-            f"must not hold any of {refused}, spaces or control characters (the workers receive it inside "
-            "their URL); use urlFrom with a percent-encoded URL instead"
+            f"must not hold any of {refused}, spaces, control characters or look-alikes of /?#@: (the workers "
+            "receive it inside their URL); use urlFrom with a percent-encoded URL instead"
         )
     return value
 

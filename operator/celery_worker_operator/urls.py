@@ -11,6 +11,7 @@ workers and the operator always log in with the same credentials. Pure.
 
 from __future__ import annotations
 
+import unicodedata
 from urllib.parse import quote, urlencode
 
 # `/ ? #` end the host part, `%` starts an escape, `;` separates kombu's failover URLs, brackets
@@ -21,12 +22,19 @@ USERNAME_ENV = "CELERY_BROKER_USERNAME"
 PASSWORD_ENV = "CELERY_BROKER_PASSWORD"
 # A query parameter kombu and redis-py read as a TLS setting (ssl_ca_certs, ssl_cert_reqs, ...).
 SSL_PARAMETER = r"[?&]ssl_"
+# Python's URL parser refuses a non-ASCII host part in which NFKC normalization makes one of these
+# (a small colon, a fullwidth slash): such a character cannot stand raw in a URL either.
+SEPARATORS = "/?#@:"
 
 
 def fits_raw_in_url(value: str, *, username: bool = False) -> bool:
     """Whether `value` survives being pasted raw into a broker URL's user info."""
     refused = UNSAFE_IN_USERNAME if username else UNSAFE
-    return not any(c in refused or not c.isprintable() or c.isspace() for c in value)
+    return not any(c in refused or not c.isprintable() or c.isspace() or _becomes_separator(c) for c in value)
+
+
+def _becomes_separator(character: str) -> bool:
+    return character not in SEPARATORS and any(s in unicodedata.normalize("NFKC", character) for s in SEPARATORS)
 
 
 def with_credentials(url: str, username: str | None, password: str | None, *, encode: bool = True) -> str:
