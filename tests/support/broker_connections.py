@@ -19,8 +19,8 @@ from celery_worker_operator.brokers.commands import CLIENT_NAME
 from tests.support.rabbitmq_admin import management_call
 
 
-def own_ports(pid: int | None = None) -> set[int]:
-    """Local ports of the established TCP connections of process `pid` (this one by default)."""
+def tcp_connections(pid: int | None = None) -> dict[int, int]:
+    """Local port -> remote port of each established TCP connection of process `pid` (this one by default)."""
     pid = pid or os.getpid()
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -30,18 +30,18 @@ def own_ports(pid: int | None = None) -> set[int]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    ports = set()
+    ports = {}
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
             if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                ports[int(fields[1].rsplit(":", 1)[1], 16)] = int(fields[2].rsplit(":", 1)[1], 16)
     return ports
 
 
 def redis_connections(url: str, db: int) -> Counter[str]:
     """The operator's connections of this process to Redis DB `db`, by name and last command."""
-    ports, found = own_ports(), Counter[str]()
+    ports, found = tcp_connections(), Counter[str]()
     client = redis.Redis.from_url(url)
     try:
         for entry in client.client_list():
@@ -55,7 +55,7 @@ def redis_connections(url: str, db: int) -> Counter[str]:
 
 def rabbitmq_connections(management_url: str, vhost: str) -> Counter[str]:
     """The operator's connections of this process to RabbitMQ vhost `vhost`, by name and channels."""
-    ports, found = own_ports(), Counter[str]()
+    ports, found = tcp_connections(), Counter[str]()
     path = f"/api/vhosts/{quote(vhost, safe='')}/connections?columns=peer_port,client_properties,channels"
     for connection in management_call(management_url, "GET", path) or []:
         name = (connection.get("client_properties") or {}).get("connection_name", "")
