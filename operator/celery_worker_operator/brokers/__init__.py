@@ -15,7 +15,7 @@ import redis
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueProbe, QueueStats, Rates
 from celery_worker_operator.brokers.coalesce import FRESH_SECONDS, CoalescingProbe
 from celery_worker_operator.brokers.commands import CommandConnection
-from celery_worker_operator.brokers.kombu_redis import COMMAND_POOL, REDIS_SCHEMES, kombu_transport
+from celery_worker_operator.brokers.kombu_redis import COMMAND_POOL, REDIS_SCHEMES, kombu_tls, kombu_transport
 from celery_worker_operator.brokers.rabbitmq import AMQP_SCHEMES, RabbitMQProbe
 from celery_worker_operator.brokers.redis import KeyLayout, RedisProbe, command_pool
 from celery_worker_operator.redact import redact
@@ -31,6 +31,7 @@ __all__ = [
     "QueueProbe",
     "QueueStats",
     "Rates",
+    "kombu_tls",
     "kombu_transport",
     "open_probe",
 ]

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from kombu.connection import Connection
 from kombu.exceptions import KombuError
 
-from celery_worker_operator.brokers.kombu_redis import kombu_transport
+from celery_worker_operator.brokers.kombu_redis import kombu_tls, kombu_transport
 
 CLIENT_NAME = "celery-worker-operator"  # how the connection shows on the broker (CLIENT LIST, RabbitMQ's connections)
 CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a call in seconds; the next poll tries again
@@ -39,7 +39,11 @@ class CommandConnection:
         if urlsplit(url).scheme.lower() in ("amqp", "amqps", "pyamqp"):
             options.update(read_timeout=AMQP_SOCKET_TIMEOUT, write_timeout=AMQP_SOCKET_TIMEOUT)
         self.connection = Connection(  # type: ignore[no-untyped-call]
-            url, transport=kombu_transport(url), transport_options=options, connect_timeout=CONNECT_TIMEOUT
+            url,
+            transport=kombu_transport(url),
+            ssl=kombu_tls(url) or False,
+            transport_options=options,
+            connect_timeout=CONNECT_TIMEOUT,
         )
         self._lock = threading.Lock()
 

@@ -12,6 +12,7 @@ Without `command_pool` the channels are kombu's own.
 
 from __future__ import annotations
 
+import ssl
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,6 +67,17 @@ class Transport(kombu_redis.Transport):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+def kombu_tls(url: str) -> dict[str, Any] | None:
+    """kombu's TLS settings (Celery's `broker_use_ssl`) for an app on `url` with our transport: a
+    `rediss://` URL that sets no `ssl_*` parameters verifies the server, as redis-py does for the
+    command connection (kombu would turn TLS on for that scheme only when it picks the transport
+    itself); None leaves them to the URL."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "rediss" and "ssl_" not in parts.query:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
 
 
 def kombu_transport(url: str) -> type[kombu_redis.Transport] | None:

@@ -23,7 +23,7 @@ from celery.events.event import get_exchange
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
-from ..brokers import kombu_transport
+from ..brokers import kombu_tls, kombu_transport
 from ..brokers.commands import CLIENT_NAME, named
 from ..control.conversation import OperatorControl, broadcast
 from ..redact import redact, url_secrets
@@ -62,6 +62,7 @@ class EventMonitor:
         self._app = Celery(set_as_current=False, broker=broker_url, control=OperatorControl)
         self._app.conf.event_exchange = exchange
         self._app.conf.broker_transport = kombu_transport(broker_url)  # on Redis: commands on the shared connection
+        self._app.conf.broker_use_ssl = kombu_tls(broker_url)
         # as the workers send (on Redis with the shared command connection), and named on the broker
         self._app.conf.broker_transport_options = {**(transport_options or {}), **named(f"{CLIENT_NAME}-events")}
         self._queue_ttl = queue_ttl
