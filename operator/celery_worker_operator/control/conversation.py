@@ -5,8 +5,8 @@ per broker besides the app's) and waits for replies inside `drain_events`, which
 BRPOP that keeps a connection for the app's life. Here the command is published by Celery's own
 mailbox (its message format, clock and expiry headers) on the caller's channel, and the replies are
 read from the mailbox's reply queue with `basic_get` (RPOP on Redis, basic.get on RabbitMQ), decoded
-by kombu; the connection is used only to send and to read, so on Redis it can be the broker's one
-command connection that the probe uses too (brokers/kombu_redis.py).
+by kombu. The connection is used only to send and to read, so it can be the broker's one command
+connection, which the probe uses between those steps (brokers/commands.py).
 
 Celery names a reply queue after the thread and the `id()` of a short-lived mailbox copy, and makes
 it exclusive (on RabbitMQ, owned by the connection that declared it): another app of the process
