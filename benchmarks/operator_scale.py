@@ -59,6 +59,7 @@ from urllib3.exceptions import ProtocolError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT)]
 
+from tests.support.broker_connections import tcp_connections  # noqa: E402
 from tests.support.cluster import STATE, Cluster  # noqa: E402
 from tests.support.operator_process import OperatorProcess, operator_setup  # noqa: E402
 from tests.support.rabbitmq_admin import management_call  # noqa: E402
@@ -214,41 +215,22 @@ def request_rates(before: dict[Any, float], after: dict[Any, float], minutes: fl
     return verbs, accounts
 
 
-def operator_ports(pid: int) -> dict[int, int]:
-    """Local port -> remote port of each TCP socket the process holds open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = {}
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
-                ports[int(fields[1].rsplit(":", 1)[1], 16)] = int(fields[2].rsplit(":", 1)[1], 16)
-    return ports
-
-
 def broker_connections(pid: int, found: list[Broker]) -> dict[str, int]:
     """The operator's connections to each broker URL."""
-    ports = operator_ports(pid)
+    ports = tcp_connections(pid)
     counts = dict.fromkeys((b.name for b in found), 0)
     by_db = {b.redis_db: b.name for b in found if b.redis_db is not None}
-    last_commands: Counter[str] = Counter()  # what the Redis connections did last: which part holds them
+    last_commands: Counter[str] = Counter()  # name and last command of each Redis connection: which part holds it
     for entry in redis.Redis(host="127.0.0.1", port=6379).client_list():
         port = int(entry["addr"].rsplit(":", 1)[1])
         if ports.get(port) == 6379 and int(entry["db"]) in by_db:
             counts[by_db[int(entry["db"])]] += 1
-            last_commands[entry["cmd"]] += 1
+            last_commands[f"{entry['name'] or '-'} {entry['cmd']}"] += 1
     by_vhost = {b.vhost: b.name for b in found if b.vhost is not None}
     for connection in management_json("/api/connections?columns=vhost,peer_port"):
         if ports.get(connection["peer_port"]) == 5672 and connection["vhost"] in by_vhost:
             counts[by_vhost[connection["vhost"]]] += 1
-    print(f"  the operator's Redis connections by their last command: {dict(last_commands)}")
+    print(f"  the operator's Redis connections by name and last command: {dict(last_commands)}")
     return counts
 
 

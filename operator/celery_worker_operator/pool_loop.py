@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe, QueueStats
+from .brokers import BrokerConnections, BrokerUnavailable, ProbeRegistry, QueueProbe, QueueStats
 from .control import ConvergeResult, PoolController, PoolSettings
 from .manifests import InvalidPool, parse_pool
 from .metrics import PoolMetrics, TimedProbe
@@ -120,18 +120,25 @@ class LeasedProbe:
 @dataclass
 class SharedResources:
     """What every pool of one process shares: per broker URL one probe, one event monitor and the
-    control state; and the process's metrics.
+    control state, on the broker's shared connections (on Redis one command connection for all three,
+    and the event stream's subscription); and the process's metrics.
 
     Reference-counted by pool: each pass records which broker its pool uses, and when the last pool
-    on a broker is released (deleted, or moved to another broker) its probe, monitor and control app
-    are closed, so a cluster whose pools come and go keeps no connection to a broker nobody uses."""
+    on a broker is released (deleted, or moved to another broker) its probe, monitor, control app and
+    connections are closed, so a cluster whose pools come and go keeps no connection to a broker
+    nobody uses."""
 
-    probes: ProbeRegistry = field(default_factory=ProbeRegistry)
+    connections: BrokerConnections = field(default_factory=BrokerConnections)
+    probes: ProbeRegistry = field(init=False)
     telemetry: TelemetryMonitors = field(default_factory=TelemetryMonitors)
-    controller: PoolController = field(default_factory=PoolController)
+    controller: PoolController = field(init=False)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
     _leases: dict[tuple[str, str], Lease] = field(default_factory=dict)  # (namespace, name) -> its hold
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.probes = ProbeRegistry(connections=self.connections)
+        self.controller = PoolController(connections=self.connections)
 
     def sources(
         self,
@@ -145,7 +152,6 @@ class SharedResources:
         probe (timed, reading the broker as the pool's transport options lay it out), event monitor and
         control broadcasts (broadcast errors counted for the pool)."""
         url, management = broker
-        celery_options = transport_options.as_celery() if transport_options else {}
 
         def count_errors(pool: CeleryWorkerPool, result: ConvergeResult) -> None:
             if result.errors:
@@ -159,6 +165,7 @@ class SharedResources:
                 if lease is not None:  # the pool moved: what it held may be unused now
                     self._let_go(namespace, name, lease)
                 lease = self._leases[(namespace, name)]
+            celery_options = self.connections.kombu_options(url, transport_options)
             self.controller.use_transport_options(url, celery_options)
             # timed inside the lease: a deleted pool's late pass records no series for a released broker
             probe = LeasedProbe(TimedProbe(self.probes.probe(*use.probe_key), self.metrics, url), lease)
@@ -191,12 +198,14 @@ class SharedResources:
         if all(other.url != use.url for other in held):
             self.telemetry.release(use.url)
             self.controller.release(use.url)
+            self.connections.release(use.url)
             self.metrics.forget_broker(use.url)
 
     def close(self) -> None:
         self.telemetry.stop()
         self.controller.close()
         self.probes.close()
+        self.connections.close()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from celery_worker_operator.brokers import QueueStats, Rates
 from celery_worker_operator.brokers.rabbitmq import (
     AmqpTarget,
     ManagementRow,
-    connection_parameters,
     management_rows,
     parse_amqp_url,
     queue_stats,
@@ -20,12 +19,12 @@ from celery_worker_operator.brokers.rabbitmq import (
 @pytest.mark.parametrize(
     ("url", "target"),
     [
-        ("amqp://guest:guest@127.0.0.1:5672//", AmqpTarget("127.0.0.1", 5672, "/", "guest", "guest", False)),
-        ("amqp://u:p%40ss@rabbit/%2F", AmqpTarget("rabbit", 5672, "/", "u", "p@ss", False)),
-        ("pyamqp://u:p@rabbit:5673/prod", AmqpTarget("rabbit", 5673, "prod", "u", "p", False)),
-        ("amqps://u:p@rabbit/prod%2Feu", AmqpTarget("rabbit", 5671, "prod/eu", "u", "p", True)),
-        ("amqp://rabbit", AmqpTarget("rabbit", 5672, "/", "guest", "guest", False)),
-        ("amqp://rabbit/", AmqpTarget("rabbit", 5672, "/", "guest", "guest", False)),
+        ("amqp://guest:guest@127.0.0.1:5672//", AmqpTarget("127.0.0.1", 5672, "/", "guest", "guest")),
+        ("amqp://u:p%40ss@rabbit/%2F", AmqpTarget("rabbit", 5672, "/", "u", "p@ss")),
+        ("pyamqp://u:p@rabbit:5673/prod", AmqpTarget("rabbit", 5673, "prod", "u", "p")),
+        ("amqps://u:p@rabbit/prod%2Feu", AmqpTarget("rabbit", 5671, "prod/eu", "u", "p")),
+        ("amqp://rabbit", AmqpTarget("rabbit", 5672, "/", "guest", "guest")),
+        ("amqp://rabbit/", AmqpTarget("rabbit", 5672, "/", "guest", "guest")),
     ],
 )
 def test_urls_are_read_as_kombu_reads_them(url: str, target: AmqpTarget) -> None:
@@ -35,12 +34,6 @@ def test_urls_are_read_as_kombu_reads_them(url: str, target: AmqpTarget) -> None
 def test_non_amqp_urls_are_refused() -> None:
     with pytest.raises(ValueError, match="not an AMQP"):
         parse_amqp_url("redis://h:6379/0")
-
-
-def test_connection_parameters_keep_the_vhost_and_tls() -> None:
-    plain = connection_parameters(parse_amqp_url("amqp://u:p@h//"), timeout=2)
-    assert (plain.virtual_host, plain.ssl_options, plain.socket_timeout) == ("/", None, 2)
-    assert connection_parameters(parse_amqp_url("amqps://u:p@h/v"), timeout=2).ssl_options is not None
 
 
 def test_management_rows() -> None:

@@ -1,5 +1,8 @@
 """RabbitMQ probe: ready and consumer counts over AMQP, the rest from the management API when given.
 
+The AMQP side is kombu's (py-amqp) connection that the control broadcasts of the broker use too
+(`CommandConnection`): the operator keeps two connections per vhost, that one and the event stream's.
+
 A passive `queue_declare` answers with ready messages and consumers only, and it is real-time.
 Prefetched (unacked) counts, rates and the head message's `timestamp` exist only in the management
 API, whose statistics lag by its collection interval (5 s by default).
@@ -8,9 +11,7 @@ API, whose statistics lag by its collection interval (5 s by default).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import ssl
 import threading
 import time
 import urllib.error
@@ -20,24 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import pika
-from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import (
-    AMQPConnectionError,
-    AMQPError,
-    AuthenticationError,
-    ChannelClosedByBroker,
-    ConnectionClosedByBroker,
-    ProbableAccessDeniedError,
-    ProbableAuthenticationError,
-)
+from amqp.exceptions import AccessRefused, NotAllowed, NotFound
+from kombu.connection import Connection
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueStats, Rates
+from celery_worker_operator.brokers.commands import CommandConnection
 from celery_worker_operator.redact import url_secrets
 
 AMQP_SCHEMES = {"amqp": 5672, "pyamqp": 5672, "amqps": 5671}
-ACCESS_REFUSED = 403
-NOT_FOUND = 404
 _COLUMNS = ",".join(
     [
         "name",
@@ -48,7 +39,6 @@ _COLUMNS = ",".join(
         "message_stats.ack_details.rate",
     ]
 )
-_AUTH_ERRORS = (AuthenticationError, ProbableAuthenticationError, ProbableAccessDeniedError)
 
 
 @dataclass(frozen=True)
@@ -60,7 +50,6 @@ class AmqpTarget:
     vhost: str
     username: str
     password: str
-    tls: bool
 
 
 def parse_amqp_url(url: str) -> AmqpTarget:
@@ -75,23 +64,6 @@ def parse_amqp_url(url: str) -> AmqpTarget:
         vhost=unquote(parts.path[1:]) or "/",
         username=unquote(parts.username) if parts.username is not None else "guest",
         password=unquote(parts.password) if parts.password is not None else "guest",
-        tls=scheme == "amqps",
-    )
-
-
-def connection_parameters(target: AmqpTarget, timeout: float) -> pika.ConnectionParameters:
-    """pika parameters for `target` (built directly: pika's own URL parser reads `//` as vhost '')."""
-    tls = pika.SSLOptions(ssl.create_default_context(), target.host) if target.tls else None
-    return pika.ConnectionParameters(
-        host=target.host,
-        port=target.port,
-        virtual_host=target.vhost,
-        credentials=pika.PlainCredentials(target.username, target.password),
-        ssl_options=tls,
-        connection_attempts=1,
-        socket_timeout=timeout,
-        stack_timeout=timeout,
-        blocked_connection_timeout=timeout,
     )
 
 
@@ -172,88 +144,80 @@ class Management:
 
 
 class RabbitMQProbe:
-    """QueueProbe for Celery on RabbitMQ (`amqp://`, `amqps://`, vhosts), optionally with management."""
+    """QueueProbe for Celery on RabbitMQ (`amqp://`, `amqps://`, vhosts), optionally with management;
+    over the broker's command connection when given (shared with the control broadcasts), else one of its own."""
 
     def __init__(
         self,
         url: str,
         *,
         management_url: str | None = None,
+        commands: CommandConnection | None = None,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = url
         self._target = parse_amqp_url(url)
-        self._parameters = connection_parameters(self._target, timeout)
+        self._commands = commands or CommandConnection(url, {})
+        self._own_connection = commands is None
         self._management = Management(management_url, self._target.vhost, timeout) if management_url else None
         self._clock = clock
         self._lock = threading.Lock()
-        self._connection: pika.BlockingConnection | None = None
-        self._open_channel: BlockingChannel | None = None
+        self._open_channel: Any = None  # the probe's own channel: a failed declare closes it, not the control's
 
     def stats(self, queues: Iterable[str]) -> dict[str, QueueStats]:
         names = list(dict.fromkeys(queues))
+        failures: tuple[type[BaseException], ...] = (*self._commands.errors, OSError)
         with self._lock:
             try:
                 declared = self._declared(names)
-            except (AMQPError, OSError) as error:
-                self._drop()
+            except failures as error:
                 raise self._unavailable(error) from None
             rows = self._management.queues() if self._management else {}
         now = self._clock()
         return {name: queue_stats(name, declared[name], rows.get(name), now) for name in names}
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        """Close the connection unless it is shared (its owner closes it)."""
+        if self._own_connection:
+            self._commands.close()
 
     def _declared(self, names: list[str]) -> dict[str, tuple[int, int] | None]:
         """Passive declares; a connection kept since the last poll may have died quietly, so retry once."""
-        kept = self._connection is not None
+        kept = self._commands.connection.connected
         try:
             return self._declare(names)
-        except AMQPConnectionError:
-            self._drop()
+        except self._commands.connection_errors:
             if not kept:
                 raise
             return self._declare(names)
 
     def _declare(self, names: list[str]) -> dict[str, tuple[int, int] | None]:
-        channel = self._channel()
         declared: dict[str, tuple[int, int] | None] = {}
-        for name in names:
-            try:
-                method = channel.queue_declare(name, passive=True).method
-                declared[name] = (method.message_count, method.consumer_count)
-            except ChannelClosedByBroker as closed:
-                if closed.reply_code != NOT_FOUND:
-                    raise
-                declared[name] = None
-                channel = self._channel()  # the broker closes the channel of a failed declare
+        with self._commands.using() as connection:
+            channel = self._channel(connection)
+            for name in names:
+                try:
+                    _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                    declared[name] = (ready, consumers)
+                except NotFound:
+                    declared[name] = None
+                    channel = self._channel(connection)  # the broker closes the channel of a failed declare
         return declared
 
-    def _channel(self) -> BlockingChannel:
-        """The kept channel, or a new one when the broker closed it (after a failed declare): a
-        channel opened per poll and never closed would pile up to the broker's channel_max."""
-        if self._connection is None or not self._connection.is_open:
-            self._connection = pika.BlockingConnection(self._parameters)
-        if self._open_channel is None or not self._open_channel.is_open:
-            self._open_channel = self._connection.channel()
-        return self._open_channel
-
-    def _drop(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(AMQPError, OSError):  # discarded because it failed; nothing to save
-                connection.close()
+    def _channel(self, connection: Connection) -> Any:
+        """The kept channel, or a new one when the broker closed it (after a failed declare) or the
+        connection is new: a channel opened per poll and never closed would pile up to channel_max."""
+        channel = self._open_channel
+        if channel is None or not channel.is_open or channel.connection is not connection.connection:
+            connection.ensure_connection(max_retries=1, reraise_as_library_errors=False)  # type: ignore[no-untyped-call]
+            self._open_channel = channel = connection.channel()  # type: ignore[no-untyped-call]
+        return channel
 
     def _unavailable(self, error: BaseException) -> BrokerUnavailable:
-        reason = str(error) if isinstance(error, OSError) else repr(error)  # pika's str() is often empty
+        reason = f"{type(error).__name__}: {error}"
         secrets = [self._target.password]
-        refused = isinstance(error, _AUTH_ERRORS) or (
-            isinstance(error, ConnectionClosedByBroker | ChannelClosedByBroker) and error.reply_code == ACCESS_REFUSED
-        )
-        if refused:
+        if isinstance(error, AccessRefused | NotAllowed):
             reason = f"RabbitMQ refused user {self._target.username!r} on vhost {self._target.vhost!r} ({reason})"
             return BrokerAuthFailed(self._url, reason, secrets)
         return BrokerUnavailable(self._url, reason, secrets)

@@ -31,6 +31,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from celery_worker_operator.brokers.base import BrokerAuthFailed, BrokerUnavailable, QueueStats
+from celery_worker_operator.brokers.commands import CLIENT_NAME
 from celery_worker_operator.instrument import published_at
 from celery_worker_operator.redact import url_secrets
 from celery_worker_operator.spec import TransportOptions
@@ -39,6 +40,7 @@ PRIORITY_STEPS = tuple(Channel.priority_steps)
 SEP = Channel.sep
 UNACKED = Channel.unacked_key
 UNACKED_INDEX = Channel.unacked_index_key
+POOL_WAIT_SECONDS = 30.0  # the longest a caller waits for the shared command connection (a slow broker's turn)
 _CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
 # OpenSSL reasons that mean a certificate or key is wrong (theirs or ours), not that the network is.
 _CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "PEM_LIB", "KEY_VALUES_MISMATCH")
@@ -97,19 +99,27 @@ def client_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def redis_client(url: str, master_name: str | None, timeout: float) -> redis.Redis:
-    """A client for `url`. Celery's `sentinel://a:26379;sentinel://b:26379/0` asks those sentinels
-    for master `master_name` on each connection (redis-py's Sentinel, as kombu's sentinel transport
-    does), so a failover is followed; the URL's password and DB are the master's, as in kombu."""
+def command_pool(url: str, master_name: str | None, timeout: float) -> redis.ConnectionPool:
+    """The pool of the broker's one command connection: the probe and the operator's kombu channels
+    (kombu_redis.py) share it, and a caller waits for the connection rather than open a second one.
+
+    Celery's `sentinel://a:26379;sentinel://b:26379/0` asks those sentinels for master `master_name`
+    on each connection (redis-py's Sentinel, as kombu's sentinel transport does), so a failover is
+    followed; the URL's password and DB are the master's, as in kombu. redis-py has no blocking
+    Sentinel pool: there, callers that meet open a connection each."""
     # One retry, at once: it replaces a pooled connection the server dropped; more would only
     # delay the BrokerUnavailable the caller needs to hold its pools.
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 1),
+        "client_name": CLIENT_NAME,
     }
     if urlsplit(url).scheme != "sentinel":
-        return redis.Redis.from_url(client_url(url), **options)
+        pool: redis.ConnectionPool = redis.BlockingConnectionPool.from_url(
+            client_url(url), max_connections=1, timeout=POOL_WAIT_SECONDS, **options
+        )
+        return pool
     if master_name is None:
         raise ValueError("a sentinel:// broker needs transportOptions.master_name")
     parts = [url_to_parts(part) for part in url.split(";")]
@@ -119,7 +129,7 @@ def redis_client(url: str, master_name: str | None, timeout: float) -> redis.Red
     master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         master_name, db=int(first.path or 0), username=first.username, password=first.password, **options
     )
-    return master
+    return master.connection_pool
 
 
 def tls_trouble(error: BaseException) -> tuple[bool, str]:
@@ -225,7 +235,8 @@ class UnackedTally:
 
 
 class RedisProbe:
-    """QueueProbe for Celery on Redis (`redis://`, `rediss://`, `sentinel://`, user/password, DB index)."""
+    """QueueProbe for Celery on Redis (`redis://`, `rediss://`, `sentinel://`, user/password, DB index),
+    on the connection of `pool` when given (shared), else on one of its own."""
 
     def __init__(
         self,
@@ -233,6 +244,7 @@ class RedisProbe:
         *,
         layout: KeyLayout = DEFAULT_LAYOUT,
         master_name: str | None = None,
+        pool: redis.ConnectionPool | None = None,
         timeout: float = 5.0,
         scan_page: int = 1000,
         scan_pages_per_poll: int = 10,
@@ -242,7 +254,8 @@ class RedisProbe:
         self._url = url
         self._layout = layout
         self._secrets = url_secrets(url)
-        self._client = redis_client(url, master_name, timeout)
+        self._client = redis.Redis(connection_pool=pool or command_pool(url, master_name, timeout))
+        self._own_pool = pool is None
         self._scan_page, self._scan_pages, self._learn_limit = scan_page, scan_pages_per_poll, learn_per_poll
         self._clock = clock
         self._lock = threading.Lock()
@@ -262,7 +275,9 @@ class RedisProbe:
                 raise kind(self._url, reason, self._secrets) from None
 
     def close(self) -> None:
-        self._client.close()
+        """Close the connection unless it is shared (its owner closes it)."""
+        if self._own_pool:
+            self._client.connection_pool.disconnect()
 
     def _measure(self, names: list[str]) -> dict[str, QueueStats]:
         pipe = self._client.pipeline(transaction=False)

@@ -1,4 +1,4 @@
-"""The I/O edge of control: Celery's own `app.control`, one app per broker URL, shared by its pools.
+"""The I/O edge of control: Celery's own control mailbox, one app per broker URL, shared by its pools.
 
 One `converge` pass: ping to find the pool's workers (`<pool>.<namespace>@...`, naming.py), inspect what each has
 (`active_queues`, `registered` with its limits), plan the difference (pure, `plan.py`), send it,
@@ -7,6 +7,8 @@ every other command names exactly the pool's workers, so other pools on the brok
 touched. All commands sent are idempotent, so a worker that stays silent is asked again with a
 doubled reply timeout, and reported as unreachable if it never answers.
 
+Every broadcast goes over the broker's command connection (`BrokerConnections`, shared with the
+probe), held only to send and to read replies (`conversation.broadcast`).
 Calls block for up to a few reply timeouts: run `converge` in a worker thread from asyncio.
 """
 
@@ -22,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from kombu import pools
 from kombu.exceptions import KombuError
-from kombu.utils.collections import eqhash
 
+from ..brokers import BrokerConnections, CommandConnection
 from ..naming import PoolIdentity, member_of
 from ..redact import redact, url_secrets
+from .conversation import OperatorControl, broadcast
 from .plan import (
     Command,
     Condition,
@@ -54,8 +56,27 @@ COMMANDS = frozenset(
 )
 DRAIN_POLL_SECONDS = 0.5
 BACKGROUND_PASSES = 4  # pools converged at the same time, off their sizing loops
-CONNECT_TIMEOUT = 3.0  # with one reconnect, a dead broker fails a pass in seconds; the next poll tries again
 DISCOVERY_MAX_AGE = 5.0  # one discovery ping serves every pool of a broker this long (a new worker waits at most this)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """Celery's control mailbox on one broker: the app holds its settings (exchange, serializer), and
+    its broadcasts go over the broker's command connection."""
+
+    app: Celery
+    commands: CommandConnection
+
+    def broadcast(
+        self,
+        command: str,
+        arguments: Mapping[str, Any],
+        destination: Sequence[str] | None = None,
+        *,
+        timeout: float,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        return broadcast(self.app, self.commands.using, command, arguments, destination, timeout=timeout, limit=limit)
 
 
 @dataclass(frozen=True)
@@ -75,14 +96,22 @@ class PoolController:
 
     Remembers, per pool, the limits tasks had before it changed them (`Defaults`), so that taking a
     limit out of the spec restores the code's own. Call `forget` when a pool is deleted, `close` at
-    shutdown.
+    shutdown. Broadcasts go over the broker's command connection from `connections` (shared with the
+    probe; closed by whoever made `connections`), or from connections of its own.
     """
 
     def __init__(
-        self, *, reply_timeout: float = 1.0, attempts: int = 3, discovery_max_age: float = DISCOVERY_MAX_AGE
+        self,
+        *,
+        reply_timeout: float = 1.0,
+        attempts: int = 3,
+        discovery_max_age: float = DISCOVERY_MAX_AGE,
+        connections: BrokerConnections | None = None,
     ) -> None:
         self.reply_timeout, self.attempts, self.discovery_max_age = reply_timeout, attempts, discovery_max_age
-        self._apps: dict[str, Celery] = {}
+        self._connections = connections or BrokerConnections()
+        self._own_connections = connections is None
+        self._mailboxes: dict[str, Mailbox] = {}
         self._transport_options: dict[str, dict[str, Any]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._defaults: dict[tuple[str, str], Defaults] = {}  # keyed by (broker URL, PoolIdentity.key)
@@ -97,7 +126,8 @@ class PoolController:
 
     def use_transport_options(self, broker_url: str, options: Mapping[str, Any]) -> None:
         """Celery's broker_transport_options for `broker_url` (a sentinel's master_name, a key prefix),
-        as the workers use them; they apply when the broker's app is made, on its first use."""
+        as the workers use them, with `BrokerConnections.kombu_options`; they apply when the broker's
+        command connection is made, on its first use."""
         with self._guard:
             self._transport_options.setdefault(broker_url, dict(options))
 
@@ -123,11 +153,12 @@ class PoolController:
     ) -> ConvergeResult:
         """One pass for `pool` on `broker_url`: never raises for broker or worker trouble, reports it.
         `members` are the pool's pods (or processes): their workers still under a legacy name are its too."""
-        app, lock = self._app(broker_url)
+        mailbox, lock = self._mailbox(broker_url)
+        broker_errors: tuple[type[BaseException], ...] = (KombuError, OSError, *mailbox.commands.errors)
         try:
-            with lock:  # one conversation at a time per app: replies are matched per mailbox
-                return self._converge(app, broker_url, pool, desired, members)
-        except _broker_errors(app) as error:
+            with lock:  # one pass at a time per broker: they share what discovery found
+                return self._converge(mailbox, broker_url, pool, desired, members)
+        except broker_errors as error:
             message = redact(f"broker {broker_url}: {type(error).__name__}: {error}", url_secrets(broker_url))
             log.warning("limits of pool %s not converged: %s", pool, message)
             return ConvergeResult((), (), (), (), Condition("Unknown", "BrokerUnavailable", message))
@@ -141,18 +172,18 @@ class PoolController:
 
         Drained workers are left out of later `converge` passes until they are gone, so the next
         pass does not subscribe them again."""
-        app, lock = self._app(broker_url)
+        mailbox, lock = self._mailbox(broker_url)
         key = (broker_url, pool.key)
         live = self._discovered.get(key, frozenset())
         workers = [pool.hostname_of(member, live) for member in members]
         self._draining.setdefault(key, set()).update(workers)
         with lock:
             for queue in queues:
-                self._ask(app, "cancel_consumer", {"queue": queue}, workers)
+                self._ask(mailbox, "cancel_consumer", {"queue": queue}, workers)
         deadline, busy = time.monotonic() + timeout, list(workers)
         while busy:
             with lock:
-                active = self._ask(app, "active", {}, busy)
+                active = self._ask(mailbox, "active", {}, busy)
             busy = [w for w in busy if w not in active or active[w]]  # silence is not idleness
             if not busy or time.monotonic() >= deadline:
                 break
@@ -171,30 +202,29 @@ class PoolController:
                 state.pop(key, None)
 
     def release(self, broker_url: str) -> None:
-        """Close the app of `broker_url` and drop what was kept for it (its last pool is gone); a pass
-        under way on it finishes first (so that it does not open the app again). A later pass opens
-        a new app."""
+        """Drop what was kept for `broker_url` (its last pool is gone) and close its connection unless
+        shared; a pass under way on it finishes first (so that it does not open it again)."""
         with self._guard:
             running = [future for key, future in self._running.items() if key[0] == broker_url]
         _finish_or_cancel(running)
         with self._guard:
-            app = self._apps.pop(broker_url, None)
+            self._mailboxes.pop(broker_url, None)
             self._locks.pop(broker_url, None)
             self._transport_options.pop(broker_url, None)
             self._pinged.pop(broker_url, None)
             for state in self._pool_state():
                 for key in [key for key in state if key[0] == broker_url]:
                     del state[key]
-        if app is not None:
-            close_app(app)
+        if self._own_connections:
+            self._connections.release(broker_url)
 
     def close(self) -> None:
         """Finish the passes under way, then release every broker connection."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._guard:
-            apps, self._apps, self._locks, self._pinged = list(self._apps.values()), {}, {}, {}
-        for app in apps:
-            close_app(app)
+            self._mailboxes, self._locks, self._pinged = {}, {}, {}
+        if self._own_connections:
+            self._connections.close()
 
     def _pool_state(self) -> tuple[dict[tuple[str, str], Any], ...]:
         """Everything kept per (broker URL, pool)."""
@@ -207,33 +237,28 @@ class PoolController:
             self._running,
         )
 
-    def _app(self, broker_url: str) -> tuple[Celery, threading.Lock]:
+    def _mailbox(self, broker_url: str) -> tuple[Mailbox, threading.Lock]:
         with self._guard:
-            if broker_url not in self._apps:
-                app = Celery("celery-worker-operator", broker=broker_url, set_as_current=False)
-                app.conf.update(
-                    broker_connection_retry_on_startup=True,
-                    broker_connection_timeout=CONNECT_TIMEOUT,
-                    # reconnect once per call, not forever
-                    broker_transport_options={**self._transport_options.get(broker_url, {}), "max_retries": 1},
-                )
-                self._apps[broker_url], self._locks[broker_url] = app, threading.Lock()
-            return self._apps[broker_url], self._locks[broker_url]
+            if broker_url not in self._mailboxes:
+                commands = self._connections.commands(broker_url, self._transport_options.get(broker_url, {}))
+                app = Celery("celery-worker-operator", broker=broker_url, set_as_current=False, control=OperatorControl)
+                self._mailboxes[broker_url], self._locks[broker_url] = Mailbox(app, commands), threading.Lock()
+            return self._mailboxes[broker_url], self._locks[broker_url]
 
     def _converge(
-        self, app: Celery, broker_url: str, pool: PoolIdentity, desired: PoolSettings, members: Collection[str]
+        self, mailbox: Mailbox, broker_url: str, pool: PoolIdentity, desired: PoolSettings, members: Collection[str]
     ) -> ConvergeResult:
         key = (broker_url, pool.key)
         valid, invalid = validate(desired)
-        discovered = self._discover(app, broker_url, pool, members)
+        discovered = self._discover(mailbox, broker_url, pool, members)
         self._discovered[key] = frozenset(discovered)
         draining = self._draining.setdefault(key, set())
         draining.intersection_update(discovered)  # a drained worker that is gone is done
         workers = [w for w in discovered if w not in draining]
-        observed, errors, silent = self._observe(app, workers)
+        observed, errors, silent = self._observe(mailbox, workers)
         plan = plan_convergence(valid, observed, self._defaults.get(key, Defaults()), live=workers)
         self._defaults[key] = plan.defaults
-        confirmed, refused, unanswered = self._send(app, plan.commands)
+        confirmed, refused, unanswered = self._send(mailbox, plan.commands)
         applied = [Outcome(worker, str(command)) for worker, command in confirmed]
         errors = [*invalid, *errors, *plan.unknown, *refused]
         unreachable = sorted({*silent, *unanswered})
@@ -244,17 +269,17 @@ class PoolController:
         pending.update(worker for worker, command in confirmed if command.name == "time_limit")
         shares = describe_shares(valid.pool_rate_limits, plan.shares)
         condition = limits_condition(workers, errors, unreachable, pending, shares)
-        health = self._health(app, list(observed))
+        health = self._health(mailbox, list(observed))
         return ConvergeResult(tuple(workers), tuple(applied), tuple(errors), tuple(unreachable), condition, health)
 
-    def _health(self, app: Celery, workers: Sequence[str]) -> dict[str, WorkerStats]:
+    def _health(self, mailbox: Mailbox, workers: Sequence[str]) -> dict[str, WorkerStats]:
         """`stats` and `conf` of the workers that answered this pass, for the advisor (asked once: a
         worker too slow for it is left out of this pass's advice, not retried)."""
-        stats = self._ask(app, "stats", {}, workers, attempts=1)
-        conf = self._ask(app, "conf", {"with_defaults": False}, list(stats), attempts=1)
+        stats = self._ask(mailbox, "stats", {}, workers, attempts=1)
+        conf = self._ask(mailbox, "conf", {"with_defaults": False}, list(stats), attempts=1)
         return {worker: worker_stats(stats[worker], conf.get(worker)) for worker in stats}
 
-    def _discover(self, app: Celery, broker_url: str, pool: PoolIdentity, members: Collection[str]) -> list[str]:
+    def _discover(self, mailbox: Mailbox, broker_url: str, pool: PoolIdentity, members: Collection[str]) -> list[str]:
         """The pool's workers that answer a ping: the one broadcast without a destination.
 
         Its full reply timeout is waited for, since the number of workers is what we ask; so one ping
@@ -265,17 +290,17 @@ class PoolController:
         sent, hostnames = self._pinged.get(broker_url, (-math.inf, frozenset()))
         if time.monotonic() - sent >= self.discovery_max_age:
             sent = time.monotonic()
-            replies = app.control.broadcast("ping", reply=True, timeout=self.reply_timeout) or []
+            replies = mailbox.broadcast("ping", {}, timeout=self.reply_timeout)
             hostnames = frozenset(hostname for reply in replies for hostname in reply)
             self._pinged[broker_url] = (sent, hostnames)
         return pool.workers(hostnames, members)
 
     def _observe(
-        self, app: Celery, workers: Sequence[str]
+        self, mailbox: Mailbox, workers: Sequence[str]
     ) -> tuple[dict[str, WorkerSettings], list[Outcome], list[str]]:
         """Each worker's queues and task limits; workers that stay silent are listed apart."""
-        queues = self._ask(app, "active_queues", {}, workers)
-        tasks = self._ask(app, "registered", {"taskinfoitems": list(TASK_INFO)}, list(queues))
+        queues = self._ask(mailbox, "active_queues", {}, workers)
+        tasks = self._ask(mailbox, "registered", {"taskinfoitems": list(TASK_INFO)}, list(queues))
         observed: dict[str, WorkerSettings] = {}
         errors: list[Outcome] = []
         for worker in tasks:
@@ -286,7 +311,7 @@ class PoolController:
         return observed, errors, [w for w in workers if w not in tasks]
 
     def _send(
-        self, app: Celery, commands: Iterable[Command]
+        self, mailbox: Mailbox, commands: Iterable[Command]
     ) -> tuple[list[tuple[str, Command]], list[Outcome], set[str]]:
         """Send each command to its workers; a worker silent once is not waited for again this pass."""
         applied: list[tuple[str, Command]] = []
@@ -294,7 +319,7 @@ class PoolController:
         silent: set[str] = set()
         for command in commands:
             destination = [w for w in command.destination if w not in silent]
-            replies = self._ask(app, command.name, command.arguments, destination)
+            replies = self._ask(mailbox, command.name, command.arguments, destination)
             for worker in destination:
                 if worker not in replies:
                     silent.add(worker)
@@ -306,7 +331,7 @@ class PoolController:
 
     def _ask(
         self,
-        app: Celery,
+        mailbox: Mailbox,
         name: str,
         arguments: Mapping[str, Any],
         workers: Sequence[str],
@@ -320,15 +345,9 @@ class PoolController:
         for attempt in range(self.attempts if attempts is None else attempts):
             if not missing:
                 break
-            answers = app.control.broadcast(
-                name,
-                arguments=dict(arguments),
-                destination=missing,
-                reply=True,
-                timeout=self.reply_timeout * 2**attempt,
-                limit=len(missing),
-            )
-            replies.update((h, r) for answer in answers or [] for h, r in answer.items() if h in missing)
+            timeout = self.reply_timeout * 2**attempt
+            answers = mailbox.broadcast(name, arguments, missing, timeout=timeout, limit=len(missing))
+            replies.update((h, r) for answer in answers for h, r in answer.items() if h in missing)
             missing = [w for w in missing if w not in replies]
         return replies
 
@@ -336,25 +355,3 @@ class PoolController:
 def _finish_or_cancel(passes: Iterable[Future[ConvergeResult]]) -> None:
     """Cancel the passes not started yet and wait for those under way."""
     wait([future for future in passes if not future.cancel()])
-
-
-def close_app(app: Celery) -> None:
-    """Close every broker connection `app` opened. Celery's `app.close()` only forgets the app's pool,
-    and broadcasts publish through kombu's process-wide producer and connection pools for the broker,
-    which nothing closes: without this, every broker ever used keeps its connections for good. Those
-    pools are shared by every app of the process on the same URL (a test's, the demo's publisher), so
-    they are left usable (`close_pool=False`): whoever still holds one reconnects on its next publish."""
-    key = eqhash(app.connection_for_write())  # type: ignore[no-untyped-call]
-    for group in (pools.producers, pools.connections):
-        pool = group.pop(key, None)
-        if pool is not None:
-            pool.force_close_all(close_pool=False)
-    app.pool.force_close_all()
-    app.close()
-
-
-def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:
-    """What a broker that went away raises: kombu's own errors, and the client library's (redis-py's
-    ConnectionError is neither a KombuError nor an OSError). Reading them does not connect."""
-    with app.connection_for_write() as connection:
-        return (KombuError, OSError, *connection.connection_errors, *connection.channel_errors)

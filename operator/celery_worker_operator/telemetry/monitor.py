@@ -23,7 +23,9 @@ from celery.events.event import get_exchange
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
-from ..control.controller import close_app
+from ..brokers import kombu_tls, kombu_transport
+from ..brokers.commands import CLIENT_NAME, named
+from ..control.conversation import OperatorControl, broadcast
 from ..redact import redact, url_secrets
 from .aggregator import EventAggregator, unbatch
 from .model import PoolTelemetry
@@ -57,9 +59,12 @@ class EventMonitor:
         self.broker_url = broker_url
         self.name = redact(broker_url)  # for logs, the thread name and status: never the password
         self._aggregator = EventAggregator(window=window)
-        self._app = Celery(set_as_current=False, broker=broker_url)
+        self._app = Celery(set_as_current=False, broker=broker_url, control=OperatorControl)
         self._app.conf.event_exchange = exchange
-        self._app.conf.broker_transport_options = dict(transport_options or {})  # as the workers send
+        self._app.conf.broker_transport = kombu_transport(broker_url)  # on Redis: commands on the shared connection
+        self._app.conf.broker_use_ssl = kombu_tls(broker_url)
+        # as the workers send (on Redis with the shared command connection), and named on the broker
+        self._app.conf.broker_transport_options = {**(transport_options or {}), **named(f"{CLIENT_NAME}-events")}
         self._queue_ttl = queue_ttl
         self._clock = clock
         self._lock = threading.Lock()
@@ -85,11 +90,10 @@ class EventMonitor:
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop consuming and close the connections the stream and its wakeup broadcasts used."""
+        """Stop consuming; the stream's connection (its wakeup broadcasts' too) closes as the thread ends."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        close_app(self._app)
 
     def snapshot(self, pool: str, queues: Sequence[str] = (), claim: Collection[str] = ()) -> PoolTelemetry:
         """The numbers of pool `pool` (a `PoolIdentity.key`), see `EventAggregator.snapshot`."""
@@ -138,7 +142,7 @@ class EventMonitor:
         """
         with contextlib.suppress(TimeoutError):
             connection.drain_events(timeout=0.05)
-        self._app.control.broadcast("heartbeat", connection=connection)
+        broadcast(self._app, lambda: contextlib.nullcontext(connection), "heartbeat", {}, timeout=1.0, reply=False)
 
     def _on_connected(self) -> None:
         with self._lock:
