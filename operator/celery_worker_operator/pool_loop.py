@@ -4,20 +4,25 @@ Each pass it reads the pool (a kopf body or a parsed pool), resolves where to me
 (`Sources`: the broker's probe and events, the workload), hands them to the pool's long-lived
 `Reconciler`, and records the result in the metrics. Between passes a pool that may still grow
 checks its queues' depth every second (one probe call measures all pools of a broker), so a burst
-starts a pass at once instead of waiting out pollSeconds. Every reason a pool cannot be sized ends
+starts a pass at once instead of waiting out pollSeconds. The loop is a coroutine: it waits with
+asyncio and lends each pass and check to a thread of a small pool shared by all pools, so hundreds
+of pools waiting between passes hold no thread each. Every reason a pool cannot be sized ends
 here, in one place: an invalid spec, a missing Secret, a missing workload. What pools on one
 broker share (probe, event monitor, control state) comes from `SharedResources`, one per process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from .brokers import BrokerUnavailable, ProbeRegistry, QueueProbe, QueueStats
 from .control import ConvergeResult, PoolController, PoolSettings
@@ -55,14 +60,28 @@ BLOCKED_REASONS: dict[type[Exception], str] = {
 }
 
 SourcesFor = Callable[[CeleryWorkerPool], Sources]  # raises SecretMissing or WorkloadMissing when it cannot
+T = TypeVar("T")
 
 
 class Stopping(Protocol):
-    """kopf's DaemonStopped and threading.Event both answer this."""
+    """The `stopped` of kopf's async daemons, and `EventStopping`, answer this."""
 
     def is_set(self) -> bool: ...
 
-    def wait(self, timeout: float | None = None) -> object: ...
+    def wait(self, timeout: float | None = None) -> Awaitable[object]: ...
+
+
+@dataclass(frozen=True)
+class EventStopping:
+    """A threading.Event as the loop's `Stopping`: local mode's stop, set by a signal or a test."""
+
+    event: threading.Event
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        return await asyncio.to_thread(self.event.wait, timeout)
 
 
 @dataclass(frozen=True)
@@ -255,29 +274,46 @@ class PoolLoop:
         )
         return result
 
-    def run(
+    async def run(
         self,
         stopping: Stopping,
         source: Callable[[], Mapping[str, Any] | CeleryWorkerPool],
+        threads: Executor | None = None,
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
         """Pass after pass, every pollSeconds (an invalid spec: every 30 s; jittered) or sooner when a
-        burst lands between passes, until `stopping` is set."""
+        burst lands between passes, until `stopping` is set. Passes and between-poll checks run on
+        `threads` (None: asyncio's default executor); waiting holds none."""
         while not stopping.is_set():
             started = time.monotonic()
-            self.step(source())
+            await _in_thread(threads, partial(self.step, source()))
             after_pass()
-            self._sleep(stopping, started + self.interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER))
+            jittered = self.interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+            await self._sleep(stopping, started + jittered, threads)
 
-    def _sleep(self, stopping: Stopping, until: float) -> None:
+    async def _sleep(self, stopping: Stopping, until: float, threads: Executor | None) -> None:
         """Until the monotonic time `until`, `stopping`, or the early-wake check says a pass is due."""
         while not stopping.is_set():
             left = until - time.monotonic()
             if left <= 0:
                 return
-            stopping.wait(min(left, WAKE_CHECK_SECONDS) if self.wake else left)
-            if self.wake is not None and not stopping.is_set() and self.wake.due():
+            await stopping.wait(min(left, WAKE_CHECK_SECONDS) if self.wake else left)
+            wake = self.wake
+            if wake is not None and not stopping.is_set() and await _in_thread(threads, wake.due):
                 return
+
+
+async def _in_thread(threads: Executor | None, call: Callable[[], T]) -> T:
+    """`call()` on one of `threads`. Cancelled meanwhile (kopf cancels a daemon that outlives its
+    stop), it waits for the call to end before it lets the cancellation through: a pass cannot be
+    stopped halfway, and what follows the loop (letting go of a deleted pool's broker) must come
+    after the pass that may have taken it again."""
+    future = asyncio.get_running_loop().run_in_executor(threads, call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def controller_hooks(
