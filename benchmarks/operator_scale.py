@@ -164,7 +164,8 @@ def create_pools(api: client.ApiClient, namespace: str, run: str, count: int, fo
 
 
 def wait_for_first_passes(api: client.ApiClient, namespace: str, count: int, timeout: float) -> float:
-    """Seconds until every pool carries a status with conditions (its first pass is done)."""
+    """Seconds until every pool carries a status with replicas: a pass that saw its Deployment is done
+    (a pass that ran before the Deployment was applied is tried again after 30 s, not pollSeconds)."""
     started = time.monotonic()
     objects = client.CustomObjectsApi(api)
     while time.monotonic() - started < timeout:
@@ -172,7 +173,7 @@ def wait_for_first_passes(api: client.ApiClient, namespace: str, count: int, tim
             pools = objects.list_namespaced_custom_object(spec.GROUP, spec.VERSION, namespace, spec.PLURAL)["items"]
         except (ApiException, ProtocolError):  # a loaded API server times out or cuts a response now and then
             continue
-        if sum(1 for p in pools if (p.get("status") or {}).get("conditions")) >= count:
+        if sum(1 for p in pools if "replicas" in (p.get("status") or {})) >= count:
             return time.monotonic() - started
         time.sleep(2)
     raise TimeoutError(f"not every pool had a first pass within {timeout} s")

@@ -85,7 +85,7 @@ async def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Operator
     way when the delete handler ran took the broker again: let go of it here too, after that pass."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
-        await memo.loop(body).run(stopped, lambda: body, memo.threads)
+        await memo.loop(body).run(stopped, lambda: body, memo.loop_threads)
     finally:
         if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
             await asyncio.get_running_loop().run_in_executor(memo.threads, memo.forget, namespace, name)

@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from .pool_loop import PoolLoop, SharedResources
+from .pool_loop import LoopThreads, PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
 from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
@@ -27,10 +27,10 @@ from .workloads.kubernetes import DeploymentViews, KubernetesWorkload
 COMPONENT = "celery-worker-operator"
 MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
 # Threads that run the pools' passes and between-poll checks, shared by all pools (waiting holds none).
-# Idle pools need few: 500 pools at pollSeconds 10 are 50 passes and a few hundred checks a second,
-# milliseconds each. The bound is for passes that block: a drain (`scaleDown.mode: drain`) waits up to
-# 60 s, a broker or API server that stops answering holds a call until its timeout; each holds one
-# thread, and 32 let that many pools block at once while the others' passes go on. Threads start
+# Idle pools need few: 500 pools at pollSeconds 10 are 50 passes a second, milliseconds each, and one
+# check of all pools per broker a second. The bound is for passes that block: a drain (`scaleDown.mode:
+# drain`) waits up to 60 s, a broker or API server that stops answering holds a call until its
+# timeout; each holds one thread, and 32 let that many pools block at once while the others' passes go on. Threads start
 # only as concurrent passes need them (~0.2 MB each).
 PASS_THREADS = 32
 # Kept connections to the API server: one per pass thread (a call that finds none idle opens, TLS
@@ -109,6 +109,7 @@ class Operator:
 
     def __post_init__(self) -> None:
         self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
+        self.loop_threads = LoopThreads(self.threads)
 
     def loop(self, body: Mapping[str, Any]) -> PoolLoop:
         """The pool's loop; a new one resumes from the status the pool carries."""
