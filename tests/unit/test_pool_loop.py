@@ -1,6 +1,7 @@
 """The pool loop as a coroutine: pools waiting between passes hold no thread each, a burst still
-starts a pass within about a second, and a loop cancelled during a pass (kopf cancels a daemon that
-outlives its stop) ends only after that pass."""
+starts a pass within about a second, a loop cancelled during a pass (kopf cancels a daemon that
+outlives its stop) ends only after that pass, and a broker that stops answering holds no more than
+its share of the pass threads."""
 
 from __future__ import annotations
 
@@ -110,3 +111,51 @@ def test_a_loop_cancelled_during_a_pass_ends_after_the_pass() -> None:
 
     assert asyncio.run(scenario()), "the cancelled loop ended while its pass still ran"
     assert len(reporter.statuses) == 1, "the pass under way finished and reported"
+
+
+def test_passes_a_silent_broker_holds_take_no_more_than_their_share_of_threads() -> None:
+    gate, entered = threading.Event(), []
+    silent = [GatedWorkload() for _ in range(5)]
+    for workload in silent:
+        workload.gate, workload.entered = gate, threading.Event()
+    loops = [loop_over(w, FakeProbe(), FakeReporter(), f"silent{i}") for i, w in enumerate(silent)]
+    for loop in loops:
+        loop.broker = "redis://silent/0"  # as after a first pass on it
+    answering = FakeReporter()
+    loops.append(loop_over(FakeWorkload(replicas=1), FakeProbe(), answering, "answering"))
+
+    async def scenario() -> None:
+        stopping, threads = AsyncStopping(), ThreadPoolExecutor(3)
+        shared = LoopThreads(threads, per_broker=2)
+        runs = [asyncio.create_task(loop.run(stopping, pool, shared)) for loop in loops]
+        await until(lambda: bool(answering.statuses), timeout=10)
+        entered.extend(w for w in silent if w.entered.is_set())
+        stopping.event.set()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*runs), timeout=10)
+        threads.shutdown()
+
+    asyncio.run(scenario())
+    assert len(entered) == 2, "the silent broker's passes under way at once"
+
+
+def test_a_body_is_parsed_again_only_when_its_resource_version_moves() -> None:
+    loop = loop_over(FakeWorkload(replicas=1), FakeProbe(), FakeReporter())
+    body = {
+        "apiVersion": "celery-operator.dev/v1alpha1",
+        "kind": "CeleryWorkerPool",
+        "metadata": {"name": "p", "namespace": "default", "resourceVersion": "1"},
+        "spec": {
+            "broker": {"url": "redis://r/0"},
+            "queues": ["q"],
+            "worker": {"app": "a", "image": "i", "concurrency": 2},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "pollSeconds": 30},
+        },
+    }
+    loop.step(body)
+    body["spec"]["autoscaling"]["pollSeconds"] = 20  # the API server would have moved the version
+    loop.step(body)
+    assert loop.interval == 30, "the same version is the pool parsed before"
+    body["metadata"]["resourceVersion"] = "2"
+    loop.step(body)
+    assert loop.interval == 20
