@@ -31,7 +31,7 @@ MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
 # check of all pools per broker a second. The bound is for passes that block: a drain (`scaleDown.mode:
 # drain`) waits up to 60 s, a broker or API server that stops answering holds a call until its
 # timeout; each holds one thread, and 32 let that many pools block at once while the others' passes go on. Threads start
-# only as concurrent passes need them (~0.2 MB each).
+# only as concurrent passes need them (~0.16 MB each).
 PASS_THREADS = 32
 # Kept connections to the API server: one per pass thread (a call that finds none idle opens, TLS
 # handshake, and then drops one); the client's default keeps 5 per core.
