@@ -14,7 +14,7 @@ FROM python:3.11-slim
 RUN groupadd --system --gid 10001 operator \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin operator
 COPY --from=build /opt/venv /opt/venv
-# Two malloc arenas: every pool's loop is a thread, and glibc's default (8 per core) grows memory with them.
+# Two malloc arenas: passes run on up to 32 threads, and glibc's default (8 per core) grows memory with them.
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
 # Numeric, so the kubelet can enforce runAsNonRoot without reading /etc/passwd.
 USER 10001:10001

@@ -9,7 +9,7 @@ and 13 and two fresh RabbitMQ vhosts, each URL in a Secret. `celery-worker-opera
 real process with the chart's ServiceAccount (tests/support/operator_process.py). After every pool
 has been through a first pass and a settling period, over `--measure` seconds:
   cpu        the operator's process time (user + system, /proc) per wall second: 1.0 = one core;
-  rss        its resident memory at the end;
+  rss        its resident memory and threads at the end;
   requests   API requests per minute by verb, from the API server's apiserver_request_total for the
              resources the operator touches (pools, their status, Deployments, Pods, Secrets, Events;
              the namespace controller's cleanup of an earlier namespace shows there too), and all
@@ -91,6 +91,7 @@ class Sample:
     pools: int
     cpu: float  # cores
     rss_mb: float
+    threads: int
     requests: dict[str, float]  # verb -> per minute
     service_account_requests: float  # per minute
     status_writes: float  # per pool per minute
@@ -146,12 +147,14 @@ def declare_queues(broker: Broker, queues: list[str]) -> None:
     app.close()
 
 
-def create_pools(api: client.ApiClient, namespace: str, count: int, found: list[Broker]) -> dict[str, Broker]:
+def create_pools(api: client.ApiClient, namespace: str, run: str, count: int, found: list[Broker]) -> dict[str, Broker]:
+    """`count` pools over the brokers in turn; named (and their queues) after the run, so that a run of
+    the benchmark beside this one (another checkout, on the same Redis DBs) fills no queue of ours."""
     core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
     for broker in found:
         data = {"url": base64.b64encode(broker.url.encode()).decode()}
         core.create_namespaced_secret(namespace, {"metadata": {"name": broker.name}, "data": data})
-    pools = {f"p{i:03d}": found[i % len(found)] for i in range(count)}
+    pools = {f"p{run}-{i:03d}": found[i % len(found)] for i in range(count)}
     for broker in found:
         declare_queues(broker, [queue_of(name) for name, b in pools.items() if b is broker])
     for name, broker in pools.items():
@@ -162,7 +165,8 @@ def create_pools(api: client.ApiClient, namespace: str, count: int, found: list[
 
 
 def wait_for_first_passes(api: client.ApiClient, namespace: str, count: int, timeout: float) -> float:
-    """Seconds until every pool carries a status with conditions (its first pass is done)."""
+    """Seconds until every pool carries a status with replicas: a pass that saw its Deployment is done
+    (a pass that ran before the Deployment was applied is tried again after 30 s, not pollSeconds)."""
     started = time.monotonic()
     objects = client.CustomObjectsApi(api)
     while time.monotonic() - started < timeout:
@@ -170,7 +174,7 @@ def wait_for_first_passes(api: client.ApiClient, namespace: str, count: int, tim
             pools = objects.list_namespaced_custom_object(spec.GROUP, spec.VERSION, namespace, spec.PLURAL)["items"]
         except (ApiException, ProtocolError):  # a loaded API server times out or cuts a response now and then
             continue
-        if sum(1 for p in pools if (p.get("status") or {}).get("conditions")) >= count:
+        if sum(1 for p in pools if "replicas" in (p.get("status") or {})) >= count:
             return time.monotonic() - started
         time.sleep(2)
     raise TimeoutError(f"not every pool had a first pass within {timeout} s")
@@ -181,11 +185,12 @@ def process_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
-def rss_mb(pid: int) -> float:
+def proc_status(pid: int, field: str) -> int:
+    """A number of /proc/<pid>/status (VmRSS in KiB, Threads)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
 
 
 def api_metrics(api: client.ApiClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -355,7 +360,7 @@ def measure(cluster: Cluster, pools_count: int, seconds: float, burst_count: int
         with ExitStack() as stack:
             found = stack.enter_context(brokers(run))
             setup = stack.enter_context(operator_setup(cluster, api, namespace, logs))
-            pools = create_pools(api, namespace, pools_count, found)
+            pools = create_pools(api, namespace, run, pools_count, found)
             operator: OperatorProcess = stack.enter_context(setup.run())
             first = wait_for_first_passes(api, namespace, pools_count, timeout=max(120.0, pools_count))
             print(f"  {pools_count} pools: every first pass done after {first:.0f} s; settling {settle:.0f} s")
@@ -372,7 +377,8 @@ def measure(cluster: Cluster, pools_count: int, seconds: float, burst_count: int
             sample = Sample(
                 pools_count,
                 (cpu_after - cpu_before) / (wall_after - wall_before),
-                rss_mb(pid),
+                proc_status(pid, "VmRSS") / 1024,
+                proc_status(pid, "Threads"),
                 dict(verbs),
                 accounts,
                 writes,
@@ -385,8 +391,10 @@ def measure(cluster: Cluster, pools_count: int, seconds: float, burst_count: int
             return sample
     finally:
         core.delete_namespace(namespace, propagation_policy="Background")
-        for db in REDIS_DBS:
-            redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+        for db in REDIS_DBS:  # this run's queues and bindings only: another run may share the DBs
+            store = redis.Redis.from_url(f"{REDIS}/{db}")
+            for key in store.scan_iter(match=f"*{queue_of(f'p{run}-')}*"):
+                store.delete(key)
         api.close()
 
 
@@ -394,7 +402,7 @@ def report(sample: Sample, baseline: Sample) -> None:
     n = sample.pools
     print(f"\n{n} pools (pollSeconds {POLL_SECONDS}):")
     print(f"  cpu          {sample.cpu:.3f} cores ({1000 * sample.cpu / n:.2f} ms per pool per second)")
-    print(f"  rss          {sample.rss_mb:.0f} MB")
+    print(f"  rss          {sample.rss_mb:.0f} MB, {sample.threads} threads")
     total = sum(sample.requests.values())
     print(
         f"  requests     {total:.0f}/min on the operator's resources; "

@@ -6,6 +6,7 @@ operator; kopf's `memo` is the `Operator` that holds one loop per pool.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -23,18 +24,13 @@ PREFIX = "celery-operator.dev"
 # These ride out ~6 minutes, and try again every 10 s at most; longer, and the exit (and the pod's
 # restart) is the right answer.
 API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, *(10,) * 35)
-# Each pool's loop is a sync daemon holding one of kopf's executor threads for the pool's lifetime;
-# the executor's default size (cores + 4) would leave every pool past the first few unserved.
-# Threads start only as they are needed.
-MAX_THREADS = 4096
 registry = kopf.OperatorRegistry()
 
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Our own annotation and finalizer names; kopf's log lines are not turned into Events; API errors
-    are retried for minutes, not seconds; a thread for every pool's loop."""
-    settings.execution.max_workers = MAX_THREADS
+    are retried for minutes, not seconds."""
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -83,12 +79,16 @@ def ensure_workload(body: kopf.Body, memo: Operator, **_: Any) -> None:
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10, backoff=10)
-def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Operator, **_: Any) -> None:
-    """The pool's loop until kopf stops it; `body` is kopf's live view, so spec edits apply. A pass
-    still under way when the delete handler ran took the broker again: let go of it here too."""
-    memo.loop(body).run(stopped, lambda: body)
-    if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
-        memo.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+async def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Operator, **_: Any) -> None:
+    """The pool's loop until kopf stops it; async: it waits in kopf's event loop and lends its passes
+    to the operator's pass threads. `body` is kopf's live view, so spec edits apply. A pass still under
+    way when the delete handler ran took the broker again: let go of it here too, after that pass."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        await memo.loop(body).run(stopped, lambda: body, memo.loop_threads)
+    finally:
+        if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+            await asyncio.get_running_loop().run_in_executor(memo.threads, memo.forget, namespace, name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=True)

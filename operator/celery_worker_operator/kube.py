@@ -9,13 +9,14 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 
-from .pool_loop import PoolLoop, SharedResources
+from .pool_loop import LoopThreads, PoolLoop, SharedResources
 from .reconciler import PoolMemory, Sources
 from .secrets import PemFiles, SecretCache, broker_urls
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, CeleryWorkerPool
@@ -25,9 +26,16 @@ from .workloads.kubernetes import DeploymentViews, KubernetesWorkload
 
 COMPONENT = "celery-worker-operator"
 MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
-# Kept connections to the API server: pools' passes run in threads of their own, and a call that
-# finds none idle opens (TLS handshake) and then drops one; the client's default keeps 5 per core.
-API_CONNECTIONS = 32
+# Threads that run the pools' passes and between-poll checks, shared by all pools (waiting holds none).
+# Idle pools need few: 500 pools at pollSeconds 10 are 50 passes a second, milliseconds each, and one
+# check of all pools per broker a second. The bound is for passes that block: a drain (`scaleDown.mode:
+# drain`) waits up to 60 s, a broker or API server that stops answering holds a call until its
+# timeout; each holds one thread, and 32 let that many pools block at once while the others' passes go on. Threads start
+# only as concurrent passes need them (~0.16 MB each).
+PASS_THREADS = 32
+# Kept connections to the API server: one per pass thread (a call that finds none idle opens, TLS
+# handshake, and then drops one); the client's default keeps 5 per core.
+API_CONNECTIONS = PASS_THREADS
 PoolKey = tuple[str, str]  # (namespace, name)
 
 
@@ -95,9 +103,13 @@ class Operator:
     pem_files: PemFiles = field(default_factory=PemFiles)  # the CA, certificates and keys of TLS brokers
     template_policy: TemplatePolicy = field(default_factory=TemplatePolicy)  # what worker.template may set
     deployments: DeploymentViews = field(default_factory=dict)  # the watched Deployments (kopf's index)
+    threads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PASS_THREADS, thread_name_prefix="pool-pass")
+    )  # every pool's passes and checks
 
     def __post_init__(self) -> None:
         self.secrets = SecretCache(client.CoreV1Api(self.api))  # broker Secrets, shared by the pools naming them
+        self.loop_threads = LoopThreads(self.threads)
 
     def loop(self, body: Mapping[str, Any]) -> PoolLoop:
         """The pool's loop; a new one resumes from the status the pool carries."""
@@ -139,5 +151,6 @@ class Operator:
         self.shared.release(namespace, name)
 
     def close(self) -> None:
+        self.threads.shutdown(wait=False)
         self.shared.close()
         self.pem_files.close()

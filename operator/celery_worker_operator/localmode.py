@@ -6,6 +6,7 @@ keeps the latest status and decisions for a live terminal view instead of the AP
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import signal
@@ -23,7 +24,7 @@ from rich.console import Group
 from rich.table import Table
 
 from .metrics import PoolMetrics
-from .pool_loop import PoolLoop, SharedResources
+from .pool_loop import EventStopping, LoopThreads, PoolLoop, SharedResources
 from .reconciler import PassResult
 from .spec import BrokerSpec, BrokerTLS, CeleryWorkerPool
 from .status_view import queue_table
@@ -131,7 +132,7 @@ class LocalRun:
 
     def run(self, stop: threading.Event, on_pass: Callable[[LocalRun], None] = lambda run: None) -> None:
         """Pass after pass every pollSeconds (sooner on a burst at the floor) until `stop` is set."""
-        self.loop.run(stop, lambda: self.pool, lambda: on_pass(self))
+        asyncio.run(self.loop.run(EventStopping(stop), lambda: self.pool, LoopThreads(), lambda: on_pass(self)))
 
     def close(self) -> None:
         self.workload.close()

@@ -4,9 +4,9 @@ process runs; its open connections to each broker must come back to where they s
 a broker without pools holds nothing) and its resident memory to its warm level, after round 2.
 
 Why round 2, not start-up: the first rounds grow what is sized by the churn's peak and kept, not
-leaked: kopf's executor threads (one per running pool, never shrunk), kopf's pool of API server
-connections (unlimited in size, each TLS connection ~130 KiB of buffers) and the allocator's free
-lists. Measured at 50 pools with the image's MALLOC_ARENA_MAX=2: +10 MB in round 2, then ~0.2 MB a
+leaked: the pass threads (as many as passes ran at once, at most 32, never shrunk), kopf's pool of
+API server connections (unlimited in size, each TLS connection ~130 KiB of buffers) and the
+allocator's free lists. Measured at 50 pools with the image's MALLOC_ARENA_MAX=2: +10 MB in round 2, then ~0.2 MB a
 round; traced with CWO_CHURN_HEAP=1, live Python objects stay flat between rounds (no pool's status,
 body or series kept), the growth being a few more live API connections.
 
