@@ -5,11 +5,13 @@ the counting one is ours."""
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,3 +104,25 @@ def test_the_last_pool_on_a_broker_closes_its_connections_and_a_moved_pool_lets_
         assert probed_brokers(shared) == set(), "a released broker's series stay gone, a late pass adds none"
     finally:
         shared.close()
+
+
+def test_releasing_a_broker_leaves_another_app_of_the_process_publishing_to_it(server: PrivateRedis) -> None:
+    """An app that publishes from the operator's process (the demo's, a test's) on the URL of a released
+    broker keeps working: the release closes the operator's own connections, not ones that app holds."""
+    url = server.url.rsplit("/", 1)[0] + "/3"
+    publisher = Celery(broker=url, set_as_current=False)
+    shared = SharedResources()
+    try:
+        publisher.send_task("tasks.quick", queue="kept")
+        used(shared, "a", url)
+        shared.release("team", "a")
+        sent = threading.Thread(
+            target=publisher.send_task, args=("tasks.quick",), kwargs={"queue": "kept"}, daemon=True
+        )
+        sent.start()
+        sent.join(timeout=10)
+        assert not sent.is_alive(), "the publish after the release hangs"
+        assert redis.Redis.from_url(url).llen("kept") == 2
+    finally:
+        shared.close()
+        publisher.close()
