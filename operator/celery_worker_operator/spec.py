@@ -404,6 +404,14 @@ class AutoscalingSpec(Model):
     task_duration_seconds: float | None = Field(
         None, gt=0, le=604800, description="Expected task duration, used until one is measured."
     )
+    worker_startup_seconds: float | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="How long a new worker takes from its start to its first task (process or pod start, "
+        "imports, broker connection). When the pool must grow, the backlog is sized to drain in what is left "
+        "of the wait target after it; unset: new workers are counted as if they served at once.",
+    )
     max_concurrent_tasks: int | None = Field(
         None,
         ge=1,
