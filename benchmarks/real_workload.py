@@ -33,6 +33,7 @@ ours with pollSeconds 10 (target: median <= 1.5 s) and a third as often for keda
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import statistics
@@ -40,6 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -269,6 +271,21 @@ def run_one(settings: Settings, scaler: str, sends: Sends) -> Outcome:
         client.delete(queue, f"{queue}:waits")
 
 
+def configure(url: str) -> None:
+    """The publishing app on this broker, stamping what it sends (in each process that publishes)."""
+    os.environ["CELERY_BROKER_URL"] = url
+    app.conf.broker_url = url
+    instrument(app)
+
+
+def run_isolated(settings: Settings, scaler: str, sends: Sends) -> Outcome:
+    """`run_one` in a fresh process: no thread, connection or pool a previous scaler left behind
+    takes CPU from this one or blocks its stop."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=configure, initargs=(settings.url,)) as pool:
+        return pool.submit(run_one, settings, scaler, sends).result()
+
+
 def compare(settings: Settings, names: list[str], scalers: list[str], seed: int) -> None:
     """Each row as soon as it is measured (a run takes minutes), the ratios to keda-tuned after each workload."""
     print(f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4} {'load 1m':>11}")
@@ -277,7 +294,7 @@ def compare(settings: Settings, names: list[str], scalers: list[str], seed: int)
         outcomes = {}
         for scaler in scalers:
             load = os.getloadavg()[0]
-            outcome = outcomes[scaler] = run_one(settings, scaler, sends)
+            outcome = outcomes[scaler] = run_isolated(settings, scaler, sends)
             p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
             print(
                 f"{name:14} {scaler:10} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
@@ -328,9 +345,7 @@ def main() -> None:
     parser.add_argument("--worker-args", default="", help="extra `celery worker` arguments, the same for every scaler")
     args = parser.parse_args()
     settings = Settings(args.url, args.tail, args.worker_args.split(), args.decisions)
-    os.environ["CELERY_BROKER_URL"] = args.url
-    app.conf.broker_url = args.url
-    instrument(app)
+    configure(args.url)
     if args.reaction:
         ours = reaction(settings, "ours", 10.0, args.reaction)
         tuned = reaction(settings, "keda-tuned", 5.0, max(args.reaction // 3, 1))
