@@ -310,7 +310,7 @@ CASES = [
     (
         "not to zero before the down window has been empty throughout",
         observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
-        scaling(),
+        scaling(scale_down=ScaleDown(stabilization_seconds=10)),
         4,
         past(1, ago=5),
         1,
