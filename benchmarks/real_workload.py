@@ -12,7 +12,7 @@ queue, one scaler after the other in this one run, each scaling real `celery wor
 `--worker-args` added for all alike):
   ours        `local` mode: the operator's pool loop, pollSeconds 5, targetWaitSeconds 10,
               workerStartupSeconds 3 (a worker here takes 2-4 s to its first task with six starting
-              at once on the loaded machine, about 1.6 s alone on a quiet one);
+              at once, about 1.8 s alone on a quiet machine: benchmarks/worker_startup.py);
   keda-tuned  KEDA's queue-length scaler behind the HPA as simulation/baselines.py models it
               (ceil(ready messages / 4), activation, highest recommendation of the down window),
               polled every 5 s with a 60 s down window and cooldown;
