@@ -1,14 +1,18 @@
 """Real workers on real Redis: our local mode against a KEDA-style process scaler, tuned and default.
 
     .venv/bin/python benchmarks/real_workload.py [--url redis://127.0.0.1:6379/14] [--workloads NAMES] [--tail 45]
+        [--scalers ours,keda-tuned,keda,limit] [--worker-args="--without-mingle --without-gossip"]
         [--decisions]   (also print each of our scale decisions with its terms, seconds from the first publish)
     .venv/bin/python benchmarks/real_workload.py --reaction 10
 
 Each workload (burst-trickle: 240 tasks at once, then 2/s for 60 s; steady-spikes: 1.5/s for 90 s
 with 60 tasks at once at 20 s and 60 s; tasks sleep 0.5-3 s) is published in real time to a fresh
 queue, one scaler after the other in this one run, each scaling real `celery worker` processes
-(concurrency 4, at most 6, prefetch 1, acks late, the same command line for all):
-  ours        `local` mode: the operator's pool loop, pollSeconds 5, targetWaitSeconds 10;
+(concurrency 4, at most 6, prefetch 1, acks late, the same command line for all, with
+`--worker-args` added for all alike):
+  ours        `local` mode: the operator's pool loop, pollSeconds 5, targetWaitSeconds 10,
+              workerStartupSeconds 3 (a worker here takes 2-4 s to its first task with six starting
+              at once, about 1.8 s alone on a quiet machine: benchmarks/worker_startup.py);
   keda-tuned  KEDA's queue-length scaler behind the HPA as simulation/baselines.py models it
               (ceil(ready messages / 4), activation, highest recommendation of the down window),
               polled every 5 s with a 60 s down window and cooldown;
@@ -17,7 +21,8 @@ queue, one scaler after the other in this one run, each scaling real `celery wor
 The publisher stamps its tasks as README asks (`instrument`), so the probe knows the oldest task's
 wait; only ours reads it. Waits are the tasks' own start minus the publish time they carry;
 worker-seconds are sampled the same way for all (worker processes alive, every 0.5 s, until the
-trace ends plus `--tail`); a task lost is one published and never finished. Targets (issue 15):
+trace ends plus `--tail`); a task lost is one published and never finished. Each row ends with
+the 1-minute load average before and after it: the machine is shared. Targets (issue 15):
 ours p95 <= 0.9x keda-tuned's on each workload; worker-seconds <= 0.6x keda-tuned's on
 burst-trickle, <= 0.8x on the others; 0 lost.
 
@@ -28,6 +33,7 @@ ours with pollSeconds 10 (target: median <= 1.5 s) and a third as often for keda
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import statistics
@@ -35,6 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -78,7 +85,10 @@ WORKLOADS: dict[str, Callable[[random.Random], Sends]] = {
 }
 
 
-def make_pool(name: str, url: str, poll_seconds: float) -> CeleryWorkerPool:
+STARTUP_SECONDS = 3.0
+
+
+def make_pool(name: str, url: str, poll_seconds: float, worker_args: list[str]) -> CeleryWorkerPool:
     return parse_pool(
         {
             "apiVersion": "celery-operator.dev/v1alpha1",
@@ -87,13 +97,19 @@ def make_pool(name: str, url: str, poll_seconds: float) -> CeleryWorkerPool:
             "spec": {
                 "broker": {"url": url},
                 "queues": [name],
-                "worker": {"app": "celery_worker_operator.demo.app:app", "image": "local", "concurrency": CONCURRENCY},
+                "worker": {
+                    "app": "celery_worker_operator.demo.app:app",
+                    "image": "local",
+                    "concurrency": CONCURRENCY,
+                    "extraArgs": worker_args,
+                },
                 "autoscaling": {
                     "minReplicas": 0,
                     "maxReplicas": MAX_REPLICAS,
                     "pollSeconds": poll_seconds,
                     "targetWaitSeconds": TARGET_WAIT,
                     "taskDurationSeconds": 1.75,
+                    "workerStartupSeconds": STARTUP_SECONDS,
                 },
             },
         }
@@ -221,13 +237,23 @@ def sample_cost(workload: LocalWorkload, until: float) -> float:
     return total
 
 
-def run_one(url: str, scaler: str, sends: Sends, tail: float, decisions: bool = False) -> Outcome:
-    queue = f"bench-{scaler}-{uuid.uuid4().hex[:6]}"
+@dataclass(frozen=True)
+class Settings:
+    """What every run of this invocation shares."""
+
+    url: str
+    tail: float
+    worker_args: list[str]
+    decisions: bool = False
+
+
+def run_one(settings: Settings, scaler: str, sends: Sends) -> Outcome:
+    queue, url = f"bench-{scaler}-{uuid.uuid4().hex[:6]}", settings.url
     client = redis.Redis.from_url(url)
-    scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=5), url)
+    scaling = SCALERS[scaler](make_pool(queue, url, 5, settings.worker_args), url)
     try:
         time.sleep(1.0)  # the scaler's first pass, at zero
-        until, started = time.monotonic() + sends[-1][0] + tail, time.time()
+        until, started = time.monotonic() + sends[-1][0] + settings.tail, time.time()
         publisher = threading.Thread(target=publish, args=(queue, sends), daemon=True)
         publisher.start()
         cost = sample_cost(scaling.workload, until)
@@ -236,7 +262,7 @@ def run_one(url: str, scaler: str, sends: Sends, tail: float, decisions: bool = 
         while client.llen(f"{queue}:waits") < len(sends) and time.monotonic() < deadline:
             time.sleep(0.5)  # recorded when a task ends: the count of finished tasks
         waits = [float(line.split(b",")[0]) for line in client.lrange(f"{queue}:waits", 0, -1)]
-        if decisions and isinstance(scaling, Ours):
+        if settings.decisions and isinstance(scaling, Ours):
             for at, _, reason, message in scaling.run.reporter.events:
                 print(f"  {scaler} +{at - started:6.1f} s {reason}: {message}", flush=True)
         return Outcome(waits, cost, len(sends) - len(waits))
@@ -245,26 +271,48 @@ def run_one(url: str, scaler: str, sends: Sends, tail: float, decisions: bool = 
         client.delete(queue, f"{queue}:waits")
 
 
-def compare(url: str, names: list[str], tail: float, seed: int, decisions: bool) -> None:
-    header = f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4}"
-    print(f"{header} {'p95/tuned':>9} {'cost/tuned':>10}")
+def configure(url: str) -> None:
+    """The publishing app on this broker, stamping what it sends (in each process that publishes)."""
+    os.environ["CELERY_BROKER_URL"] = url
+    app.conf.broker_url = url
+    instrument(app)
+
+
+def run_isolated(settings: Settings, scaler: str, sends: Sends) -> Outcome:
+    """`run_one` in a fresh process: no thread, connection or pool a previous scaler left behind
+    takes CPU from this one or blocks its stop."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=configure, initargs=(settings.url,)) as pool:
+        return pool.submit(run_one, settings, scaler, sends).result()
+
+
+def compare(settings: Settings, names: list[str], scalers: list[str], seed: int) -> None:
+    """Each row as soon as it is measured (a run takes minutes), the ratios to keda-tuned after each workload."""
+    print(f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4} {'load 1m':>11}")
     for name in names:
         sends = WORKLOADS[name](random.Random(seed))
-        outcomes = {scaler: run_one(url, scaler, sends, tail, decisions) for scaler in SCALERS}
-        tuned_p95, tuned_cost = percentile(outcomes["keda-tuned"].waits, 95), outcomes["keda-tuned"].worker_seconds
-        for scaler, outcome in outcomes.items():
+        outcomes = {}
+        for scaler in scalers:
+            load = os.getloadavg()[0]
+            outcome = outcomes[scaler] = run_isolated(settings, scaler, sends)
             p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
             print(
                 f"{name:14} {scaler:10} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
-                f"{p95 / tuned_p95 if tuned_p95 else float('inf'):9.2f} {outcome.worker_seconds / tuned_cost:10.2f}",
+                f"{load:5.1f}->{os.getloadavg()[0]:<4.1f}",
                 flush=True,
             )
+        if "keda-tuned" in outcomes:
+            tuned = outcomes["keda-tuned"]
+            for scaler, outcome in outcomes.items():
+                p95_ratio = percentile(outcome.waits, 95) / (percentile(tuned.waits, 95) or float("nan"))
+                cost_ratio = outcome.worker_seconds / tuned.worker_seconds
+                print(f"{name:14} {scaler:10} p95/tuned {p95_ratio:5.2f}  cost/tuned {cost_ratio:5.2f}", flush=True)
 
 
-def reaction(url: str, scaler: str, poll_seconds: float, repetitions: int) -> list[float]:
+def reaction(settings: Settings, scaler: str, poll_seconds: float, repetitions: int) -> list[float]:
     """Seconds from a burst landing on the pool at zero to the scaler's call for workers, per repetition."""
-    queue = f"react-{scaler}-{uuid.uuid4().hex[:6]}"
-    scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds=poll_seconds), url)
+    queue, url = f"react-{scaler}-{uuid.uuid4().hex[:6]}", settings.url
+    scaling = SCALERS[scaler](make_pool(queue, url, poll_seconds, settings.worker_args), url)
     times = []
     try:
         for _ in range(repetitions):
@@ -293,13 +341,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reaction", type=int, default=0, help="time N bursts at zero instead")
     parser.add_argument("--decisions", action="store_true", help="print our scale decisions with their terms")
+    parser.add_argument("--scalers", default=",".join(SCALERS), help="which scalers run, in this order")
+    parser.add_argument("--worker-args", default="", help="extra `celery worker` arguments, the same for every scaler")
     args = parser.parse_args()
-    os.environ["CELERY_BROKER_URL"] = args.url
-    app.conf.broker_url = args.url
-    instrument(app)
+    settings = Settings(args.url, args.tail, args.worker_args.split(), args.decisions)
+    configure(args.url)
     if args.reaction:
-        ours = reaction(args.url, "ours", 10.0, args.reaction)
-        tuned = reaction(args.url, "keda-tuned", 5.0, max(args.reaction // 3, 1))
+        ours = reaction(settings, "ours", 10.0, args.reaction)
+        tuned = reaction(settings, "keda-tuned", 5.0, max(args.reaction // 3, 1))
         print(
             f"burst at zero -> scale call, median: ours {statistics.median(ours):.2f} s (pollSeconds 10, "
             f"{len(ours)} runs), keda-tuned {statistics.median(tuned):.2f} s (5 s polling, {len(tuned)} runs), "
@@ -307,7 +356,8 @@ def main() -> None:
         )
         return
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    compare(args.url, names, args.tail, args.seed, args.decisions)
+    scalers = [n.strip() for n in args.scalers.split(",") if n.strip()]
+    compare(settings, names, scalers, args.seed)
 
 
 if __name__ == "__main__":

@@ -426,6 +426,7 @@ def _status_view(readings: Sequence[PoolReading], one: bool, scope: str | None) 
 @click.option("--utilization", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
 @click.option("--backlog", type=click.IntRange(0, 10**9), default=0, show_default=True, help="Tasks already waiting.")
 @click.option("--oldest", type=TARGET_WAIT, help="How long the oldest waiting task has waited: 5s, 2m.")
+@click.option("--startup", type=STARTUP, help="How long a new worker takes to its first task (workerStartupSeconds).")
 @click.option(
     "--max-replicas", type=click.IntRange(1, MOST_REPLICAS), default=MOST_REPLICAS, show_default=True, help="The cap."
 )
@@ -438,11 +439,16 @@ def plan(
     utilization: float,
     backlog: int,
     oldest: float | None,
+    startup: float | None,
     max_replicas: int,
 ) -> None:
     """Size a pool with the capacity formula and show the working."""
     spec = AutoscalingSpec(
-        min_replicas=0, max_replicas=max_replicas, target_wait_seconds=target_wait, target_utilization=utilization
+        min_replicas=0,
+        max_replicas=max_replicas,
+        target_wait_seconds=target_wait,
+        target_utilization=utilization,
+        worker_startup_seconds=startup,
     )
     terms = plan_pool(arrival, duration, backlog, spec, concurrency, recent_rate=recent, oldest_wait=oldest).terms
     offered, steady, drain = terms.offered_load or 0.0, terms.steady_slots or 0.0, terms.backlog_slots or 0.0
@@ -453,9 +459,9 @@ def plan(
     click.echo(f"steady slots   {offered:.4g} / {utilization:.2g} utilization = {steady:.4g}")
     within = terms.drain_seconds or target_wait
     if within < target_wait:
-        click.echo(
-            f"drain within   {target_wait:.4g} s target - {oldest:.4g} s waited = {within:.4g} s (>= half the target)"
-        )
+        waited = f" - {oldest:.4g} s waited" if oldest else ""
+        started = f" - {terms.startup:.4g} s start-up (the pool grows)" if terms.startup else ""
+        click.echo(f"drain within   {target_wait:.4g} s target{waited}{started} = {within:.4g} s (>= half the target)")
     click.echo(f"backlog slots  {backlog} waiting x {duration:.4g} s / {within:.4g} s = {drain:.4g}")
     slots = terms.slots or 0.0
     wanted = math.ceil(slots / concurrency)

@@ -5,13 +5,16 @@ It reads like the HPA's replica calculator, with Celery's own numbers in place o
     slots    = max(arrival_rate x service_time / targetUtilization,   (Little's law, steady state)
                    busy_slots)                                        (never below what runs now)
              + (depth + reserved) x service_time / drain_seconds      (drain the backlog in time)
-    drain_seconds = targetWaitSeconds - oldest task's wait, at least half the target
+    drain_seconds = targetWaitSeconds - oldest task's wait
+                    - workerStartupSeconds (only when the pool must grow), at least half the target
     replicas = ceil(slots / concurrency)
 
 The arrival rate is the lower of a recent one (seconds) and the windowed one (a minute), so a
 burst, which the backlog term already drains, does not size the steady term for a minute after
 it was served. The backlog drains within what is left of the target wait for its oldest task,
-so a burst found late asks for more. Then a tolerance band, min/max, the HPA's stabilization
+so a burst found late asks for more; when that needs new workers, within what is left after they
+start (workerStartupSeconds), so a burst gets all the workers it needs in one step rather than
+too few at once and the rest a poll later. Then a tolerance band, min/max, the HPA's stabilization
 windows (lowest recent recommendation bounds a scale-up, highest bounds a scale-down) and per-poll
 step limits; workers measured idle while nothing waits may all go in one step. Missing or stale
 measurements never shrink a pool. Between polls the loop looks at the queues (`wakes_early`) and
@@ -117,8 +120,9 @@ class Terms:
     busy_slots); offered_load = arrival_rate x service_time, where arrival_rate is the lower of
     the recent and the windowed rate (`rate_source` says which); backlog_slots = backlog x
     service_time / drain_seconds, where drain_seconds is targetWaitSeconds less `oldest_wait`
-    (the oldest waiting task's age, when known), never below half the target. Without a service
-    time, slots = (backlog + busy) / utilization.
+    (the oldest waiting task's age, when known) and, when the pool must grow, less `startup` (the
+    workerStartupSeconds a new worker takes before its first task), never below half the target.
+    Without a service time, slots = (backlog + busy) / utilization.
     `idle_workers` is how many workers' worth of slots stood idle with nothing waiting: the
     scale-down step may remove that many at once.
     """
@@ -138,6 +142,7 @@ class Terms:
     steady_slots: float | None = None
     backlog_slots: float | None = None
     oldest_wait: float | None = None
+    startup: float | None = None
     drain_seconds: float | None = None
     slots: float | None = None
     fallback_replicas: int | None = None
@@ -270,6 +275,10 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
         offered = arrival * service_time  # Little's law: L = lambda x W
         steady = max(offered / spec.target_utilization, busy)
         oldest, within = _drain_seconds(obs, spec)
+        startup = None
+        if _grows(steady + backlog * service_time / within, concurrency, obs.current_replicas) and backlog:
+            startup = spec.worker_startup_seconds or None
+            oldest, within = _drain_seconds(obs, spec, startup or 0.0)
         drain = backlog * service_time / within
         slots = steady + drain
         terms = replace(
@@ -282,9 +291,12 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
             steady_slots=steady,
             backlog_slots=drain,
             oldest_wait=oldest,
+            startup=startup,
             drain_seconds=within,
         )
-        waiting = f"{backlog} waiting" + (f" (oldest {oldest:.3g}s) within {within:.3g}s" if backlog and oldest else "")
+        waiting = f"{backlog} waiting" + (f" (oldest {oldest:.3g}s)" if backlog and oldest else "")
+        if backlog and (oldest or startup):
+            waiting += f" within {within:.3g}s" + (f" (new workers start in {startup:.3g}s)" if startup else "")
         why = f"{arrival:.3g}/s ({rate_source}) x {service_time:.3g}s {source} + {waiting} -> {slots:.3g} slots"
     terms = replace(terms, slots=slots)
     raw = math.ceil(slots / concurrency - EPSILON)
@@ -296,16 +308,22 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
     return raw, terms, why
 
 
-def _drain_seconds(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None, float]:
+def _drain_seconds(obs: Observation, spec: AutoscalingSpec, startup: float = 0.0) -> tuple[float | None, float]:
     """The oldest waiting task's age (None when unknown) and the seconds the backlog has to drain.
 
-    What the oldest task already waited is gone from its target; the floor at half the target keeps
-    a task found long after its deadline from asking for every worker at once.
+    What the oldest task already waited is gone from its target, and so is a new worker's start-up
+    when the backlog needs new workers; the floor at half the target keeps a task found long after
+    its deadline (or workers slower to start than the target) from asking for every worker at once.
     """
     target, oldest = spec.target_wait_seconds, obs.oldest_age_seconds
-    if not obs.backlog or oldest is None:
+    if not obs.backlog or (oldest is None and not startup):
         return oldest, target
-    return oldest, max(target - oldest, target * MIN_DRAIN_SHARE)
+    return oldest, max(target - (oldest or 0.0) - startup, target * MIN_DRAIN_SHARE)
+
+
+def _grows(slots: float, concurrency: int, current: int) -> bool:
+    """Whether `slots` need more workers than the pool has, beyond the tolerance band."""
+    return slots / concurrency > current * (1 + TOLERANCE)
 
 
 def _service_time(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None, str]:

@@ -51,6 +51,16 @@ def test_plan_shows_the_drain_horizon_and_the_wake_threshold() -> None:
     assert "more than 30 messages are ready (5 x 1 slots, 30 seen waiting)" in output
 
 
+def test_plan_takes_the_start_up_off_the_drain_when_the_pool_grows() -> None:
+    code, output = run(
+        "plan", "--arrival", "0", "--duration", "1s", "--concurrency", "1", "--backlog", "30", "--target-wait", "10s",
+        "--oldest", "2s", "--startup", "3s", "--max-replicas", "20",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "10 s target - 2 s waited - 3 s start-up (the pool grows) = 5 s" in output
+    assert "30 waiting x 1 s / 5 s = 6" in output
+
+
 def test_plan_rejects_a_bad_rate_with_usage_help() -> None:
     code, output = run("plan", "--arrival", "ten a minute", "--duration", "1s", "--concurrency", "1")
     assert code == 2
@@ -71,6 +81,7 @@ def test_simulate_says_which_terms_drove_our_decisions() -> None:
     assert "early passes (a burst between polls)" in ours
     assert "steady term from the recent rate in" in ours
     assert "its oldest had waited" in ours and "idle workers removed past the step limit" in ours
+    assert "less the new workers' start-up in" in ours
     assert not any(line.startswith("keda-tuned:") for line in output.splitlines())
 
 

@@ -82,6 +82,52 @@ CASES = [
         "(oldest 40s) within 5s",
     ),
     (
+        "start-up: a pool that must grow drains within the target less the oldest's wait and the new workers' "
+        "start-up: 8 busy + 60 x 1 s / (10 - 2 - 3) s = 20 slots",
+        observe(depth=60, current=2, oldest=2.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=8),
+        scaling(target_wait_seconds=10, worker_startup_seconds=3),
+        4,
+        (),
+        5,
+        "60 waiting (oldest 2s) within 5s (new workers start in 3s) -> 20 slots",
+    ),
+    (
+        "start-up: without workerStartupSeconds new workers count at once: 8 + 60 / 8 = 15.5 slots",
+        observe(depth=60, current=2, oldest=2.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=8),
+        scaling(target_wait_seconds=10),
+        4,
+        (),
+        4,
+        "60 waiting (oldest 2s) within 8s -> 15.5 slots",
+    ),
+    (
+        "start-up: with the oldest's wait unknown only the start-up comes off: 30 x 1 s / (10 - 4) s = 5",
+        observe(depth=30, current=1, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
+        scaling(target_wait_seconds=10, worker_startup_seconds=4),
+        1,
+        (),
+        5,
+        "30 waiting within 6s (new workers start in 4s)",
+    ),
+    (
+        "start-up: a backlog the pool drains as it is needs no new worker, so no start-up comes off",
+        observe(depth=8, current=3, oldest=1.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=8),
+        scaling(target_wait_seconds=10, worker_startup_seconds=3),
+        4,
+        (),
+        3,
+        "8 waiting (oldest 1s) within 9s -> 8.89 slots",
+    ),
+    (
+        "start-up: workers slower to start than the target still leave half of it: 60 x 1 s / 5 s = 12",
+        observe(depth=60, current=1, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
+        scaling(target_wait_seconds=10, worker_startup_seconds=30),
+        4,
+        (),
+        3,
+        "60 waiting within 5s (new workers start in 30s)",
+    ),
+    (
         "guide: 10/min of 10 min tasks = 100 busy slots = 25 workers of 4",
         observe(current=25, arrival_rate=10 / 60, service_time_mean=600.0, busy_slots=100),
         scaling(target_utilization=1.0),
@@ -264,7 +310,7 @@ CASES = [
     (
         "not to zero before the down window has been empty throughout",
         observe(depth=0, current=1, busy_slots=0, arrival_rate=0.0, service_time_mean=1.0),
-        scaling(),
+        scaling(scale_down=ScaleDown(stabilization_seconds=10)),
         4,
         past(1, ago=5),
         1,
@@ -450,6 +496,14 @@ def test_terms_carry_the_drain_horizon() -> None:
     obs = observe(depth=30, current=1, oldest=4.0, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0)
     terms = decide(obs, scaling(target_wait_seconds=10), 1).terms
     assert (terms.oldest_wait, terms.drain_seconds, terms.backlog_slots) == (4.0, 6.0, pytest.approx(5.0))
+
+
+def test_terms_carry_the_start_up_only_when_the_pool_grows() -> None:
+    spec = scaling(target_wait_seconds=10, worker_startup_seconds=3)
+    grows = decide(observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8), spec, 4).terms
+    holds = decide(observe(depth=8, current=3, oldest=1.0, service_time_mean=1.0, busy_slots=8), spec, 4).terms
+    assert (grows.startup, grows.drain_seconds) == (3, 5.0)
+    assert (holds.startup, holds.drain_seconds) == (None, 9.0)
 
 
 def test_remember_keeps_only_the_windows() -> None:

@@ -186,11 +186,12 @@ def test_pool_rates_split_over_the_new_count_at_once_and_over_fewer_workers_only
     reporter, clock = FakeReporter(), Clock()
     rec = Reconciler(reporter, None, clock)
     sources = Sources(probe, FakeTelemetry(), workload, limits)
-    rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)  # scales up 1 -> 5
+    sized = pool(minReplicas=1, maxReplicas=5, scaleDown={"stabilizationSeconds": 10})
+    rec.reconcile(sized, sources)  # scales up 1 -> 5
     workload.down = 1  # one of five crashed and waits for its restart
     for _ in range(2):
         clock.now += 6
-        rec.reconcile(pool(minReplicas=1, maxReplicas=5), sources)
+        rec.reconcile(sized, sources)
     assert told == [5, 5, 4], "the others' shares rise once four held for the 10 s down window"
 
 

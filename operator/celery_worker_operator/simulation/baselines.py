@@ -76,6 +76,7 @@ class DecisionTally:
     kinds: Counter[str] = field(default_factory=Counter)
     rates: Counter[str] = field(default_factory=Counter)
     drain_shortened: int = 0  # passes whose backlog had less than the target left (its oldest waited)
+    startup_shortened: int = 0  # passes whose backlog needed new workers and had less their start-up left
     idle_steps: int = 0  # scale-downs past the step limit: measured-idle workers went at once
 
     def add(self, decision: Decision, step_down: int) -> None:
@@ -86,6 +87,7 @@ class DecisionTally:
             self.rates[terms.rate_source] += 1
         if terms.drain_seconds is not None and terms.backlog and terms.oldest_wait:
             self.drain_shortened += 1
+        self.startup_shortened += bool(terms.startup)
         self.idle_steps += terms.current - decision.replicas > step_down
 
     def describe(self) -> str:
@@ -94,7 +96,8 @@ class DecisionTally:
         return (
             f"{self.passes} passes ({kinds or 'no changes'}); steady term from the recent rate in "
             f"{self.rates['recent'] / rated:.0%}, the minute's in {self.rates['window'] / rated:.0%}; "
-            f"backlog given less than the target (its oldest had waited) in {self.drain_shortened}; "
+            f"backlog given less than the target (its oldest had waited) in {self.drain_shortened}, "
+            f"less the new workers' start-up in {self.startup_shortened}; "
             f"idle workers removed past the step limit in {self.idle_steps}"
         )
 

@@ -1,7 +1,8 @@
 """The six bundled workloads the benchmark and `simulate --scenario` run. Pure and seeded.
 
 Each is a trace shape Celery users meet, with a pool model and the autoscaling spec a user
-would write for it (targets from the workload, everything else at its default).
+would write for it (targets from the workload, workerStartupSeconds as the pool model starts
+workers, everything else at its default).
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ SCENARIOS: dict[str, Scenario] = {
             "Poisson 2/s, 2 s tasks (4 busy slots)",
             _steady,
             PoolModel(concurrency=4),
-            AutoscalingSpec(min_replicas=1, max_replicas=10, target_wait_seconds=10, task_duration_seconds=2),
+            AutoscalingSpec(
+                min_replicas=1,
+                max_replicas=10,
+                target_wait_seconds=10,
+                task_duration_seconds=2,
+                worker_startup_seconds=10,
+            ),
             HOUR,
         ),
         Scenario(
@@ -80,7 +87,13 @@ SCENARIOS: dict[str, Scenario] = {
             "0.5/s of 1 s tasks, plus 400 tasks at once every 30 min",
             _burst,
             PoolModel(concurrency=4),
-            AutoscalingSpec(min_replicas=1, max_replicas=20, target_wait_seconds=30, task_duration_seconds=1),
+            AutoscalingSpec(
+                min_replicas=1,
+                max_replicas=20,
+                target_wait_seconds=30,
+                task_duration_seconds=1,
+                worker_startup_seconds=10,
+            ),
             2 * HOUR,
         ),
         Scenario(
@@ -88,7 +101,13 @@ SCENARIOS: dict[str, Scenario] = {
             "0.2/s to 4/s and back every 2 h, 3 s tasks",
             _diurnal,
             PoolModel(concurrency=4),
-            AutoscalingSpec(min_replicas=1, max_replicas=10, target_wait_seconds=15, task_duration_seconds=3),
+            AutoscalingSpec(
+                min_replicas=1,
+                max_replicas=10,
+                target_wait_seconds=15,
+                task_duration_seconds=3,
+                worker_startup_seconds=10,
+            ),
             4 * HOUR,
         ),
         Scenario(
@@ -96,7 +115,13 @@ SCENARIOS: dict[str, Scenario] = {
             "10/min of 10 min tasks: 100 busy slots (the guide's example)",
             _long,
             PoolModel(concurrency=4, startup_seconds=30),
-            AutoscalingSpec(min_replicas=1, max_replicas=40, target_wait_seconds=120, task_duration_seconds=600),
+            AutoscalingSpec(
+                min_replicas=1,
+                max_replicas=40,
+                target_wait_seconds=120,
+                task_duration_seconds=600,
+                worker_startup_seconds=30,
+            ),
             2 * HOUR,
         ),
         Scenario(
@@ -104,7 +129,13 @@ SCENARIOS: dict[str, Scenario] = {
             "3/s: 90 % 0.5 s thumbnails, 10 % 60 s transcodes",
             _mixed,
             PoolModel(concurrency=8),
-            AutoscalingSpec(min_replicas=1, max_replicas=10, target_wait_seconds=20, task_duration_seconds=6),
+            AutoscalingSpec(
+                min_replicas=1,
+                max_replicas=10,
+                target_wait_seconds=20,
+                task_duration_seconds=6,
+                worker_startup_seconds=10,
+            ),
             2 * HOUR,
         ),
         Scenario(
@@ -112,7 +143,13 @@ SCENARIOS: dict[str, Scenario] = {
             "idle at zero, then 2,000 tasks of 2 s within 10 s",
             _herd,
             PoolModel(concurrency=4),
-            AutoscalingSpec(min_replicas=0, max_replicas=25, target_wait_seconds=60, task_duration_seconds=2),
+            AutoscalingSpec(
+                min_replicas=0,
+                max_replicas=25,
+                target_wait_seconds=60,
+                task_duration_seconds=2,
+                worker_startup_seconds=10,
+            ),
             HOUR,
         ),
     )
