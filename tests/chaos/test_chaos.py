@@ -190,10 +190,17 @@ def chaos_pool(name: str, queue: str, ledger_url: str) -> dict[str, Any]:
 
 
 def run_chaos(
-    stage: Stage, *, broker_url: str, publish_url: str, ledger_url: str, inject: Inject
+    stage: Stage,
+    *,
+    broker_url: str,
+    publish_url: str,
+    ledger_url: str,
+    inject: Inject,
+    in_flight_at_a_cut: Callable[[bytes], bool] = lambda _: False,
 ) -> tuple[Verdict, Recorder]:
     """The burst, the fault `inject` causes (it returns once the fault is over), the wait for every
-    task and for the pool's floor, and the verdict. The caller asserts on it."""
+    task and for the pool's floor, and the verdict (`in_flight_at_a_cut`: see `verdict`). The caller
+    asserts on it."""
     api, ns, name = stage.api, stage.namespace, stage.name
     ledger = redis.Redis.from_url(ledger_url)
     create_secret(api, ns, f"{name}-broker", broker_url)
@@ -223,7 +230,8 @@ def run_chaos(
         wait_truthful(api, ns, name, timeout=45)
     if stage.operator is not None:
         stage.operator.assert_alive()
-    judged = verdict(fault, publisher, read_ledger(ledger, stage.key), recorder.samples, stage.kubelet, ns, NEED)
+    attempts = read_ledger(ledger, stage.key)
+    judged = verdict(fault, publisher, attempts, recorder.samples, stage.kubelet, ns, NEED, in_flight_at_a_cut)
     print(judged.summary())
     return judged, recorder
 
@@ -336,8 +344,10 @@ def test_network_to_the_broker_cut_for_a_minute(stage: Stage, redis_url: str) ->
 
         inject = outage(proxy, 60, "network cut")  # the operator and workers lose the broker, the publisher not
         judged, recorder = run_chaos(stage, broker_url=via_proxy, publish_url=redis_url, ledger_url=redis_url,
-                                     inject=inject)  # fmt: skip
+                                     inject=inject, in_flight_at_a_cut=proxy.sent_just_before_a_cut)  # fmt: skip
     assert_survived(judged)
+    # kombu's Redis transport loses a popped message whose reply a cut drops: at most one per worker
+    assert len(judged.lost_at_a_cut) <= MAX_REPLICAS, judged.summary()
     assert_broker_blind_reported(recorder, judged.fault)
 
 

@@ -79,6 +79,7 @@ class Publisher:
         self.app = make_app(broker_url)
         self.queue, self.key, self.seconds = queue, key, seconds
         self.published: list[tuple[int, float]] = []  # (number, when the broker took it)
+        self.ids: dict[int, str] = {}  # number -> the task's id (its message's correlation_id)
         self.send_errors = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,12 +109,13 @@ class Publisher:
         number = len(self.published)
         while True:
             try:
-                self.app.send_task(RECORD, (self.key, number, self.seconds), queue=self.queue)
+                sent = self.app.send_task(RECORD, (self.key, number, self.seconds), queue=self.queue)
                 break
             except Exception:  # the broker is down: an app retries the same task
                 self.send_errors += 1
                 if self._stop.wait(0.5):
                     return
+        self.ids[number] = sent.id
         self.published.append((number, time.time()))
 
     def backlog(self, attempts: Iterable[Attempt], at: float) -> int:
@@ -214,6 +216,7 @@ class Verdict:
     fault: Fault
     published: int
     lost: list[int]
+    lost_at_a_cut: list[int]  # handed to a worker in the seconds before its connection was cut (see verdict)
     redelivered: list[int]  # numbers that ran more than once (a crash or a lost ack brought them back)
     cut_by_fault: list[Attempt]  # attempts cut short by the fault the test caused
     cut_by_scale_down: list[Attempt]  # attempts cut short because our scale-down removed their pod
@@ -229,6 +232,7 @@ class Verdict:
         moves = " ".join(f"{a}->{b}@{t - self.fault.start:+.0f}s" for t, a, b in self.changes)
         return (
             f"chaos {self.fault.name}: published {self.published}, lost {len(self.lost)}, "
+            f"lost in flight at the cut {len(self.lost_at_a_cut)}, "
             f"redelivered {len(self.redelivered)}, cut by the fault {len(self.cut_by_fault)}, "
             f"cut by a scale-down {len(self.cut_by_scale_down)}, replicas {self.held_from} held at "
             f">= {self.lowest_while_blind} while blind, below need {len(self.below_need)}, "
@@ -245,9 +249,18 @@ def verdict(
     kubelet: ProcessKubelet,
     namespace: str,
     need: Need,
+    in_flight_at_a_cut: Callable[[bytes], bool] = lambda _: False,
 ) -> Verdict:
-    """Judge a finished scenario: blind means during the fault, flapping is counted after it."""
+    """Judge a finished scenario: blind means during the fault, flapping is counted after it.
+
+    `in_flight_at_a_cut` tells whether bytes (a task's id) went from the broker to a worker in the
+    seconds before a cut connection. kombu's Redis transport pops a message (BRPOP) before it records
+    it as unacknowledged, so a message in that reply when the connection drops is gone: the
+    transport's own at-most-once window, which no operator can close. Such tasks are counted apart.
+    """
     ended = {a.number for a in attempts if a.ended is not None}
+    unended = sorted(publisher.numbers - ended)
+    at_a_cut = [n for n in unended if in_flight_at_a_cut(publisher.ids[n].encode())]
     runs = Counter(a.number for a in attempts)
     cut_by_fault, cut_by_scale_down = [], []
     for attempt in attempts:
@@ -262,7 +275,8 @@ def verdict(
     return Verdict(
         fault=fault,
         published=len(publisher.published),
-        lost=sorted(publisher.numbers - ended),
+        lost=[n for n in unended if n not in at_a_cut],
+        lost_at_a_cut=at_a_cut,
         redelivered=sorted(n for n, count in runs.items() if count > 1),
         cut_by_fault=cut_by_fault,
         cut_by_scale_down=cut_by_scale_down,

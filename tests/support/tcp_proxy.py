@@ -3,6 +3,10 @@
 Cutting closes every relayed connection and stops listening (new connections are refused), which
 is what a client sees when its broker goes away; restoring listens again on the same port. The
 real server behind it is never touched, so other tests keep using it.
+
+The proxy remembers what the server sent in the last `RECENT_SECONDS` before each cut: a reply in
+flight when a connection drops may never be read by its client, and a test can ask whether some
+bytes (a message's id) were among them (`sent_just_before_a_cut`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections import deque
 from types import TracebackType
+
+RECENT_SECONDS = 2.0  # how long before a cut a server's reply counts as possibly in flight
 
 
 class TcpProxy:
@@ -21,6 +29,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._from_server: deque[tuple[float, bytes]] = deque()  # (when read, bytes) of the last seconds
+        self._before_cuts: list[bytes] = []  # what the server sent in the seconds before each cut
         self.port = 0
         self.restore()
 
@@ -37,11 +47,18 @@ class TcpProxy:
         with self._lock:
             listener, self._listener = self._listener, None
             doomed, self._sockets = self._sockets, set()
+            self._before_cuts.append(b"".join(data for _, data in self._from_server))
+            self._from_server.clear()
         for sock in ([listener] if listener else []) + list(doomed):
             _close(sock)
 
     def close(self) -> None:
         self.cut()
+
+    def sent_just_before_a_cut(self, needle: bytes) -> bool:
+        """Whether the server sent `needle` to a client in the seconds before any cut so far."""
+        with self._lock:
+            return any(needle in sent for sent in self._before_cuts)
 
     def __enter__(self) -> TcpProxy:
         return self
@@ -69,11 +86,13 @@ class TcpProxy:
             with self._lock:
                 self._sockets |= {client, server}
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, sink, source is server), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
         try:
             while data := source.recv(65536):
+                if from_server:
+                    self._remember(data)
                 sink.sendall(data)
         except OSError:
             pass  # the other side or a cut closed it
@@ -82,6 +101,13 @@ class TcpProxy:
                 _close(sock)
             with self._lock:
                 self._sockets -= {source, sink}
+
+    def _remember(self, data: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._from_server.append((now, data))
+            while self._from_server[0][0] < now - RECENT_SECONDS:
+                self._from_server.popleft()
 
 
 def _close(sock: socket.socket) -> None:
