@@ -121,15 +121,15 @@ class Operator:
                 namespace=key[0],
                 name=key[1],
                 reporter=KubernetesReporter(self.api, key[0], key[1], meta["uid"], status),
-                sources=lambda pool: self._sources(*key, pool),
+                sources=lambda pool: self._sources(*key, meta["uid"], pool),
                 metrics=self.shared.metrics,
                 memory=PoolMemory.resume(status, time.time()),
                 template_policy=self.template_policy,
             )
         return self.loops[key]
 
-    def _sources(self, namespace: str, name: str, pool: CeleryWorkerPool) -> Sources:
-        workload = KubernetesWorkload(self.api, pool, self.deployments)
+    def _sources(self, namespace: str, name: str, uid: str, pool: CeleryWorkerPool) -> Sources:
+        workload = KubernetesWorkload(self.api, pool, self.deployments, owner_uid=uid)
         broker = broker_urls(self.secrets, pool, self.pem_files)
         return self.shared.sources(namespace, name, broker, workload, pool.spec.broker.transport_options)
 

@@ -14,7 +14,7 @@ from celery import Celery
 from kubernetes import client
 
 from tests.support.operator_process import OperatorSetup
-from tests.support.pools import apply_pool, create_secret, pool_manifest, read_pool, replicas
+from tests.support.pools import apply_pool, create_secret, events_for, pool_manifest, read_pool, replicas
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,6 +46,9 @@ def test_pools_make_no_deployment_get_per_pass_and_a_burst_still_scales(
             apply_pool(kube_api, ns, pool_manifest(pool, pool_queue, minReplicas=0, maxReplicas=3))
         for pool, _ in pools:
             wait_for(lambda pool=pool: read_pool(kube_api, ns, pool).get("status", {}), bool, timeout=60)
+        # A pool's first pass may come before the watch shows the Deployment just created for it:
+        # that is no missing workload, and no Warning is raised for it.
+        assert not [event for pool, _ in pools for event in events_for(kube_api, ns, pool, "WorkloadMissing")]
 
         before = deployment_gets(kube_api)
         time.sleep(WINDOW_SECONDS)

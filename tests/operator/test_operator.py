@@ -119,6 +119,15 @@ def test_managed_pool_runs_real_workers_and_reports_status(
         apply_pool(kube_api, ns, changed)
         wait_for(lambda: (deployment(kube_api, ns, name) or {})["spec"]["template"]["spec"]["containers"][0]["args"],
                  lambda args: "5" in args, timeout=30)  # fmt: skip
+
+        # A managed Deployment deleted by hand comes back, as a ReplicaSet's pods do, and is not "missing".
+        old_uid = made["metadata"]["uid"]
+        client.AppsV1Api(kube_api).delete_namespaced_deployment(name, ns)
+        back = wait_for(lambda: deployment(kube_api, ns, name), lambda d: d and d["metadata"]["uid"] != old_uid,
+                        timeout=30)  # fmt: skip
+        assert back["metadata"]["ownerReferences"][0]["name"] == name
+        wait_for(lambda: ready_pods(kube_api, ns, name), lambda p: len(p) == 1, timeout=60)
+        assert not events_for(kube_api, ns, name, "WorkloadMissing")
         running.assert_alive()
 
 

@@ -271,11 +271,18 @@ def scale_body(namespace: str, name: str, replicas: int) -> dict[str, Any]:
 class KubernetesWorkload:
     """One pool's Deployment: the managed one (named after the pool) or the adopted one."""
 
-    def __init__(self, api: client.ApiClient, pool: CeleryWorkerPool, watched: DeploymentViews | None = None) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        pool: CeleryWorkerPool,
+        watched: DeploymentViews | None = None,
+        owner_uid: str | None = None,
+    ) -> None:
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
         self.pool = pool
         self.watched: DeploymentViews = watched if watched is not None else {}
+        self.owner_uid = owner_uid  # the pool's uid: a managed Deployment found missing is applied again
         self.namespace = pool.metadata.namespace
         ref = pool.spec.scale_target_ref
         self.name = ref.name if ref is not None else pool.metadata.name
@@ -332,7 +339,7 @@ class KubernetesWorkload:
         )
 
     def observe(self) -> WorkloadState:
-        deployment = self._watched() or self._read()
+        deployment = self._watched() or self._read_or_reapply()
         match = dict(deployment.match_labels)
         pods = self._pods(match) if deployment.pods_expected else []  # scaled to zero: no pods
         return WorkloadState(
@@ -365,6 +372,20 @@ class KubernetesWorkload:
         """The Deployment as the watch saw it last, if it did and the pool may use it."""
         found = list(self.watched.get((self.namespace, self.name), ()))  # list(): one step, while kopf updates
         return self._owned(found[0]) if found else None
+
+    def _read_or_reapply(self) -> DeploymentView:
+        """The Deployment; a managed one that is not there is applied first. A new pool's first pass
+        can come before its create handler has applied it, and a managed Deployment someone deleted
+        must come back as a ReplicaSet's pods do: neither is a missing workload to report."""
+        try:
+            return self._read()
+        except WorkloadNotOwned:
+            raise
+        except WorkloadMissing:
+            if self.pool.spec.worker is None or self.owner_uid is None:
+                raise
+        self.ensure(self.owner_uid)
+        return self._read()
 
     def _read(self) -> DeploymentView:
         """The Deployment as the API server has it now (WorkloadMissing, or WorkloadNotOwned: see `_owned`)."""
