@@ -77,6 +77,9 @@ class Publisher:
 
     def __init__(self, broker_url: str, queue: str, key: str, seconds: float) -> None:
         self.app = make_app(broker_url)
+        # Published means the broker took it: on RabbitMQ a send waits for the broker's confirm (else a
+        # send the fault cut short is written to a dying socket and counted); Redis answers each LPUSH.
+        self.app.conf.broker_transport_options = {"confirm_publish": True}
         self.queue, self.key, self.seconds = queue, key, seconds
         self.published: list[tuple[int, float]] = []  # (number, when the broker took it)
         self.ids: dict[int, str] = {}  # number -> the task's id (its message's correlation_id)
