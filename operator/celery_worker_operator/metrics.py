@@ -64,6 +64,11 @@ POOL_GAUGES = (
     ("pool_arrival_rate_tasks_per_second", "arrivalRate", "Tasks received per second by the pool's workers."),
     ("pool_service_time_seconds", "serviceTimeSeconds", "Mean task run time on the pool's workers."),
     ("pool_workers_online", "workersOnline", "Workers of the pool sending heartbeats."),
+    (
+        "pool_worker_startup_seconds",
+        "workerStartupSeconds",
+        "Measured start-up of the pool's new workers (start to first event; median of the last few).",
+    ),
     ("pool_replicas", "replicas", "Current replicas of the pool's workload."),
     ("pool_ready_replicas", "readyReplicas", "Ready replicas of the pool's workload."),
     ("pool_desired_replicas", "desiredReplicas", "Replicas the last decision asked for."),

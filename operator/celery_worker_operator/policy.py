@@ -6,20 +6,20 @@ It reads like the HPA's replica calculator, with Celery's own numbers in place o
                    busy_slots)                                        (never below what runs now)
              + (depth + reserved) x service_time / drain_seconds      (drain the backlog in time)
     drain_seconds = targetWaitSeconds - oldest task's wait
-                    - workerStartupSeconds (only when the pool must grow), at least half the target
+                    - start-up (only when the pool must grow), at least half the target
     replicas = ceil(slots / concurrency)
 
 The arrival rate is the lower of a recent one (seconds) and the windowed one (a minute), so a
-burst, which the backlog term already drains, does not size the steady term for a minute after
-it was served. The backlog drains within what is left of the target wait for its oldest task,
-so a burst found late asks for more; when that needs new workers, within what is left after they
-start (workerStartupSeconds), so a burst gets all the workers it needs in one step rather than
-too few at once and the rest a poll later. Then a tolerance band, min/max, the HPA's stabilization
-windows (lowest recent recommendation bounds a scale-up, highest bounds a scale-down) and per-poll
-step limits; workers measured idle while nothing waits may all go in one step. Missing or stale
-measurements never shrink a pool. Between polls the loop looks at the queues (`wakes_early`) and
-starts a pass as soon as more messages are ready than the pool has slots and than its last pass
-saw waiting.
+burst, which the backlog term already drains, does not size the steady term for a minute after it
+was served. The backlog drains within what is left of the target wait for its oldest task, so a
+burst found late asks for more; when that needs new workers, within what is left after they start
+(workerStartupSeconds, else the start-up measured on the pool's own new workers), so a burst gets
+all the workers it needs in one step rather than too few at once and the rest a poll later. Then a
+tolerance band, min/max, the HPA's stabilization windows (lowest recent recommendation bounds a
+scale-up, highest bounds a scale-down) and per-poll step limits; workers measured idle while
+nothing waits may all go in one step. Missing or stale measurements never shrink a pool. Between
+polls the loop looks at the queues (`wakes_early`) and starts a pass as soon as more messages are
+ready than the pool has slots and than its last pass saw waiting.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Observation:
     busy_slots: int | None = None
     live_workers: int | None = None
     ready_replicas: int | None = None
+    worker_startup: float | None = None  # seconds a new worker of this pool took to its first event (startup.py)
 
     @property
     def backlog(self) -> int | None:
@@ -120,8 +121,9 @@ class Terms:
     busy_slots); offered_load = arrival_rate x service_time, where arrival_rate is the lower of
     the recent and the windowed rate (`rate_source` says which); backlog_slots = backlog x
     service_time / drain_seconds, where drain_seconds is targetWaitSeconds less `oldest_wait`
-    (the oldest waiting task's age, when known) and, when the pool must grow, less `startup` (the
-    workerStartupSeconds a new worker takes before its first task), never below half the target.
+    (the oldest waiting task's age, when known) and, when the pool must grow, less `startup` (what a
+    new worker takes before its first task: workerStartupSeconds when set, else the pool's measured
+    start-up; `startup_source` says which), never below half the target.
     Without a service time, slots = (backlog + busy) / utilization.
     `idle_workers` is how many workers' worth of slots stood idle with nothing waiting: the
     scale-down step may remove that many at once.
@@ -143,6 +145,7 @@ class Terms:
     backlog_slots: float | None = None
     oldest_wait: float | None = None
     startup: float | None = None
+    startup_source: str | None = None
     drain_seconds: float | None = None
     slots: float | None = None
     fallback_replicas: int | None = None
@@ -275,9 +278,9 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
         offered = arrival * service_time  # Little's law: L = lambda x W
         steady = max(offered / spec.target_utilization, busy)
         oldest, within = _drain_seconds(obs, spec)
-        startup = None
+        startup, startup_source = None, None
         if _grows(steady + backlog * service_time / within, concurrency, obs.current_replicas) and backlog:
-            startup = spec.worker_startup_seconds or None
+            startup, startup_source = _startup(obs, spec)
             oldest, within = _drain_seconds(obs, spec, startup or 0.0)
         drain = backlog * service_time / within
         slots = steady + drain
@@ -292,11 +295,13 @@ def _recommend(obs: Observation, backlog: int, spec: AutoscalingSpec, concurrenc
             backlog_slots=drain,
             oldest_wait=oldest,
             startup=startup,
+            startup_source=startup_source,
             drain_seconds=within,
         )
         waiting = f"{backlog} waiting" + (f" (oldest {oldest:.3g}s)" if backlog and oldest else "")
         if backlog and (oldest or startup):
-            waiting += f" within {within:.3g}s" + (f" (new workers start in {startup:.3g}s)" if startup else "")
+            started = f" (new workers start in {startup:.3g}s, {startup_source})" if startup else ""
+            waiting += f" within {within:.3g}s{started}"
         why = f"{arrival:.3g}/s ({rate_source}) x {service_time:.3g}s {source} + {waiting} -> {slots:.3g} slots"
     terms = replace(terms, slots=slots)
     raw = math.ceil(slots / concurrency - EPSILON)
@@ -319,6 +324,16 @@ def _drain_seconds(obs: Observation, spec: AutoscalingSpec, startup: float = 0.0
     if not obs.backlog or (oldest is None and not startup):
         return oldest, target
     return oldest, max(target - (oldest or 0.0) - startup, target * MIN_DRAIN_SHARE)
+
+
+def _startup(obs: Observation, spec: AutoscalingSpec) -> tuple[float | None, str | None]:
+    """What a new worker takes before its first task, and where that comes from (None: not known,
+    counted as 0). An explicit workerStartupSeconds wins, 0 too; else the pool's measured start-up."""
+    if spec.worker_startup_seconds is not None:
+        return spec.worker_startup_seconds or None, "workerStartupSeconds"
+    if obs.worker_startup is not None:
+        return obs.worker_startup, "measured"
+    return None, None
 
 
 def _grows(slots: float, concurrency: int, current: int) -> bool:

@@ -33,6 +33,7 @@ from .policy import (
     steering,
 )
 from .spec import CeleryWorkerPool, CeleryWorkerPoolStatus, Condition, ConditionStatus, LastDecision, QueueStatus
+from .startup import StartupSamples
 from .telemetry import PoolTelemetry
 from .workloads import Workload, WorkloadState, removal_order
 from .workloads.command import grace_seconds
@@ -84,6 +85,7 @@ class PoolMemory:
     rate_members: tuple[tuple[float, int], ...] = ()  # (time, workers) over the down window: pool rate splits
     mode: Mode | None = None  # as the last pass found it, for status.mode
     recommended: int | None = None  # the count the last "would scale" Event named (recommend mode)
+    startup: StartupSamples = field(default_factory=StartupSamples)  # its new workers' start-ups (not resumed)
 
     @classmethod
     def resume(cls, status: Mapping[str, Any] | None, now: float) -> PoolMemory:
@@ -119,6 +121,7 @@ class Measurements:
     broker_error: str | None
     telemetry: PoolTelemetry | None
     workload: WorkloadState
+    startup: float | None = None  # the pool's measured worker start-up, seconds (startup.py)
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,8 @@ class Reconciler:
         identity = pool.identity
         legacy = identity.legacy_hostnames(workload.members)  # workers whose pods have not rolled yet
         telemetry = sources.telemetry.snapshot(identity.key, pool.spec.queues, legacy)
-        return Measurements(stats, error, telemetry, workload)
+        self.memory.startup = sample_startup(self.memory.startup, workload, telemetry)
+        return Measurements(stats, error, telemetry, workload, self.memory.startup.median)
 
     def _act(
         self, pool: CeleryWorkerPool, sources: Sources, measured: Measurements, decision: Decision, now: float
@@ -429,7 +433,18 @@ def observation(now: float, measured: Measurements) -> Observation:
         busy_slots=telemetry.busy_slots if telemetry and telemetry.live_workers else None,
         live_workers=telemetry.live_workers if telemetry else None,
         ready_replicas=workload.ready_replicas,
+        worker_startup=measured.startup,
     )
+
+
+def sample_startup(samples: StartupSamples, workload: WorkloadState, telemetry: PoolTelemetry) -> StartupSamples:
+    """`samples` with the start-ups of the members whose workers were first heard since the last pass."""
+    first_heard = {
+        member_of(hostname): worker.first_heard
+        for hostname, worker in telemetry.workers.items()
+        if worker.first_heard is not None
+    }
+    return samples.add(workload.started, first_heard, telemetry.watching_since)
 
 
 def member_load(telemetry: PoolTelemetry | None) -> dict[str, int]:
@@ -461,6 +476,7 @@ def _measured_fields(measured: Measurements, decision: Decision | None) -> dict[
         "ready_replicas": workload.ready_replicas,
         "desired_replicas": decision.replicas if decision else None,
         "selector": workload.selector,
+        "worker_startup_seconds": _round(measured.startup),
     }
     if stats is not None:
         fields["queues"] = [

@@ -411,7 +411,8 @@ class AutoscalingSpec(Model):
         le=3600,
         description="How long a new worker takes from its start to its first task (process or pod start, "
         "imports, broker connection). When the pool must grow, the backlog is sized to drain in what is left "
-        "of the wait target after it; unset: new workers are counted as if they served at once.",
+        "of the wait target after it. Unset: measured from the pool's own new workers (status."
+        "workerStartupSeconds), once one has started; 0 until then.",
     )
     max_concurrent_tasks: int | None = Field(
         None,
@@ -665,6 +666,11 @@ class CeleryWorkerPoolStatus(Model):
     arrival_rate: float | None = Field(None, description="Tasks per second arriving.")
     service_time_seconds: float | None = Field(None, description="Mean task run time.")
     workers_online: int | None = None
+    worker_startup_seconds: float | None = Field(
+        None,
+        description="Measured start-up of the pool's new workers: from pod creation (or process start) to the "
+        "worker's first event, median of the last few. Used when autoscaling.workerStartupSeconds is unset.",
+    )
     last_decision: LastDecision | None = None
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -43,6 +43,7 @@ def pool_view(pool: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now:
         "ready / online",
         f"{_text(status.get('readyReplicas'))} / {_text(status.get('workersOnline'))}",
     )
+    numbers.add_row("start-up", _seconds(status.get("workerStartupSeconds")))
     conditions = Table("condition", "status", "reason", "since", "message", title="conditions")
     for condition in status.get("conditions", []):
         since = age(condition.get("lastTransitionTime"), now)

@@ -17,6 +17,7 @@ PURE = [
     "policy.py",
     "units.py",
     "naming.py",
+    "startup.py",
     "template_policy.py",
     "status_view.py",
     "simulation/engine.py",

@@ -89,7 +89,7 @@ CASES = [
         4,
         (),
         5,
-        "60 waiting (oldest 2s) within 5s (new workers start in 3s) -> 20 slots",
+        "60 waiting (oldest 2s) within 5s (new workers start in 3s, workerStartupSeconds) -> 20 slots",
     ),
     (
         "start-up: without workerStartupSeconds new workers count at once: 8 + 60 / 8 = 15.5 slots",
@@ -107,7 +107,7 @@ CASES = [
         1,
         (),
         5,
-        "30 waiting within 6s (new workers start in 4s)",
+        "30 waiting within 6s (new workers start in 4s, workerStartupSeconds)",
     ),
     (
         "start-up: a backlog the pool drains as it is needs no new worker, so no start-up comes off",
@@ -119,13 +119,40 @@ CASES = [
         "8 waiting (oldest 1s) within 9s -> 8.89 slots",
     ),
     (
+        "start-up: unset, the pool's measured start-up comes off: 8 busy + 60 x 1 s / (10 - 2 - 3) s = 20 slots",
+        observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8, worker_startup=3.0),
+        scaling(target_wait_seconds=10),
+        4,
+        (),
+        5,
+        "60 waiting (oldest 2s) within 5s (new workers start in 3s, measured) -> 20 slots",
+    ),
+    (
+        "start-up: an explicit workerStartupSeconds wins over the measured one: 8 + 60 / (10 - 2 - 1) = 16.6",
+        observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8, worker_startup=3.0),
+        scaling(target_wait_seconds=10, worker_startup_seconds=1),
+        4,
+        (),
+        5,
+        "within 7s (new workers start in 1s, workerStartupSeconds) -> 16.6 slots",
+    ),
+    (
+        "start-up: workerStartupSeconds 0 wins too: new workers count at once, as without any start-up",
+        observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8, worker_startup=3.0),
+        scaling(target_wait_seconds=10, worker_startup_seconds=0),
+        4,
+        (),
+        4,
+        "60 waiting (oldest 2s) within 8s -> 15.5 slots",
+    ),
+    (
         "start-up: workers slower to start than the target still leave half of it: 60 x 1 s / 5 s = 12",
         observe(depth=60, current=1, arrival_rate=0.0, service_time_mean=1.0, busy_slots=0),
         scaling(target_wait_seconds=10, worker_startup_seconds=30),
         4,
         (),
         3,
-        "60 waiting within 5s (new workers start in 30s)",
+        "60 waiting within 5s (new workers start in 30s, workerStartupSeconds)",
     ),
     (
         "guide: 10/min of 10 min tasks = 100 busy slots = 25 workers of 4",
@@ -502,8 +529,26 @@ def test_terms_carry_the_start_up_only_when_the_pool_grows() -> None:
     spec = scaling(target_wait_seconds=10, worker_startup_seconds=3)
     grows = decide(observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8), spec, 4).terms
     holds = decide(observe(depth=8, current=3, oldest=1.0, service_time_mean=1.0, busy_slots=8), spec, 4).terms
-    assert (grows.startup, grows.drain_seconds) == (3, 5.0)
-    assert (holds.startup, holds.drain_seconds) == (None, 9.0)
+    assert (grows.startup, grows.startup_source, grows.drain_seconds) == (3, "workerStartupSeconds", 5.0)
+    assert (holds.startup, holds.startup_source, holds.drain_seconds) == (None, None, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "measured", "startup", "source"),
+    [
+        (None, None, None, None),
+        (None, 2.5, 2.5, "measured"),
+        (4.0, 2.5, 4.0, "workerStartupSeconds"),
+        (0.0, 2.5, None, "workerStartupSeconds"),
+    ],
+    ids=["neither: 0", "measured when unset", "the setting wins", "a setting of 0 wins too"],
+)
+def test_the_start_up_term_names_its_source(
+    setting: float | None, measured: float | None, startup: float | None, source: str | None
+) -> None:
+    obs = observe(depth=60, current=2, oldest=2.0, service_time_mean=1.0, busy_slots=8, worker_startup=measured)
+    terms = decide(obs, scaling(target_wait_seconds=10, worker_startup_seconds=setting), 4).terms
+    assert (terms.startup, terms.startup_source) == (startup, source)
 
 
 def test_remember_keeps_only_the_windows() -> None:

@@ -183,6 +183,15 @@ def test_a_wakeup_reply_keeps_the_workers_real_interval_and_counters() -> None:
     assert (worker.freq, worker.active, worker.processed, worker.last_heartbeat) == (1.0, 2, 7, T0 + 0.5)
 
 
+def test_a_worker_is_first_heard_at_its_first_event_and_watching_began_before() -> None:
+    aggregator = EventAggregator()
+    aggregator.observe_from(T0)
+    aggregator.feed({"type": "worker-online", "hostname": "p@w", "freq": 2.0, "active": 0, "processed": 0}, T0 + 3)
+    aggregator.feed(beat("p@w", T0 + 5), T0 + 5)
+    telemetry = aggregator.snapshot("p", T0 + 5)
+    assert (telemetry.watching_since, telemetry.workers["p@w"].first_heard) == (T0, T0 + 3)
+
+
 def test_busy_slots_and_live_workers_count_online_workers_only() -> None:
     aggregator = EventAggregator()
     aggregator.feed(beat("p@a", T0, active=2), T0)

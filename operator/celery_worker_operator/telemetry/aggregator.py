@@ -114,6 +114,7 @@ class _Worker:
     __slots__ = (
         "active",
         "beats",
+        "first_heard",
         "freq",
         "hostname",
         "last_heartbeat",
@@ -126,7 +127,7 @@ class _Worker:
 
     def __init__(self, hostname: str, pool: _Pool, now: float) -> None:
         self.hostname, self.pool = hostname, pool
-        self.last_seen = now
+        self.first_heard = self.last_seen = now
         self.last_heartbeat: float | None = None
         self.freq: float | None = None
         self.left = False  # said worker-offline
@@ -155,6 +156,7 @@ class _Worker:
             last_heartbeat=self.last_heartbeat,
             freq=self.freq or DEFAULT_FREQ,
             task_events=self.sends_task_events(),
+            first_heard=self.first_heard,
         )
 
 
@@ -261,6 +263,7 @@ class EventAggregator:
             workers=reports,
             tasks=tasks,
             totals={name: totals.frozen() for name, totals in state.totals.items()} if state else {},
+            watching_since=self._since,
         )
 
     def _claim(self, pool: str, hostnames: Collection[str]) -> None:

@@ -62,6 +62,7 @@ class WorkerTelemetry:
     last_heartbeat: float | None  # local clock when its last worker-* event arrived
     freq: float  # its heartbeat interval, seconds
     task_events: bool | None  # False: it processed tasks without sending task events (no -E)
+    first_heard: float | None = None  # local clock when its first event arrived (its start-up ends there)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +73,8 @@ class PoolTelemetry(TaskStats):
     them processing tasks without any (workers started without -E: then `completion_rate` and
     `service_time_mean` are estimated from heartbeats and the other rates are None), and None
     when nothing tells yet. `observed_seconds` is how long the stream has been watched: rates
-    over a shorter time than the window are less certain. `totals` counts task events since
+    over a shorter time than the window are less certain; `watching_since` is when watching began
+    (local clock), before which a worker's start cannot have been heard. `totals` counts task events since
     watching began, per task name, at most a bounded number of names (the rest under "other").
     """
 
@@ -84,3 +86,4 @@ class PoolTelemetry(TaskStats):
     workers: Mapping[str, WorkerTelemetry]
     tasks: Mapping[str, TaskStats]
     totals: Mapping[str, TaskTotals] = field(default_factory=dict)
+    watching_since: float | None = None

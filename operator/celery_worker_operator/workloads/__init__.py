@@ -6,7 +6,7 @@ Both answer the same small protocol, so the reconciler cannot tell them apart.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -20,6 +20,8 @@ class WorkloadState:
     crash_loop: what the last worker said before exiting, while workers keep exiting unasked.
     replicas_declared_by: other field managers that apply the replica count (a GitOps tool whose
         manifest sets `spec.replicas`): scaling would fight them, so the pool does not scale.
+    started: when each member started, seconds since the epoch (a pod's creationTimestamp, a process's
+        start): where its worker's start-up begins (startup.py).
     """
 
     replicas: int
@@ -29,6 +31,7 @@ class WorkloadState:
     selector: str | None = None
     crash_loop: str | None = None
     replicas_declared_by: tuple[str, ...] = ()
+    started: Mapping[str, float] = field(default_factory=dict)
 
 
 def removal_order(members: Sequence[str], load: Mapping[str, int]) -> list[str]:

@@ -114,6 +114,12 @@ def crash_loop(pods: Iterable[Any]) -> str | None:
     return None
 
 
+def created(pods: Iterable[Any]) -> dict[str, float]:
+    """When each pod was created, seconds since the epoch: where its worker's start-up begins. The API
+    server keeps whole seconds, so a start-up measured from it may be up to a second long."""
+    return {p.metadata.name: p.metadata.creation_timestamp.timestamp() for p in pods if p.metadata.creation_timestamp}
+
+
 def build_deployment(pool: CeleryWorkerPool, uid: str, replicas: int) -> dict[str, Any]:
     """The managed worker Deployment for a pool with `spec.worker`."""
     worker = pool.spec.worker
@@ -350,6 +356,7 @@ class KubernetesWorkload:
             selector=",".join(f"{k}={v}" for k, v in deployment.match_labels),
             crash_loop=crash_loop(pods),
             replicas_declared_by=deployment.replicas_declared_by,
+            started=created(pods),
         )
 
     def scale(self, replicas: int, load: Mapping[str, int]) -> None:

@@ -158,12 +158,14 @@ class LocalWorkload:
         self.backoff.ran(max((now - p.started for p in self._running.values()), default=0.0))
         worker = self.pool.spec.worker
         looping = self._last_exit is not None and self.backoff.looping()
+        since_epoch = time.time() - now  # process starts are on the monotonic clock, telemetry on the wall clock
         return WorkloadState(
             replicas=self._desired,
             ready_replicas=len(self._running),
             members=tuple(sorted(self._running)),
             concurrency=worker.concurrency if worker else None,
             crash_loop=self._last_exit.message() if looping and self._last_exit else None,
+            started={member: since_epoch + p.started for member, p in self._running.items()},
         )
 
     def pid(self, member: str) -> int:
