@@ -161,6 +161,7 @@ class LocalRun:
             "replicas",
             f"{status.get('replicas', 0)} (desired {status.get('desiredReplicas', '-')}, {status.get('mode', '-')})",
         )
+        numbers.add_row("start-up", _seconds(status.get("workerStartupSeconds")))
         for condition in status.get("conditions", []):
             if condition["type"] == "Advice" and condition["status"] == "True":
                 for line in condition["message"].splitlines():

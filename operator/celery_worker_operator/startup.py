@@ -9,6 +9,13 @@ Only members started while the operator was watching the stream count: a worker 
 when the operator starts is first heard long after its start. Each member gives one sample at most,
 samples out of bounds (clock skew, a member heard only after a lost stream) are dropped, and the
 median of the last few is the pool's start-up: one slow pod moves it little.
+
+The first event is `worker-online`, from Celery's Heart bootstep. Most workers send it once they
+consume (within ~20 ms of their first task here), but Celery orders its consumer bootsteps by a
+dependency sort that varies with the process's hash seed: in about a third of processes Heart starts
+before Mingle, whose wait for its neighbours' replies (1 s) then still lies between `worker-online`
+and the first task. Such a sample reads ~1 s short (0.5-0.8 s against ~1.5 s locally); the median of
+several keeps it from deciding alone.
 """
 
 from __future__ import annotations

@@ -119,6 +119,36 @@ def test_a_spike_on_a_running_pool_wakes_the_loop_long_before_the_next_poll(
         assert wait_for(lambda: sum(ran(run, "ended").values()) == 31, 60)
 
 
+def test_new_workers_start_up_is_measured_and_sizes_the_next_scale_up(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """workerStartupSeconds unset: the first worker's start-up (process start to its first event) is
+    measured, shown, and comes off the drain horizon of the next scale-up."""
+    with local_pool_run(
+        redis_url, monkeypatch, "startup", concurrency=2, max_replicas=6, scale_down_seconds=120
+    ) as run:  # fmt: skip
+        run.step()
+        assert run.reporter.status_now["replicas"] == 0 and "workerStartupSeconds" not in run.reporter.status_now
+        send(run, 2, 0.2)
+        step_until(run, lambda: "workerStartupSeconds" in run.reporter.status_now, timeout=30, every=0.5)
+        measured = run.loop.memory.startup.median
+        print(f"measured start-up: {run.loop.memory.startup.samples} s")
+        assert measured is not None and 0.2 < measured < 30, "a local worker starts in seconds"
+        assert run.reporter.status_now["workerStartupSeconds"] == pytest.approx(measured, rel=0.05)
+        labels = {"namespace": "default", "pool": run.pool.metadata.name}
+        gauge = run.metrics.registry.get_sample_value("celery_worker_operator_pool_worker_startup_seconds", labels)
+        assert gauge == pytest.approx(measured, rel=0.05)
+        send(run, 60, 0.5)
+        deadline = time.monotonic() + 20
+        while (decision := run.step().decision) is None or decision.replicas <= decision.terms.current:
+            assert time.monotonic() < deadline, f"no scale-up on a backlog of 60; last {decision}"
+            time.sleep(0.5)
+        assert (decision.terms.startup, decision.terms.startup_source) == (measured, "measured"), decision.reason
+        assert f"new workers start in {measured:.3g}s, measured" in decision.reason
+        print(f"next scale-up: {decision.reason}")
+        assert wait_for(lambda: sum(ran(run, "ended").values()) == 62, 60)
+
+
 def test_killed_worker_is_replaced_and_its_tasks_redelivered(local_run: LocalRun) -> None:
     send(local_run, 12, 4.0)
 
