@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,9 +74,16 @@ def test_status_shows_a_live_pool_and_json_is_its_status(
             watcher.terminate()
             watcher.wait(10)
 
+        # The pod the burst added started while the operator watched: its start-up is measured.
+        startup = wait_for(
+            lambda: read_pool(kube_api, ns, name)["status"].get("workerStartupSeconds"), bool, timeout=30
+        )
+        print(f"measured start-up: {startup} s")
+        assert 0.2 < startup < 30, "a pod's worker starts in seconds"
         text = shown(status_cli(cluster, name, "-n", ns))
         for expected in (f"pool {ns}/{name}", queue, "MetricsAvailable", "WorkersRunning", "ScaledUp", "desired"):
             assert expected in text, text
+        assert re.search(r"start-up +[\d.]+s", text), text
 
         listed = shown(status_cli(cluster, "-A")).splitlines()
         assert listed[0].split()[:2] == ["NAMESPACE", "NAME"], listed
