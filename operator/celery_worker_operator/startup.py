@@ -2,13 +2,14 @@
 
 A member starts when its pod is created (Kubernetes) or its process is started (local mode); its
 worker is first heard when its first event (`worker-online`, a heartbeat) reaches the operator's event
-stream, which Celery sends once the worker consumes. The difference is what a new worker costs a
+stream, which Celery sends as the worker begins to consume (but see below). The difference is what a new worker costs a
 backlog before it serves: the policy's start-up term when `workerStartupSeconds` is unset.
 
 Only members started while the operator was watching the stream count: a worker already running
-when the operator starts is first heard long after its start. Each member gives one sample at most,
-samples out of bounds (clock skew, a member heard only after a lost stream) are dropped, and the
-median of the last few is the pool's start-up: one slow pod moves it little.
+when the operator starts (or the stream reconnects) is first heard long after its start. Each
+member gives one sample at most, samples out of bounds (clock skew, a member heard only after a
+lost stream) are dropped, and the median of the last few is the pool's start-up: one slow pod
+moves it little.
 
 The first event is `worker-online`, from Celery's Heart bootstep. Most workers send it once they
 consume (within ~20 ms of their first task here), but Celery orders its consumer bootsteps by a

@@ -190,6 +190,9 @@ def test_a_worker_is_first_heard_at_its_first_event_and_watching_began_before() 
     aggregator.feed(beat("p@w", T0 + 5), T0 + 5)
     telemetry = aggregator.snapshot("p", T0 + 5)
     assert (telemetry.watching_since, telemetry.workers["p@w"].first_heard) == (T0, T0 + 3)
+    aggregator.observe_from(T0 + 30)  # the stream came back after a cut: what was said meanwhile is lost
+    telemetry = aggregator.snapshot("p", T0 + 31)
+    assert (telemetry.watching_since, telemetry.observed_seconds) == (T0 + 30, 31.0)
 
 
 def test_busy_slots_and_live_workers_count_online_workers_only() -> None:

@@ -185,6 +185,7 @@ class EventAggregator:
         self._workers: dict[str, _Worker] = {}
         self._tasks: dict[str, _Task] = {}
         self._since: float | None = None
+        self._unbroken_since: float | None = None  # the stream's latest (re)connection: nothing lost after it
         self._next_sweep = 0.0
         self._handlers: dict[str, Callable[[Event, float], None]] = {
             "task-sent": self._sent,
@@ -206,9 +207,12 @@ class EventAggregator:
         return len(self._tasks)
 
     def observe_from(self, now: float) -> None:
-        """Mark when watching began, so early rates divide by the time watched, not the whole window."""
+        """Mark when watching (re)began: early rates divide by the time watched since it first began,
+        not the whole window; a worker started before the latest (re)connection may have spoken while
+        the stream was cut, so its start-up is not measured (`PoolTelemetry.watching_since`)."""
         if self._since is None:
             self._since = now
+        self._unbroken_since = now
 
     def feed(self, event: Event, now: float) -> None:
         """Fold one event in; raises KeyError on an event that lacks what its type needs."""
@@ -222,7 +226,7 @@ class EventAggregator:
         one bucket; clock upkeep happens once per message.
         """
         if self._since is None:
-            self._since = now
+            self.observe_from(now)
         if now >= self._next_sweep:
             self._sweep(now)
         handlers, unreadable = self._handlers, 0
@@ -263,7 +267,7 @@ class EventAggregator:
             workers=reports,
             tasks=tasks,
             totals={name: totals.frozen() for name, totals in state.totals.items()} if state else {},
-            watching_since=self._since,
+            watching_since=self._unbroken_since,
         )
 
     def _claim(self, pool: str, hostnames: Collection[str]) -> None:

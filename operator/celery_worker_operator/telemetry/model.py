@@ -69,13 +69,14 @@ class WorkerTelemetry:
 class PoolTelemetry(TaskStats):
     """What the reconciler reads for one pool.
 
-    `task_events` is True when the pool's workers send task events, False when heartbeats show
-    them processing tasks without any (workers started without -E: then `completion_rate` and
+    `task_events` is True when the pool's workers send task events, False when heartbeats show them
+    processing tasks without any (workers started without -E: then `completion_rate` and
     `service_time_mean` are estimated from heartbeats and the other rates are None), and None
     when nothing tells yet. `observed_seconds` is how long the stream has been watched: rates
-    over a shorter time than the window are less certain; `watching_since` is when watching began
-    (local clock), before which a worker's start cannot have been heard. `totals` counts task events since
-    watching began, per task name, at most a bounded number of names (the rest under "other").
+    over a shorter time than the window are less certain; `watching_since` is when the stream
+    was last (re)connected (local clock): a worker started before may have spoken while nobody
+    listened. `totals` counts task events since watching began, per task name, at most a bounded
+    number of names (the rest under "other").
     """
 
     pool: str
