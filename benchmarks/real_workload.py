@@ -1,7 +1,7 @@
 """Real workers on real Redis: our local mode against a KEDA-style process scaler, tuned and default.
 
     .venv/bin/python benchmarks/real_workload.py [--url redis://127.0.0.1:6379/14] [--workloads NAMES] [--tail 45]
-        [--scalers ours,keda-tuned,keda,limit] [--worker-args="--without-mingle --without-gossip"]
+        [--scalers ours,ours-measured,keda-tuned,keda,limit] [--worker-args="--without-mingle --without-gossip"]
         [--decisions]   (also print each of our scale decisions with its terms, seconds from the first publish)
     .venv/bin/python benchmarks/real_workload.py --reaction 10
 
@@ -13,6 +13,8 @@ queue, one scaler after the other in this one run, each scaling real `celery wor
   ours        `local` mode: the operator's pool loop, pollSeconds 5, targetWaitSeconds 10,
               workerStartupSeconds 3 (a worker here takes 2-4 s to its first task with six starting
               at once, about 1.8 s alone on a quiet machine: benchmarks/worker_startup.py);
+  ours-measured  the same without workerStartupSeconds: the pool measures its workers' start-up
+              itself (none until its first workers have started);
   keda-tuned  KEDA's queue-length scaler behind the HPA as simulation/baselines.py models it
               (ceil(ready messages / 4), activation, highest recommendation of the down window),
               polled every 5 s with a 60 s down window and cooldown;
@@ -204,8 +206,15 @@ class Limit:
         self.workload.close()
 
 
+def measured_startup(pool: CeleryWorkerPool) -> CeleryWorkerPool:
+    """The pool without workerStartupSeconds: the start-up it uses is the one it measures itself."""
+    scaling = pool.spec.autoscaling.model_copy(update={"worker_startup_seconds": None})
+    return pool.model_copy(update={"spec": pool.spec.model_copy(update={"autoscaling": scaling})})
+
+
 SCALERS: dict[str, Callable[[CeleryWorkerPool, str], Scaling]] = {
     "ours": lambda pool, url: Ours(pool, url),
+    "ours-measured": lambda pool, url: Ours(measured_startup(pool), url),
     "keda-tuned": lambda pool, url: KedaStyle(pool, url, KedaScaler.tuned(0, MAX_REPLICAS, CONCURRENCY)),
     "keda": lambda pool, url: KedaStyle(pool, url, KedaScaler(0, MAX_REPLICAS, CONCURRENCY)),
     "limit": lambda pool, url: Limit(pool, url),
@@ -288,7 +297,7 @@ def run_isolated(settings: Settings, scaler: str, sends: Sends) -> Outcome:
 
 def compare(settings: Settings, names: list[str], scalers: list[str], seed: int) -> None:
     """Each row as soon as it is measured (a run takes minutes), the ratios to keda-tuned after each workload."""
-    print(f"{'workload':14} {'scaler':10} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4} {'load 1m':>11}")
+    print(f"{'workload':14} {'scaler':13} {'p50':>6} {'p95':>6} {'worker-s':>9} {'lost':>4} {'load 1m':>11}")
     for name in names:
         sends = WORKLOADS[name](random.Random(seed))
         outcomes = {}
@@ -297,7 +306,7 @@ def compare(settings: Settings, names: list[str], scalers: list[str], seed: int)
             outcome = outcomes[scaler] = run_isolated(settings, scaler, sends)
             p50, p95 = percentile(outcome.waits, 50), percentile(outcome.waits, 95)
             print(
-                f"{name:14} {scaler:10} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
+                f"{name:14} {scaler:13} {p50:6.1f} {p95:6.1f} {outcome.worker_seconds:9.0f} {outcome.lost:4d} "
                 f"{load:5.1f}->{os.getloadavg()[0]:<4.1f}",
                 flush=True,
             )
@@ -306,7 +315,7 @@ def compare(settings: Settings, names: list[str], scalers: list[str], seed: int)
             for scaler, outcome in outcomes.items():
                 p95_ratio = percentile(outcome.waits, 95) / (percentile(tuned.waits, 95) or float("nan"))
                 cost_ratio = outcome.worker_seconds / tuned.worker_seconds
-                print(f"{name:14} {scaler:10} p95/tuned {p95_ratio:5.2f}  cost/tuned {cost_ratio:5.2f}", flush=True)
+                print(f"{name:14} {scaler:13} p95/tuned {p95_ratio:5.2f}  cost/tuned {cost_ratio:5.2f}", flush=True)
 
 
 def reaction(settings: Settings, scaler: str, poll_seconds: float, repetitions: int) -> list[float]:
