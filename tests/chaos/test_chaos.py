@@ -48,6 +48,7 @@ from tests.support.chaos import (
     Recorder,
     Verdict,
     conditions_between,
+    nothing_in_flight,
     read_ledger,
     settles,
     verdict,
@@ -196,7 +197,7 @@ def run_chaos(
     publish_url: str,
     ledger_url: str,
     inject: Inject,
-    in_flight_at_a_cut: Callable[[bytes], bool] = lambda _: False,
+    in_flight_at_a_cut: Callable[[bytes], bool] = nothing_in_flight,
 ) -> tuple[Verdict, Recorder]:
     """The burst, the fault `inject` causes (it returns once the fault is over), the wait for every
     task and for the pool's floor, and the verdict (`in_flight_at_a_cut`: see `verdict`). The caller

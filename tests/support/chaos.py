@@ -244,6 +244,11 @@ class Verdict:
         )
 
 
+def nothing_in_flight(_: bytes) -> bool:
+    """For scenarios without a cut connection (or on RabbitMQ, which acknowledges): no loss is excused."""
+    return False
+
+
 def verdict(
     fault: Fault,
     publisher: Publisher,
@@ -252,7 +257,7 @@ def verdict(
     kubelet: ProcessKubelet,
     namespace: str,
     need: Need,
-    in_flight_at_a_cut: Callable[[bytes], bool] = lambda _: False,
+    in_flight_at_a_cut: Callable[[bytes], bool] = nothing_in_flight,
 ) -> Verdict:
     """Judge a finished scenario: blind means during the fault, flapping is counted after it.
 
